@@ -1,0 +1,16 @@
+"""lightning-compress: compress PyTorch models while they train, as PyTorch Lightning callbacks.
+
+Example:
+    >>> import lightning_compress as lc
+    >>> isinstance(lc.CompressionMonitor(), lc.CompressionMonitor)
+    True
+"""
+
+from lightning_compress.callbacks import CompressionMonitor
+from lightning_compress.schedules import Schedule
+from lightning_compress.stats import model_stats
+from lightning_compress.targets import select_modules
+
+__version__ = "0.1.0"
+
+__all__ = ["CompressionMonitor", "Schedule", "__version__", "model_stats", "select_modules"]

@@ -1,0 +1,195 @@
+"""CompressionMonitor: sparsity, bit widths and model size, logged to the trainer's loggers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_compress.stats import ModelStats, model_stats
+
+__all__ = ["CompressionMonitor", "format_table"]
+
+
+class CompressionMonitor(Callback):
+    """Log how compressed the model is, counted from its weights, to every logger of the trainer.
+
+    Every ``log_every_n_steps`` optimizer steps and at the end of each validation run it logs:
+
+    - ``compression/sparsity``: fraction of zeros over all layer weights (tensors with >= 2 dims);
+    - ``compression/sparsity/<layer>``: the same per layer (module fully-qualified name);
+    - ``compression/nonzero_params`` and ``compression/total_params``;
+    - ``compression/size_bytes/dense_fp32`` and ``compression/size_bytes/compressed``, and their ratio
+      ``compression/ratio`` (see :mod:`lightning_compress.stats` for the storage format counted);
+    - ``compression/bits/<layer>`` for layers whose bit width a callback reports;
+    - whatever the other callbacks report as scheduled targets, e.g. ``compression/target/sparsity``.
+
+    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes weight histograms
+    (``weights/<layer>``, at validation end) and a custom-scalars layout grouping these charts.
+    At the end of fit it prints a per-layer table (rank zero only).
+
+    Other callbacks take part by duck typing: a callback with ``compression_bits(pl_module) -> dict``
+    (parameter fully-qualified name -> bits) or ``compression_targets() -> dict`` (name -> value) is
+    asked at each log. Because it reads the weights, the monitor is right for any method, including
+    Lightning's own ``ModelPruning``.
+
+    Args:
+        log_every_n_steps: optimizer steps between logs during training (``0``: only at validation end).
+        histograms: write weight histograms at validation end (TensorBoard only).
+        print_table: print the per-layer table at the end of fit.
+
+    Raises:
+        ValueError: ``log_every_n_steps`` is negative.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> monitor = CompressionMonitor(log_every_n_steps=10)
+        >>> trainer = Trainer(callbacks=[monitor], logger=False, max_epochs=1)
+    """
+
+    def __init__(self, log_every_n_steps: int = 50, histograms: bool = True, print_table: bool = True) -> None:
+        super().__init__()
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
+            raise ValueError(f"`log_every_n_steps` must be an integer >= 0, got {log_every_n_steps!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.histograms = histograms
+        self.print_table = print_table
+        self._last_logged_step = -1
+        self.last_stats: ModelStats | None = None
+
+    # -- gathering -------------------------------------------------------------------------------
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[ModelStats, dict[str, float]]:
+        """Count the model now and return ``(stats, metrics)``; ``metrics`` is what gets logged."""
+        bits: dict[str, int] = {}
+        targets: dict[str, float] = {}
+        for cb in trainer.callbacks:
+            if cb is self:
+                continue
+            if callable(getattr(cb, "compression_bits", None)):
+                bits.update(cb.compression_bits(pl_module))
+            if callable(getattr(cb, "compression_targets", None)):
+                targets.update(cb.compression_targets())
+        stats = model_stats(pl_module, bits)
+        metrics: dict[str, float] = {
+            "compression/sparsity": stats.sparsity,
+            "compression/nonzero_params": float(stats.nonzero_params),
+            "compression/total_params": float(stats.total_params),
+            "compression/size_bytes/dense_fp32": float(stats.dense_fp32_bytes),
+            "compression/size_bytes/compressed": float(stats.compressed_bytes),
+            "compression/ratio": stats.compression_ratio,
+        }
+        for layer in stats.layers:
+            metrics[f"compression/sparsity/{layer.name}"] = layer.sparsity
+        for fqn, b in bits.items():
+            metrics[f"compression/bits/{fqn.removesuffix('.weight')}"] = float(b)
+        for key, value in targets.items():
+            metrics[f"compression/target/{key}"] = float(value)
+        self.last_stats = stats
+        return stats, metrics
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, histograms: bool) -> None:
+        if not trainer.loggers or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        _, metrics = self.collect(trainer, pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if histograms and isinstance(logger, TensorBoardLogger):
+                for name, module in pl_module.named_modules():
+                    w = getattr(module, "weight", None)
+                    if w is not None and hasattr(w, "dim") and w.dim() >= 2:
+                        logger.experiment.add_histogram(f"weights/{name}", w.detach().float().cpu(), step)
+        self._last_logged_step = step
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(_layout())
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = self.log_every_n_steps
+        step = trainer.global_step
+        if n and step % n == 0 and step != self._last_logged_step:
+            self._log(trainer, pl_module, histograms=False)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._log(trainer, pl_module, histograms=self.histograms)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_table and trainer.is_global_zero:
+            stats, _ = self.collect(trainer, pl_module)
+            _print(format_table(stats))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "last_logged_step": self._last_logged_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_logged_step = int(state_dict.get("last_logged_step", -1))
+
+
+def format_table(stats: ModelStats) -> str:
+    """A per-layer text table of ``stats`` (params, non-zeros, sparsity, bits) with a total line.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_compress.stats import model_stats
+        >>> print(format_table(model_stats(nn.Sequential(nn.Linear(2, 3, bias=False)))))  # doctest: +NORMALIZE_WHITESPACE
+        layer  params  nonzero  sparsity  bits
+        0           6        6     0.00%    32
+        total       6        6     0.00%     -
+        size: 24 B dense fp32 -> 24 B compressed (1.00x)
+    """
+    rows = [("layer", "params", "nonzero", "sparsity", "bits")]
+    for layer in stats.layers:
+        rows.append((layer.name, str(layer.numel), str(layer.nonzero), f"{layer.sparsity:.2%}", str(layer.bits)))
+    rows.append(
+        (
+            "total",
+            str(sum(layer.numel for layer in stats.layers)),
+            str(sum(layer.nonzero for layer in stats.layers)),
+            f"{stats.sparsity:.2%}",
+            "-",
+        )
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.append(
+        f"size: {stats.dense_fp32_bytes:,} B dense fp32 -> {stats.compressed_bytes:,} B compressed "
+        f"({stats.compression_ratio:.2f}x)"
+    )
+    return "\n".join(lines)
+
+
+@rank_zero_only
+def _print(text: str) -> None:
+    print(text)
+
+
+def _layout() -> dict[str, Any]:
+    """TensorBoard custom-scalars layout: one category, a chart per group of compression tags."""
+    charts = {
+        "sparsity (actual vs target)": ["Multiline", [r"compression/sparsity$", r"compression/target/.*sparsity.*"]],
+        "sparsity per layer": ["Multiline", [r"compression/sparsity/.*"]],
+        "size (bytes)": ["Multiline", [r"compression/size_bytes/.*"]],
+        "compression ratio": ["Multiline", [r"compression/ratio"]],
+        "bits per layer": ["Multiline", [r"compression/bits/.*"]],
+        "accuracy": ["Multiline", [r"val/acc.*", r"test/acc.*"]],
+    }
+    return {"lightning-compress": charts}

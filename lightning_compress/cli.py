@@ -1,0 +1,84 @@
+"""The ``lightning-compress`` command: a ``LightningCLI`` whose defaults are the built-in digits example.
+
+    lightning-compress fit --config recipes/digits_baseline.yaml
+    lightning-compress fit --config recipes/digits_gradual_pruning.yaml --model my_pkg.MyModule --data my_pkg.MyData
+
+Every subcommand of LightningCLI is there (``fit``, ``validate``, ``test``, ``predict``); compression
+callbacks go in ``trainer.callbacks`` of a recipe like any other Lightning callback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+__all__ = ["LightningCompressCLI", "main", "run_cli"]
+
+DEFAULT_MODEL = "lightning_compress.examples.DigitsMLP"
+DEFAULT_DATA = "lightning_compress.examples.DigitsDataModule"
+
+
+class LightningCompressCLI(LightningCLI):
+    """LightningCLI with the digits example as default model and data, and TensorBoard as the logger.
+
+    Any ``LightningModule``/``LightningDataModule`` can be given with ``--model``/``--data`` (a class path
+    and ``--model.init_args.*``), or in a config file.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After `fit`, evaluate the final model on the data's test split (if it has one).",
+        )
+        parser.set_defaults(
+            {
+                "model": {"class_path": DEFAULT_MODEL},
+                "data": {"class_path": DEFAULT_DATA},
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": ".", "name": "lightning_logs"},
+                },
+            }
+        )
+
+    def after_fit(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        if not config.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        has_test = getattr(self.datamodule, "test_dataloader", None) is not None or hasattr(self.model, "test_step")
+        if has_test and type(self.model).test_step is not LightningModule.test_step:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def run_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) -> LightningCompressCLI:
+    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks).
+
+    Example:
+        >>> cli = run_cli(["--model.hidden_sizes=[16]", "--trainer.logger=false"], run=False)
+        >>> type(cli.model).__name__, type(cli.datamodule).__name__
+        ('DigitsMLP', 'DigitsDataModule')
+    """
+    return LightningCompressCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        **kwargs,
+    )
+
+
+def main() -> None:
+    """Console entry point of ``lightning-compress``."""
+    run_cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,127 @@
+"""Counting what a model holds: sparsity, non-zeros and bytes, straight from its tensors.
+
+Everything here reads the weights themselves, so it is right whatever made them sparse or small
+(this package's callbacks, ``torch.nn.utils.prune``, Lightning's ``ModelPruning``, or a hand edit).
+
+The compressed size is an estimate of a simple, real storage format: each layer weight is stored
+either densely at its bit width, or as a one-bit-per-entry occupancy bitmap plus its non-zero values
+at that bit width, whichever is smaller; every other tensor (biases, norms) densely at its bit width.
+Exporters write their own artefacts; their exact byte counts are what the benchmarks report.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> lin = nn.Linear(10, 10, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.zero_(); lin.weight[0, :5] = 1.0
+    >>> s = layer_stats(nn.Sequential(lin))
+    >>> s[0].name, s[0].numel, s[0].nonzero, s[0].sparsity
+    ('0', 100, 5, 0.95)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LayerStats", "ModelStats", "layer_stats", "model_stats", "weight_storage_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Counts for one layer's ``weight``: ``name`` is the module's fully-qualified name."""
+
+    name: str
+    numel: int
+    nonzero: int
+    bits: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Counts for a whole model's parameters (layer weights also listed per layer); buffers are not counted."""
+
+    layers: tuple[LayerStats, ...]
+    total_params: int
+    nonzero_params: int
+    dense_fp32_bytes: int
+    compressed_bytes: int
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all layer weights (the tensors pruning acts on)."""
+        total = sum(layer.numel for layer in self.layers)
+        nz = sum(layer.nonzero for layer in self.layers)
+        return 1.0 - nz / total if total else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.dense_fp32_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
+
+
+def _layer_weights(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """(module name, parameter fqn, tensor) of every module's ``weight`` with at least 2 dims, each tensor once."""
+    seen: set[int] = set()
+    out = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 2 and id(w) not in seen:
+            seen.add(id(w))
+            out.append((name, f"{name}.weight" if name else "weight", w))
+    return out
+
+
+def weight_storage_bytes(numel: int, nonzero: int, bits: int) -> int:
+    """Bytes to store a tensor densely or as bitmap + non-zero values at ``bits``, whichever is smaller.
+
+    Example:
+        >>> weight_storage_bytes(1000, 1000, 32), weight_storage_bytes(1000, 10, 32)
+        (4000, 165)
+    """
+    dense = math.ceil(numel * bits / 8)
+    sparse = math.ceil(numel / 8) + math.ceil(nonzero * bits / 8)
+    return min(dense, sparse)
+
+
+def layer_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> list[LayerStats]:
+    """Per-layer counts for every module ``weight`` with at least 2 dimensions.
+
+    ``bits`` maps a parameter's fully-qualified name (``"fc1.weight"``) to its storage bit width
+    (default: the tensor's own element size).
+    """
+    bits = bits or {}
+    out = []
+    for name, fqn, w in _layer_weights(model):
+        with torch.no_grad():
+            nz = int(torch.count_nonzero(w.detach()).item())
+        out.append(LayerStats(name, w.numel(), nz, int(bits.get(fqn, w.element_size() * 8))))
+    return out
+
+
+def model_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> ModelStats:
+    """Counts for the whole model: see :class:`ModelStats`. ``bits`` as in :func:`layer_stats`."""
+    bits = bits or {}
+    layers = layer_stats(model, bits)
+    layer_ids = {id(w) for _, _, w in _layer_weights(model)}
+    total = nonzero = 0
+    compressed = 0
+    for layer in layers:
+        compressed += weight_storage_bytes(layer.numel, layer.nonzero, layer.bits)
+    seen: set[int] = set()
+    for fqn, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()).item())
+        if id(p) not in layer_ids:
+            compressed += math.ceil(p.numel() * int(bits.get(fqn, p.element_size() * 8)) / 8)
+    return ModelStats(tuple(layers), total, nonzero, total * 4, compressed)
