@@ -169,7 +169,7 @@ def format_table(stats: ModelStats) -> str:
         )
     )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))) for r in rows]
     lines.append(
         f"size: {stats.dense_fp32_bytes:,} B dense fp32 -> {stats.compressed_bytes:,} B compressed "
         f"({stats.compression_ratio:.2f}x)"
