@@ -6,11 +6,11 @@ Example:
     True
 """
 
-from lightning_compress.callbacks import CompressionMonitor
+from lightning_compress.callbacks import CompressionMonitor, GradualPruning
 from lightning_compress.schedules import Schedule
 from lightning_compress.stats import model_stats
 from lightning_compress.targets import select_modules
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressionMonitor", "Schedule", "__version__", "model_stats", "select_modules"]
+__all__ = ["CompressionMonitor", "GradualPruning", "Schedule", "__version__", "model_stats", "select_modules"]

@@ -130,6 +130,11 @@ def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
     """
     batches = trainer.num_training_batches
     if batches == float("inf") or batches <= 0:
+        # before the train loop starts (e.g. in `on_fit_start`) the train dataloader is not loaded yet;
+        # the trainer's public `estimated_stepping_batches` loads it
+        _ = trainer.estimated_stepping_batches
+        batches = trainer.num_training_batches
+    if batches == float("inf") or batches <= 0:
         raise ValueError(
             "cannot turn epochs into optimizer steps: the train dataloader has no length; give `*_step` arguments instead"
         )
