@@ -34,8 +34,9 @@ class GradualPruning(Callback):
     ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3``). Every ``update_every`` steps inside the window the
     masks are recomputed from the current weights (entries by ``|w|``, or whole output units by their L1/L2 norm),
     never reviving what is already pruned. The model is not rewritten: ``weight`` stays a plain parameter whose
-    pruned entries are exactly zero. Gradients of pruned entries are zeroed right before every optimizer step and
-    the weights are masked right after it (hooks on the optimizers), so momentum cannot revive them, and a
+    pruned entries are exactly zero. Gradients of pruned entries are zeroed before every optimizer step (in
+    ``on_before_optimizer_step``, so before gradient clipping) and the weights are masked right after it (a step
+    hook on each optimizer), so momentum cannot revive them, and a
     checkpoint's ``state_dict`` loads with ``strict=True`` into the unmodified module.
 
     The masks and the schedule position are in the callback's state: resuming from a checkpoint continues exactly.
@@ -142,7 +143,6 @@ class GradualPruning(Callback):
         self._model_layer_numel = 0
         self._hooks: list[Any] = []
         self._hooked_optimizers: list[int] = []
-        self._trainer: pl.Trainer | None = None
 
     @property
     @override
@@ -189,7 +189,6 @@ class GradualPruning(Callback):
             raise ValueError(f"GradualPruning: every targeted layer has frozen weights: {list(modules)}")
         claimed = list(self._weights) + [names[id(b)] for b in self._biases.values()]
         claims.claim(pl_module, claimed, "prune", self._owner)
-        self._trainer = trainer
         self._model_layer_numel = sum(
             m.weight.numel() for m in {id(m.weight): m for m in pl_module.modules() if _is_layer(m)}.values()
         )
@@ -228,6 +227,22 @@ class GradualPruning(Callback):
         step = trainer.global_step
         if self._due(step):
             self.update_masks(step)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # zero the gradients of pruned entries before gradient clipping and the step (automatic and manual
+        # optimization both pass here), so that neither the clipping norm nor the momentum sees them
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        with torch.no_grad():
+            for fqn, mask in self._masks.items():
+                weight = self._weights[fqn]
+                if id(weight) in params and weight.grad is not None:
+                    weight.grad.mul_(mask)
+                bias = self._biases.get(fqn)
+                if bias is not None and id(bias) in params and bias.grad is not None:
+                    bias.grad.mul_(mask.reshape(mask.shape[0], -1)[:, 0])
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -299,22 +314,8 @@ class GradualPruning(Callback):
         self._hooks = []
         for optimizer in optimizers:
             params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            self._hooks.append(optimizer.register_step_pre_hook(self._pre_step_hook(params)))
             self._hooks.append(optimizer.register_step_post_hook(self._post_step_hook(params)))
         self._hooked_optimizers = [id(o) for o in optimizers]
-
-    def _pre_step_hook(self, params: set[int]) -> Any:
-        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            with torch.no_grad():
-                for fqn, mask in self._masks.items():
-                    weight = self._weights[fqn]
-                    if id(weight) in params and weight.grad is not None:
-                        weight.grad.mul_(mask)
-                    bias = self._biases.get(fqn)
-                    if bias is not None and id(bias) in params and bias.grad is not None:
-                        bias.grad.mul_(mask.reshape(mask.shape[0], -1)[:, 0])
-
-        return hook
 
     def _post_step_hook(self, params: set[int]) -> Any:
         def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -334,10 +335,14 @@ class GradualPruning(Callback):
         return 1.0 - sum(int(m.sum()) for m in self._masks.values()) / total if total else 0.0
 
     def compression_targets(self) -> dict[str, float]:
-        """The scheduled sparsity over all layer weights of the model (comparable with ``compression/sparsity``)."""
+        """Scheduled sparsity of the masks in effect, over all layer weights of the model.
+
+        Comparable with the monitor's ``compression/sparsity``: it is the value the schedule gave at the last mask
+        update (``initial_sparsity`` before the first), weighted by the pruned layers' share of the model.
+        """
         if self._window is None or not self._model_layer_numel:
             return {}
-        step = self._trainer.global_step if self._trainer is not None else self._last_update_step
+        step = self._last_update_step
         pruned = sum(self.sparsity_at(step, self._final[f]) * w.numel() for f, w in self._weights.items())
         return {"sparsity": pruned / self._model_layer_numel}
 
