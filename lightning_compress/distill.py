@@ -112,7 +112,7 @@ def project_features(features: torch.Tensor, projection: nn.Module, dim: int) ->
     return projection(features.movedim(dim, -1)).movedim(-1, dim)
 
 
-def select_output(output: Any, selector: str | int | None, argument: str) -> torch.Tensor:
+def select_output(output: Any, selector: str | int | None, argument: str = "output") -> torch.Tensor:
     """The tensor to distil out of a model's forward output.
 
     ``selector`` is a dict key or attribute name (``"logits"``), a sequence index (``0``), or a dotted path
