@@ -1,0 +1,278 @@
+"""QuantizationAwareTraining: fake quantization while the model trains, then a real integer model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress import claims
+from lightning_compress.export.quantized import convert, serialized_size
+from lightning_compress.quant.modules import (
+    QuantConfig,
+    find_conv_bn_pairs,
+    is_qat_module,
+    prepare_qat,
+    set_qat_flags,
+)
+from lightning_compress.schedules import epochs_to_steps
+from lightning_compress.targets import select_modules, validate_patterns
+
+__all__ = ["QuantizationAwareTraining", "load_quantized_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+class QuantizationAwareTraining(Callback):
+    """Train with fake-quantized weights (and layer inputs), then convert to a real integer model.
+
+    In ``setup`` each targeted ``Linear``/``Conv{1,2,3}d`` is replaced by a fake-quantizing twin that shares its
+    ``weight``/``bias`` parameters (state-dict keys unchanged, quantizer state added as buffers), so every
+    checkpoint written mid-QAT resumes with ``ckpt_path=`` and loads for evaluation with
+    :func:`load_quantized_checkpoint`. From ``start_*`` on, the forward uses quantized values with the
+    straight-through estimator. At the end of fit (``convert_on_fit_end``) or by calling
+    :func:`lightning_compress.export.quantized.convert`, the layers become integer layers: int8 kernel-backed
+    for 8-bit uniform weights, packed 2/4/8-bit codes + scales otherwise.
+
+    A ``BatchNorm`` right after a targeted conv (same parent) is folded into the conv's quantized weight during
+    training and for good at conversion. Zero is always a level, so weights pruned to zero (e.g. by
+    ``GradualPruning`` in the same Trainer, in any order) stay exactly zero.
+
+    Args:
+        weight_bits: bits per weight, 2 to 8.
+        activation_bits: ``8`` to quantize each targeted layer's input (unsigned affine, EMA min/max observer),
+            ``None`` for weight-only quantization.
+        scheme: ``uniform`` (affine integer levels) or ``power_of_two`` (levels ``0, +/- s * 2^-k``, Miyashita
+            et al. 2016; weights only, symmetric).
+        granularity: one step per output channel (``per_channel``) or per layer (``per_tensor``).
+        symmetric: symmetric weight grid (zero point 0, ``[-(2^(b-1)-1), 2^(b-1)-1]``); ``False``: affine with
+            an integer zero point.
+        learn_scale: learn the weight step as a parameter (LSQ, Esser et al. 2020); it joins the optimizer,
+            since the layers are prepared before ``configure_optimizers``.
+        start_epoch: train in float until this epoch (fractions allowed), then quantize.
+        start_step: the same in optimizer steps (give one of the two; default: from the start).
+        freeze_observers_epoch: stop updating weight and activation ranges from this epoch.
+        freeze_observers_step: the same in optimizer steps.
+        freeze_bn_epoch: from this epoch BatchNorm layers use and keep their running statistics.
+        freeze_bn_step: the same in optimizer steps.
+        targets: layer names/globs/``re:`` patterns to quantize (default: every supported layer).
+        exclude: layer patterns to leave in float.
+        convert_on_fit_end: convert the LightningModule in place when fit ends (a following ``test`` runs the
+            integer model).
+
+    Raises:
+        ValueError: bits out of range, an unknown scheme/granularity, power-of-two with an asymmetric grid, LSQ
+            or activations it cannot represent, a window given in steps and epochs, or (in ``setup``/at train
+            start) targeted layers of unsupported types, patterns matching nothing, a start after the run ends.
+        TypeError: a pattern list given as a single string.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, learn_scale=True, start_epoch=1)
+        >>> trainer = Trainer(callbacks=[qat], logger=False, max_epochs=2)
+        >>> QuantizationAwareTraining(weight_bits=4, scheme="power_of_two", symmetric=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: `scheme`='power_of_two' has levels +/- s*2^-k, symmetric around 0: set `symmetric`=True
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+        scheme: Literal["uniform", "power_of_two"] = "uniform",
+        granularity: Literal["per_tensor", "per_channel"] = "per_channel",
+        symmetric: bool = True,
+        learn_scale: bool = False,
+        start_epoch: float | None = None,
+        start_step: int | None = None,
+        freeze_observers_epoch: float | None = None,
+        freeze_observers_step: int | None = None,
+        freeze_bn_epoch: float | None = None,
+        freeze_bn_step: int | None = None,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        convert_on_fit_end: bool = True,
+    ) -> None:
+        super().__init__()
+        self._config = QuantConfig(weight_bits, activation_bits, scheme, granularity, symmetric, learn_scale)
+        for what in ("start", "freeze_observers", "freeze_bn"):
+            _check_point(locals()[f"{what}_step"], locals()[f"{what}_epoch"], what)
+        validate_patterns(targets, "targets")
+        validate_patterns(exclude, "exclude")
+        if not isinstance(convert_on_fit_end, bool):
+            raise TypeError(f"`convert_on_fit_end` must be a bool, got {convert_on_fit_end!r}")
+        self.weight_bits, self.activation_bits, self.scheme = weight_bits, activation_bits, scheme
+        self.granularity, self.symmetric, self.learn_scale = granularity, symmetric, learn_scale
+        self.start_epoch, self.start_step = start_epoch, start_step
+        self.freeze_observers_epoch, self.freeze_observers_step = freeze_observers_epoch, freeze_observers_step
+        self.freeze_bn_epoch, self.freeze_bn_step = freeze_bn_epoch, freeze_bn_step
+        self.targets, self.exclude = targets, exclude
+        self.convert_on_fit_end = convert_on_fit_end
+        self._layers: list[str] = []
+        self._bn_pairs: dict[str, str] = {}
+        self._steps: dict[str, int | None] = {}
+        self._model_id: int | None = None
+        self._converted = False
+        self.converted_bytes: int | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(targets=self.targets, exclude=self.exclude)
+
+    # -- prepare -----------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._model_id != id(pl_module):
+            chosen = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
+            self._layers = list(chosen)
+            self._bn_pairs = find_conv_bn_pairs(pl_module, self._layers)
+            prepare_qat(pl_module, self._layers, self._config, self._bn_pairs)
+            self._model_id = id(pl_module)
+            self._converted = not any(is_qat_module(pl_module.get_submodule(n)) for n in self._layers)
+        claims.claim(pl_module, [f"{n}.weight" for n in self._layers], "quantize", self.state_key)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        claims.release(pl_module, self.state_key)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps = {}
+        for what in ("start", "freeze_observers", "freeze_bn"):
+            step, epoch = getattr(self, f"{what}_step"), getattr(self, f"{what}_epoch")
+            steps[what] = step if step is not None else (epochs_to_steps(epoch, trainer) if epoch is not None else None)
+        steps["start"] = steps["start"] or 0
+        total = trainer.estimated_stepping_batches
+        if total != float("inf") and steps["start"] >= int(total):
+            given = "start_step" if self.start_step is not None else "start_epoch"
+            raise ValueError(
+                f"`{given}` starts quantization at optimizer step {steps['start']}, but this run has only "
+                f"{int(total)} optimizer steps: the model would never be quantized"
+            )
+        fo = steps["freeze_observers"]
+        if fo is not None and fo <= steps["start"]:
+            raise ValueError(
+                f"observers would freeze (step {fo}) before quantization starts (step {steps['start']}): "
+                "freeze them after `start_step`/`start_epoch`"
+            )
+        self._steps = steps
+        if self._converted:
+            raise ValueError("the model was already converted to integers; fit a float or fake-quantized model")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        s = self._steps
+        fo, fb = s.get("freeze_observers"), s.get("freeze_bn")
+        set_qat_flags(pl_module, fake_quant=step >= s.get("start", 0), observe=fo is None or step < fo)
+        if fb is not None and step >= fb:
+            for bn in self._batchnorms(pl_module):
+                bn.eval()
+
+    def _batchnorms(self, pl_module: nn.Module) -> list[nn.Module]:
+        if self._bn_pairs:
+            return [pl_module.get_submodule(b) for b in self._bn_pairs.values()]
+        return [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    # -- convert -----------------------------------------------------------------------------------
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.convert_on_fit_end or self._converted:
+            return
+        convert(pl_module, inplace=True)
+        self._converted = True
+        self.converted_bytes = serialized_size(pl_module)
+        if trainer.is_global_zero:
+            log.info("converted to an integer model: %d bytes serialized", self.converted_bytes)
+            for logger in trainer.loggers:
+                logger.log_metrics({"compression/size_bytes/serialized_int": float(self.converted_bytes)},
+                                   step=trainer.global_step)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def compression_bits(self, pl_module: pl.LightningModule) -> dict[str, int]:
+        """Bit width of each quantized weight (parameter fully-qualified name -> bits), for CompressionMonitor."""
+        return {f"{n}.weight": self.weight_bits for n in self._layers}
+
+    def compression_sizes(self, pl_module: pl.LightningModule) -> dict[str, int]:
+        """Serialized bytes of the integer model once converted (``{}`` before)."""
+        return {"serialized_int": self.converted_bytes} if self.converted_bytes is not None else {}
+
+    # -- state -------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "quantization_config": self._config.as_dict(),
+            "layers": list(self._layers),
+            "bn_pairs": dict(self._bn_pairs),
+            "converted": self._converted,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("quantization_config", {})
+        mine = self._config.as_dict()
+        diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
+        if diff:
+            raise ValueError(
+                "the checkpoint was written by a QuantizationAwareTraining with other settings "
+                + ", ".join(f"`{k}`={a!r} (this callback: {b!r})" for k, (a, b) in diff.items())
+            )
+        layers = state_dict.get("layers")
+        if layers is not None and self._layers and list(layers) != self._layers:
+            raise ValueError(f"the checkpoint quantized layers {layers}, this callback targets {self._layers}")
+
+
+def _check_point(step: int | None, epoch: float | None, what: str) -> None:
+    if step is not None and epoch is not None:
+        raise ValueError(f"give `{what}_step` or `{what}_epoch`, not both")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"`{what}_step` must be an integer >= 0, got {step!r}")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or epoch < 0):
+        raise ValueError(f"`{what}_epoch` must be a number >= 0, got {epoch!r}")
+
+
+def load_quantized_checkpoint(
+    model: nn.Module, checkpoint_path: str | Path, state_key: str | None = None, strict: bool = True
+) -> nn.Module:
+    """Load a checkpoint written during quantization-aware training into a fresh (float) ``model``.
+
+    The model is first prepared as the callback had prepared it (settings and layers are read from the
+    callback's state in the checkpoint), then its ``state_dict`` is loaded; quantizer on/off flags and ranges
+    come from the checkpoint. Evaluate it as it is (fake-quantized) or pass it to ``convert``.
+
+    Args:
+        model: a freshly built model of the same architecture (a LightningModule or any ``nn.Module``).
+        checkpoint_path: a Lightning checkpoint (``.ckpt``).
+        state_key: which QuantizationAwareTraining's state to use when several wrote one (default: the only one).
+        strict: passed to ``load_state_dict``.
+
+    Returns:
+        ``model``, prepared and loaded.
+
+    Raises:
+        ValueError: the checkpoint has no (or several, without ``state_key``) QuantizationAwareTraining states.
+    """
+    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
+    states = {k: v for k, v in ckpt.get("callbacks", {}).items() if isinstance(v, dict) and "quantization_config" in v}
+    if state_key is not None:
+        if state_key not in states:
+            raise ValueError(f"`state_key`={state_key!r} not in the checkpoint; it has {list(states)}")
+        state = states[state_key]
+    elif len(states) == 1:
+        state = next(iter(states.values()))
+    else:
+        raise ValueError(f"{checkpoint_path} holds {len(states)} QuantizationAwareTraining states {list(states)}; give `state_key`")
+    prepare_qat(model, state["layers"], QuantConfig(**state["quantization_config"]), state.get("bn_pairs", {}))
+    model.load_state_dict(ckpt["state_dict"], strict=strict)
+    return model

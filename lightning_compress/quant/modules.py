@@ -1,0 +1,392 @@
+"""Fake-quantization modules and the prepare step that puts them into a model.
+
+:func:`prepare_qat` replaces each chosen ``Linear``/``Conv{1,2,3}d`` by a ``QAT*`` subclass that holds the
+*same* ``weight``/``bias`` parameters (so optimizers, pruning masks and state-dict keys are unchanged) plus
+two small submodules: ``weight_quant`` (a :class:`WeightFakeQuantize`) and, with activation quantization,
+``input_quant`` (an :class:`ActivationFakeQuantize`, 8-bit unsigned affine, EMA min/max observer). Their
+state (steps, zero points, observer ranges, on/off flags) are buffers, so every checkpoint written while
+training carries them; with ``learn_scale`` the step is a parameter (LSQ) and is trained by the optimizer.
+
+A conv directly followed by a ``BatchNorm`` in the same parent is trained with the BN folded into its
+quantized weight (``w * gamma / sqrt(var + eps)``, as in Jacob et al. 2018 and ``torch.ao``'s ConvBn
+modules) so that the conversion, which folds the BN for good, computes what was trained.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> w = net[0].weight
+    >>> prepare_qat(net, ["0", "2"], QuantConfig(weight_bits=4, activation_bits=8))
+    >>> type(net[0]).__name__, net[0].weight is w
+    ('QATLinear', True)
+    >>> set_qat_flags(net, fake_quant=True, observe=True)
+    >>> net(torch.randn(3, 4)).shape
+    torch.Size([3, 2])
+    >>> len(torch.unique(net[0].weight_quant(net[0].weight)[0])) <= 15
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.quant import functional as qf
+
+__all__ = [
+    "ActivationFakeQuantize",
+    "QATConv1d",
+    "QATConv2d",
+    "QATConv3d",
+    "QATLinear",
+    "QuantConfig",
+    "WeightFakeQuantize",
+    "find_conv_bn_pairs",
+    "is_qat_module",
+    "prepare_qat",
+    "set_qat_flags",
+]
+
+SCHEMES = ("uniform", "power_of_two")
+GRANULARITIES = ("per_tensor", "per_channel")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How weights (and layer inputs) are fake-quantized; see ``QuantizationAwareTraining`` for the meaning.
+
+    Raises:
+        ValueError: bits out of range, an unknown scheme/granularity, or a combination the levels cannot
+            represent (power-of-two is symmetric by construction, its step is not learned, and activations
+            are quantized uniformly at 8 bits or not at all).
+        TypeError: a value of the wrong type.
+
+    Example:
+        >>> QuantConfig(weight_bits=9)
+        Traceback (most recent call last):
+        ...
+        ValueError: `weight_bits` must be an integer in [2, 8], got 9
+    """
+
+    weight_bits: int = 8
+    activation_bits: int | None = 8
+    scheme: str = "uniform"
+    granularity: str = "per_channel"
+    symmetric: bool = True
+    learn_scale: bool = False
+
+    def __post_init__(self) -> None:
+        wb = self.weight_bits
+        if isinstance(wb, bool) or not isinstance(wb, int) or not 2 <= wb <= 8:
+            raise ValueError(f"`weight_bits` must be an integer in [2, 8], got {wb!r}")
+        ab = self.activation_bits
+        if ab is not None and (isinstance(ab, bool) or ab != 8):
+            raise ValueError(
+                f"`activation_bits` must be 8 (uniform 8-bit layer inputs) or None (weight-only), got {ab!r}"
+                + ("; power-of-two levels are for weights only" if self.scheme == "power_of_two" else "")
+            )
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"`scheme` must be one of {list(SCHEMES)}, got {self.scheme!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity` must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
+        for name in ("symmetric", "learn_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if self.scheme == "power_of_two" and not self.symmetric:
+            raise ValueError("`scheme`='power_of_two' has levels +/- s*2^-k, symmetric around 0: set `symmetric`=True")
+        if self.scheme == "power_of_two" and self.learn_scale:
+            raise ValueError("`learn_scale`=True (LSQ) learns a uniform step; it is not available with `scheme`='power_of_two'")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class WeightFakeQuantize(nn.Module):
+    """Fake-quantizes a weight tensor (channel on dim 0) on the grid of ``config``.
+
+    While ``observer_enabled``, a uniform step/zero point (or the power-of-two top level) is recomputed from
+    the weight at every call; frozen, the stored one is used. With ``learn_scale`` the step is an LSQ
+    parameter, initialized once from the weights when fake quantization first runs.
+    """
+
+    def __init__(self, config: QuantConfig, channels: int) -> None:
+        super().__init__()
+        self.config = config
+        n = channels if config.per_channel else 1
+        if config.learn_scale:
+            self.scale = nn.Parameter(torch.ones(n))
+        else:
+            self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._register_load_state_dict_pre_hook(_fill_missing, with_module=True)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qf.int_range(self.config.weight_bits, self.config.symmetric)
+
+    @torch.no_grad()
+    def _observe(self, w: torch.Tensor) -> None:
+        c = self.config
+        if c.scheme == "power_of_two":
+            self.scale.copy_(qf.pow2_scale(w, c.per_channel))
+        elif c.learn_scale:
+            self.scale.copy_(qf.lsq_init_scale(w, c.weight_bits, c.symmetric, c.per_channel))
+            if not c.symmetric:
+                self.zero_point.copy_(qf.uniform_qparams(w, c.weight_bits, False, c.per_channel)[1])
+        else:
+            scale, zp = qf.uniform_qparams(w, c.weight_bits, c.symmetric, c.per_channel)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
+        self.initialized.fill_(1)
+
+    def update(self, w: torch.Tensor) -> None:
+        """Refresh the grid from ``w`` if the observer runs (LSQ: only the first time)."""
+        first = not bool(self.initialized)
+        if first or (bool(self.observer_enabled) and not self.config.learn_scale):
+            self._observe(w)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``w`` on the current grid (no observer update)."""
+        c = self.config
+        if c.scheme == "power_of_two":
+            return qf.fake_quantize_pow2(w, self.scale, c.weight_bits)
+        qmin, qmax = self.qrange
+        return qf.fake_quantize_uniform(w, self.scale, self.zero_point, qmin, qmax)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fake_quant_enabled):
+            # an LSQ step not yet in use still takes part in the graph (zero gradient), so that DDP without
+            # `find_unused_parameters` does not stop on it
+            return w + 0.0 * self.scale.sum() if self.config.learn_scale else w
+        self.update(w)
+        return self.quantize(w)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"bits={c.weight_bits}, scheme={c.scheme}, {c.granularity}, symmetric={c.symmetric}, lsq={c.learn_scale}"
+
+
+class ActivationFakeQuantize(nn.Module):
+    """Fake-quantizes a layer input to unsigned 8-bit affine levels (zero point exact) from an EMA min/max.
+
+    The observer updates in training mode only (``momentum`` of the moving average, first batch taken as is).
+    """
+
+    def __init__(self, bits: int = 8, momentum: float = 0.01) -> None:
+        super().__init__()
+        self.bits = bits
+        self.momentum = momentum
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.register_buffer("min_val", torch.zeros(1))
+        self.register_buffer("max_val", torch.zeros(1))
+        self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._register_load_state_dict_pre_hook(_fill_missing, with_module=True)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.detach().amin().reshape(1).float(), x.detach().amax().reshape(1).float()
+        if bool(self.initialized):
+            lo = self.min_val + self.momentum * (lo - self.min_val)
+            hi = self.max_val + self.momentum * (hi - self.max_val)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        scale, zp = qf.activation_qparams(self.min_val, self.max_val, self.bits)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.initialized.fill_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fake_quant_enabled):
+            return x
+        if not bool(self.initialized) or (self.training and bool(self.observer_enabled)):
+            self._observe(x)
+        return qf.fake_quantize_uniform(x, self.scale, self.zero_point, 0, 2**self.bits - 1)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, momentum={self.momentum}"
+
+
+def _fill_missing(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: a float checkpoint (written before prepare) has no quantizer entries at all;
+    then the quantizer keeps its own (not yet initialized) state instead of failing a strict load."""
+    own = {**module._parameters, **module._buffers}
+    if not any(prefix + k in state_dict for k in own):
+        for k, t in own.items():
+            if t is not None:
+                state_dict[prefix + k] = t.detach().clone()
+
+
+class _QATMixin:
+    """Forward of a fake-quantized layer; ``_float_forward(x, weight, bias)`` is the layer's own op."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_quant: WeightFakeQuantize
+    input_quant: ActivationFakeQuantize | None
+
+    def folded_bn(self) -> nn.Module | None:
+        """The BatchNorm folded into this conv's quantized weight, if any."""
+        return self.__dict__.get("_bn")
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the quantizer sees: ``weight``, times ``gamma / sqrt(var + eps)`` with a folded BN."""
+        bn = self.folded_bn()
+        if bn is None:
+            return self.weight
+        return self.weight * _bn_factor(bn).reshape([-1] + [1] * (self.weight.dim() - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        bn = self.folded_bn()
+        if bn is None or not bool(self.weight_quant.fake_quant_enabled):
+            return self._float_forward(x, self.weight_quant(self.weight), self.bias)
+        factor = _bn_factor(bn)
+        y = self._float_forward(x, self.weight_quant(self.effective_weight()), None)
+        shape = [1, -1] + [1] * (y.dim() - 2)
+        y = y / factor.reshape(shape)
+        return y if self.bias is None else y + self.bias.reshape(shape)
+
+    def _float_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _bn_factor(bn: nn.Module) -> torch.Tensor:
+    var = bn.running_var
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+    return gamma / torch.sqrt(var + bn.eps)
+
+
+class QATLinear(_QATMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight (and input); same parameters and state-dict keys plus quantizers."""
+
+    def _float_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+
+class _QATConv(_QATMixin):
+    def _float_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, w, b)  # type: ignore[attr-defined]
+
+
+class QATConv1d(_QATConv, nn.Conv1d):
+    """Fake-quantized ``nn.Conv1d`` (see :class:`QATLinear`)."""
+
+
+class QATConv2d(_QATConv, nn.Conv2d):
+    """Fake-quantized ``nn.Conv2d`` (see :class:`QATLinear`); may carry a folded BatchNorm."""
+
+
+class QATConv3d(_QATConv, nn.Conv3d):
+    """Fake-quantized ``nn.Conv3d`` (see :class:`QATLinear`)."""
+
+
+QAT_CLASSES: dict[type, type] = {nn.Linear: QATLinear, nn.Conv1d: QATConv1d, nn.Conv2d: QATConv2d, nn.Conv3d: QATConv3d}
+_BN_FOR = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+def is_qat_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a fake-quantized layer made by :func:`prepare_qat`."""
+    return isinstance(module, _QATMixin)
+
+
+def find_conv_bn_pairs(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Conv name -> BatchNorm name for each chosen conv whose next sibling (same parent) is a matching BN.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+        >>> find_conv_bn_pairs(net, ["0", "3"])
+        {'0': '1'}
+    """
+    modules = dict(model.named_modules())
+    pairs: dict[str, str] = {}
+    for name in names:
+        conv = modules[name]
+        base = next((b for b in _BN_FOR if isinstance(conv, b)), None)
+        if base is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        children = list(modules[parent_name]._modules.items())
+        idx = [k for k, _ in children].index(child)
+        if idx + 1 < len(children):
+            nxt_name, nxt = children[idx + 1]
+            if isinstance(nxt, _BN_FOR[base]) and nxt.num_features == conv.out_channels and nxt.track_running_stats:
+                pairs[name] = f"{parent_name}.{nxt_name}" if parent_name else nxt_name
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _swap_class(module: nn.Module, cls: type) -> nn.Module:
+    """A new ``cls`` instance sharing ``module``'s parameters, buffers, children and hooks."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = dict(module.__dict__[key])
+    return new
+
+
+def prepare_qat(
+    model: nn.Module, names: Iterable[str], config: QuantConfig, bn_pairs: Mapping[str, str] | None = None
+) -> None:
+    """Replace the layers ``names`` of ``model`` by fake-quantized ones, in place (idempotent).
+
+    Args:
+        model: the model.
+        names: fully-qualified names of ``Linear``/``Conv{1,2,3}d`` layers (exactly those types).
+        config: the quantization settings.
+        bn_pairs: conv name -> name of the BatchNorm to fold into it (see :func:`find_conv_bn_pairs`).
+
+    Raises:
+        ValueError: a layer is not exactly one of the supported types (a subclass may have its own forward).
+    """
+    bn_pairs = dict(bn_pairs or {})
+    for name in names:
+        module = model.get_submodule(name)
+        if is_qat_module(module):
+            continue
+        cls = QAT_CLASSES.get(type(module))
+        if cls is None:
+            raise ValueError(
+                f"layer {name!r} is a {type(module).__name__}; quantization-aware training supports exactly "
+                f"{[t.__name__ for t in QAT_CLASSES]} (not subclasses, whose forward it would replace)"
+            )
+        new = _swap_class(module, cls)
+        channels = module.weight.shape[0]
+        new.weight_quant = WeightFakeQuantize(config, channels).to(module.weight.device)
+        new.input_quant = (
+            ActivationFakeQuantize(config.activation_bits).to(module.weight.device) if config.activation_bits else None
+        )
+        if name in bn_pairs:
+            new.__dict__["_bn"] = model.get_submodule(bn_pairs[name])
+            new.__dict__["_bn_name"] = bn_pairs[name]
+        _set_submodule(model, name, new)
+
+
+def set_qat_flags(model: nn.Module, fake_quant: bool | None = None, observe: bool | None = None) -> None:
+    """Turn fake quantization and/or observers on or off in every quantizer of ``model``."""
+    for m in model.modules():
+        if isinstance(m, (WeightFakeQuantize, ActivationFakeQuantize)):
+            if fake_quant is not None:
+                m.fake_quant_enabled.fill_(int(fake_quant))
+            if observe is not None:
+                m.observer_enabled.fill_(int(observe))
