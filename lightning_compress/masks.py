@@ -53,30 +53,52 @@ def num_to_prune(sparsity: float, n: int) -> int:
     return min(n, max(0, int(round(sparsity * n))))
 
 
+def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of a flat float tensor, exactly.
+
+    A sample brackets the answer between two of its quantiles; only the entries inside that band are selected
+    from. If the band misses (unlucky sample), it falls back to ``kthvalue`` over everything.
+    """
+    n = flat.numel()
+    if n <= 1 << 16:
+        return torch.kthvalue(flat, k).values
+    g = torch.Generator(device=flat.device).manual_seed(n)
+    sample = flat[torch.randint(0, n, (1 << 14,), generator=g, device=flat.device)]
+    q = k / n
+    lo, hi = torch.quantile(sample, torch.tensor([max(q - 0.02, 0.0), min(q + 0.02, 1.0)], device=flat.device))
+    below = int(torch.count_nonzero(flat < lo))
+    band = flat[(flat >= lo) & (flat <= hi)]
+    if below < k <= below + band.numel():
+        return torch.kthvalue(band, k - below).values
+    return torch.kthvalue(flat, k).values
+
+
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask over flat ``scores`` with exactly the ``k`` lowest pruned (ties: earlier position first).
 
-    Linear time: the k-th smallest score is found by selection (``kthvalue``), not by sorting.
+    Linear time: the k-th smallest score is found by selection, not by sorting.
     """
     flat = scores.reshape(-1)
     if k <= 0:
         return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if k >= flat.numel():
         return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    threshold = torch.kthvalue(flat.cpu(), k).values.to(flat.device)
-    below = flat < threshold
+    threshold = _kth_smallest(flat, k)
+    prune = flat < threshold
     tied = flat == threshold
-    room = k - int(below.sum())  # how many of the tied entries go, first positions first
-    prune = below | (tied & (torch.cumsum(tied, 0) <= room))
-    return ~prune
+    room = k - int(torch.count_nonzero(prune))  # how many of the tied entries go, first positions first
+    if int(torch.count_nonzero(tied)) == room:
+        return ~(prune | tied)
+    return ~(prune | (tied & (torch.cumsum(tied, 0) <= room)))
 
 
 def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scores where already-pruned entries rank below every live one (scores are >= 0)."""
+    """Scores (>= 0) where already-pruned entries rank below every live one."""
     scores = scores.float()
     if mask is None:
         return scores
-    return torch.where(mask.to(scores.device), scores, torch.full_like(scores, -1.0))
+    keep = mask.to(device=scores.device, dtype=scores.dtype)
+    return torch.addcmul(keep - 1.0, scores, keep)  # the score where kept, -1 where pruned (float ops are fastest)
 
 
 def unstructured_mask(weight: torch.Tensor, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:

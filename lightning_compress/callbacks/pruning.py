@@ -141,6 +141,7 @@ class GradualPruning(Callback):
         self._pooled: list[str] = []  # weight fqns ranked together (global scope)
         self._window: tuple[int, int] | None = None
         self._model_layer_numel = 0
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # fqn -> 0/1 weight, bias factors
         self._hooks: list[Any] = []
         self._hooked_optimizers: list[int] = []
 
@@ -214,7 +215,7 @@ class GradualPruning(Callback):
                 if mask.shape != self._weights[fqn].shape:
                     raise ValueError(f"GradualPruning: mask for {fqn!r} has shape {tuple(mask.shape)}, weight has "
                                      f"{tuple(self._weights[fqn].shape)}")
-                self._masks[fqn] = mask.to(self._weights[fqn].device)
+            self._set_masks(self._masks)
             self._apply_masks()
 
     @override
@@ -236,13 +237,13 @@ class GradualPruning(Callback):
         # optimization both pass here), so that neither the clipping norm nor the momentum sees them
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         with torch.no_grad():
-            for fqn, mask in self._masks.items():
+            for fqn, (weight_keep, bias_keep) in self._factors.items():
                 weight = self._weights[fqn]
                 if id(weight) in params and weight.grad is not None:
-                    weight.grad.mul_(mask)
+                    weight.grad.mul_(weight_keep)
                 bias = self._biases.get(fqn)
-                if bias is not None and id(bias) in params and bias.grad is not None:
-                    bias.grad.mul_(mask.reshape(mask.shape[0], -1)[:, 0])
+                if bias_keep is not None and id(bias) in params and bias.grad is not None:
+                    bias.grad.mul_(bias_keep)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -290,20 +291,31 @@ class GradualPruning(Callback):
                 new[fqn] = masks.structured_mask(weight, target, self.norm, previous.get(fqn))
             else:
                 new[fqn] = masks.unstructured_mask(weight, target, previous.get(fqn))
-        self._masks = new
+        self._set_masks(new)
         self._last_update_step = step
         self._apply_masks()
         log.debug("GradualPruning: step %d, masks updated to %.4f", step, self.current_sparsity())
 
-    @torch.no_grad()
-    def _apply_masks(self, params: set[int] | None = None) -> None:
+    def _set_masks(self, new: dict[str, torch.Tensor]) -> None:
+        """Keep the bool masks (the state) and 0/1 multipliers in each parameter's dtype (a float multiply is
+        several times faster than a masked fill or a multiply by a bool tensor)."""
+        self._masks = {fqn: mask.to(self._weights[fqn].device) for fqn, mask in new.items()}
+        self._factors = {}
         for fqn, mask in self._masks.items():
             weight = self._weights[fqn]
-            if params is None or id(weight) in params:
-                weight.mul_(mask)
             bias = self._biases.get(fqn)
-            if bias is not None and (params is None or id(bias) in params):
-                bias.mul_(mask.reshape(mask.shape[0], -1)[:, 0])
+            bias_keep = None if bias is None else mask.reshape(mask.shape[0], -1)[:, 0].to(bias.dtype)
+            self._factors[fqn] = (mask.to(weight.dtype), bias_keep)
+
+    @torch.no_grad()
+    def _apply_masks(self, params: set[int] | None = None) -> None:
+        for fqn, (weight_keep, bias_keep) in self._factors.items():
+            weight = self._weights[fqn]
+            if params is None or id(weight) in params:
+                weight.mul_(weight_keep)
+            bias = self._biases.get(fqn)
+            if bias_keep is not None and (params is None or id(bias) in params):
+                bias.mul_(bias_keep)
 
     def _hook_optimizers(self, trainer: pl.Trainer) -> None:
         optimizers = list(trainer.optimizers)
@@ -332,7 +344,7 @@ class GradualPruning(Callback):
     def current_sparsity(self) -> float:
         """Fraction of the pruned weights' entries that the current masks remove."""
         total = sum(m.numel() for m in self._masks.values())
-        return 1.0 - sum(int(m.sum()) for m in self._masks.values()) / total if total else 0.0
+        return 1.0 - sum(int(torch.count_nonzero(m)) for m in self._masks.values()) / total if total else 0.0
 
     def compression_targets(self) -> dict[str, float]:
         """Scheduled sparsity of the masks in effect, over all layer weights of the model.
