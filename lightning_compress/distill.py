@@ -52,7 +52,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     Classes are along the last dimension; every other dimension is a sample (``(N, C)``, or ``(N, L, C)`` for
     sequences), and the KL divergence is averaged over samples. The ``T^2`` factor keeps the gradient scale
-    independent of the temperature. Computed in float32 whatever the input precision.
+    independent of the temperature. Computed in float32 at least (half-precision inputs are upcast).
 
     Args:
         student_logits: student's logits (with gradient).
@@ -75,8 +75,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
             f"{tuple(teacher_logits.shape)}; select matching outputs with `student_output`/`teacher_output`"
         )
     c = student_logits.shape[-1]
-    s = student_logits.float().reshape(-1, c) / temperature
-    t = teacher_logits.detach().float().reshape(-1, c) / temperature
+    dtype = _at_least_float32(student_logits)
+    s = student_logits.to(dtype).reshape(-1, c) / temperature
+    t = teacher_logits.detach().to(dtype).reshape(-1, c) / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -96,7 +97,12 @@ def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor)
             f"student and teacher features have different shapes: {tuple(student_features.shape)} vs "
             f"{tuple(teacher_features.shape)} (after projection); pair layers whose outputs differ at most in width"
         )
-    return F.mse_loss(student_features.float(), teacher_features.detach().float())
+    dtype = _at_least_float32(student_features)
+    return F.mse_loss(student_features.to(dtype), teacher_features.detach().to(dtype))
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def project_features(features: torch.Tensor, projection: nn.Module, dim: int) -> torch.Tensor:
