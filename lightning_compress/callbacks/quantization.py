@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_compress import claims
 from lightning_compress.export.quantized import convert, serialized_size
 from lightning_compress.quant.modules import (
+    ActivationFakeQuantize,
     QuantConfig,
     find_conv_bn_pairs,
     is_qat_module,
@@ -183,6 +184,19 @@ class QuantizationAwareTraining(Callback):
         if self._bn_pairs:
             return [pl_module.get_submodule(b) for b in self._bn_pairs.values()]
         return [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # DDP broadcasts buffers from rank 0 before each forward, so rank 0's observed input ranges are the ones
+        # in use; after the last step every rank has updated its own: take rank 0's before converting.
+        if trainer.world_size > 1:
+            observers = {n: m for n, m in pl_module.named_modules() if isinstance(m, ActivationFakeQuantize)}
+            states = {n: {k: b.detach().cpu() for k, b in m._buffers.items()} for n, m in observers.items()}
+            states = trainer.strategy.broadcast(states, src=0)
+            with torch.no_grad():
+                for n, m in observers.items():
+                    for k, b in states[n].items():
+                        m._buffers[k].copy_(b)
 
     # -- convert -----------------------------------------------------------------------------------
     @override

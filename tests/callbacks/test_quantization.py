@@ -1,0 +1,248 @@
+"""QuantizationAwareTraining with a real Trainer: prepare, schedule, LSQ, resume, evaluation loads, conversion,
+pruning composition, digits accuracy and 2-process DDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from lightning_compress.callbacks.monitor import CompressionMonitor
+from lightning_compress.callbacks.pruning import GradualPruning
+from lightning_compress.callbacks.quantization import QuantizationAwareTraining, load_quantized_checkpoint
+from lightning_compress.export.quantized import Int8Linear, PackedLinear, convert, serialized_size
+from lightning_compress.quant.functional import uniform_qparams
+from tests.conftest import TinyModule
+from tests.helpers import run_python
+
+QAT = "lightning_compress.callbacks.quantization.QuantizationAwareTraining"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(weight_bits=9), ValueError, r"`weight_bits` must be an integer in \[2, 8\], got 9"),
+        (dict(weight_bits=1), ValueError, "`weight_bits` must be an integer"),
+        (dict(activation_bits=16), ValueError, "`activation_bits` must be 8"),
+        (dict(scheme="power_of_two", activation_bits=4), ValueError, "power-of-two levels are for weights only"),
+        (dict(scheme="power_of_two", symmetric=False), ValueError, "symmetric around 0"),
+        (dict(scheme="power_of_two", learn_scale=True), ValueError, "LSQ"),
+        (dict(granularity="per_row"), ValueError, "`granularity` must be one of"),
+        (dict(start_step=2, start_epoch=1.0), ValueError, "give `start_step` or `start_epoch`, not both"),
+        (dict(freeze_observers_step=-1), ValueError, "`freeze_observers_step` must be an integer >= 0"),
+        (dict(freeze_bn_epoch="late"), ValueError, "`freeze_bn_epoch` must be a number"),
+        (dict(targets="net.0"), TypeError, "must be a list of patterns"),
+        (dict(convert_on_fit_end="yes"), TypeError, "`convert_on_fit_end` must be a bool"),
+    ],
+)
+def test_bad_arguments_fail_in_init(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(targets=["net.1"]), "layer 'net.1' is a ReLU, which this callback cannot handle"),
+        (dict(targets=["net.9"]), "match no layer"),
+        (dict(start_step=100), "the model would never be quantized"),
+        (dict(start_step=2, freeze_observers_step=2), "observers would freeze"),
+    ],
+)
+def test_bad_setup_fails_before_training(make_trainer, tiny_module: TinyModule, kwargs: dict, message: str) -> None:
+    trainer = make_trainer(max_steps=8, callbacks=[QuantizationAwareTraining(**kwargs)])
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(tiny_module)
+    assert trainer.global_step == 0
+
+
+def test_unsupported_layer_subclass_is_refused(make_trainer, tiny_module: TinyModule) -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    tiny_module.net[2] = MyLinear(32, 4)
+    with pytest.raises(ValueError, match="layer 'net.2' is a MyLinear"):
+        make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining()]).fit(tiny_module)
+
+
+class _FlagProbe(Callback):
+    """Records, after each optimizer step, whether fake quantization ran in that step."""
+
+    def __init__(self) -> None:
+        self.flags: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.flags.append(int(pl_module.net[0].weight_quant.fake_quant_enabled))
+
+
+def test_prepare_keeps_parameters_and_keys_and_lsq_scales_train(make_trainer, tiny_module: TinyModule) -> None:
+    weight = tiny_module.net[0].weight
+    keys = set(tiny_module.state_dict())
+    qat = QuantizationAwareTraining(weight_bits=4, learn_scale=True, start_step=3, convert_on_fit_end=False)
+    probe = _FlagProbe()
+    trainer = make_trainer(max_steps=10, max_epochs=5, callbacks=[qat, probe])
+    trainer.fit(tiny_module)
+    assert probe.flags == [0, 0, 0] + [1] * 7  # float first, quantized from `start_step` on
+    layer = tiny_module.net[0]
+    assert type(layer).__name__ == "QATLinear" and layer.weight is weight
+    assert keys < set(tiny_module.state_dict())  # original keys kept, quantizer state added
+    wq = layer.weight_quant
+    assert isinstance(wq.scale, nn.Parameter) and wq.initialized.item() == 1
+    assert any(p is wq.scale for g in trainer.optimizers[0].param_groups for p in g["params"])
+    init = 2 * layer.weight.detach().abs().mean(1) / 7**0.5
+    assert not torch.allclose(wq.scale.detach(), init, rtol=1e-3)  # moved by the optimizer since its init
+    with torch.no_grad():
+        assert torch.unique(wq(layer.weight)[0]).numel() <= 15
+
+
+def test_observers_freeze_and_bits_reported(make_trainer, tiny_module: TinyModule) -> None:
+    qat = QuantizationAwareTraining(weight_bits=6, start_step=1, freeze_observers_step=4, convert_on_fit_end=False)
+    monitor = CompressionMonitor(log_every_n_steps=2, histograms=False, print_table=False)
+    trainer = make_trainer(max_steps=12, max_epochs=5, callbacks=[qat, monitor])
+    trainer.fit(tiny_module)
+    wq = tiny_module.net[0].weight_quant
+    assert wq.observer_enabled.item() == 0
+    now, _ = uniform_qparams(tiny_module.net[0].weight, 6, True, True)
+    assert not torch.allclose(wq.scale, now)  # the frozen range is the one of step 4, the weights moved on
+    assert qat.compression_bits(tiny_module) == {"net.0.weight": 6, "net.2.weight": 6}
+    stats, metrics = monitor.collect(trainer, tiny_module)
+    assert {layer.name: layer.bits for layer in stats.layers} == {"net.0": 6, "net.2": 6}
+    assert metrics["compression/bits/net.0"] == 6.0
+
+
+def test_convert_on_fit_end_gives_the_integer_model(make_trainer, tiny_module: TinyModule) -> None:
+    fp32_bytes = serialized_size(tiny_module)
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8)
+    trainer = make_trainer(max_epochs=2, callbacks=[qat])
+    trainer.fit(tiny_module)
+    assert isinstance(tiny_module.net[0], Int8Linear) and isinstance(tiny_module.net[2], Int8Linear)
+    assert qat.converted_bytes == serialized_size(tiny_module) < fp32_bytes  # tiny: file overhead dominates
+    assert qat.compression_sizes(tiny_module) == {"serialized_int": qat.converted_bytes}
+    out = trainer.validate(tiny_module, verbose=False)  # the integer model runs in the Trainer
+    assert 0.0 <= out[0]["val/acc"] <= 1.0
+
+
+def _resume_setup(tmp_path: Path, make_trainer, epochs: int, ckpt: str | None = None):
+    seed_everything(0)
+    model = TinyModule()
+    qat = QuantizationAwareTraining(
+        weight_bits=4, activation_bits=8, learn_scale=True, start_epoch=1, freeze_observers_epoch=3,
+        convert_on_fit_end=False,
+    )
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = make_trainer(max_epochs=epochs, callbacks=[qat, saver], enable_checkpointing=True)
+    trainer.fit(model, ckpt_path=ckpt)
+    return model
+
+
+def test_resume_mid_qat_equals_straight_run_and_loads_for_eval(tmp_path: Path, make_trainer) -> None:
+    straight = _resume_setup(tmp_path / "a", make_trainer, epochs=4)
+    first = _resume_setup(tmp_path / "b", make_trainer, epochs=2)  # "killed" after 2 epochs, mid-QAT
+    ckpt = tmp_path / "b" / "ckpt" / "epoch=1.ckpt"
+    resumed = _resume_setup(tmp_path / "b", make_trainer, epochs=4, ckpt=str(ckpt))
+    sd_a, sd_b = straight.state_dict(), resumed.state_dict()
+    assert sd_a.keys() == sd_b.keys() and any("weight_quant.scale" in k for k in sd_a)
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    # the mid-QAT checkpoint loads into a fresh float model for evaluation
+    fresh = load_quantized_checkpoint(TinyModule(), ckpt).eval()
+    first.eval()
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), first(x))
+        assert fresh.net[0].weight_quant.fake_quant_enabled.item() == 1
+        torch.testing.assert_close(convert(fresh)(x), fresh(x), rtol=1e-4, atol=1e-4)
+    # settings that do not match the checkpoint are an error, not a silent mix
+    trainer = make_trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(weight_bits=8, learn_scale=True)])
+    with pytest.raises(ValueError, match="`weight_bits`=4 \\(this callback: 8\\)"):
+        trainer.fit(TinyModule(), ckpt_path=str(ckpt))
+
+
+@pytest.mark.parametrize("order", ["prune_first", "quantize_first"])
+def test_with_gradual_pruning_zeros_stay_zero(make_trainer, order: str) -> None:
+    seed_everything(0)
+    model = TinyModule()
+    pruning = GradualPruning(final_sparsity=0.6, start_step=0, end_step=8, update_every=2)
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, symmetric=False, convert_on_fit_end=False)
+    callbacks = [pruning, qat] if order == "prune_first" else [qat, pruning]
+    make_trainer(max_steps=16, max_epochs=5, callbacks=callbacks).fit(model)
+    int_model = convert(model)
+    for name in ("net.0", "net.2"):
+        float_w = model.get_submodule(name).weight
+        assert float((float_w == 0).float().mean()) >= 0.55
+        int_w = int_model.get_submodule(name).weight
+        assert isinstance(int_model.get_submodule(name), PackedLinear)
+        assert bool((int_w[float_w == 0] == 0).all()), name
+    _with_order[order] = {k: v.clone() for k, v in model.state_dict().items()}
+    if len(_with_order) == 2:
+        a, b = _with_order.values()
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the callbacks' order does not change the result
+
+
+_with_order: dict[str, dict[str, torch.Tensor]] = {}
+
+
+@pytest.mark.slow
+def test_digits_converted_accuracy_matches_fake_quant(make_trainer) -> None:
+    from lightning_compress.examples import DigitsCNN, DigitsDataModule, DigitsMLP
+
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    for model, cfg in (
+        (DigitsMLP(), dict(weight_bits=4, activation_bits=8, learn_scale=True, start_epoch=2)),
+        (DigitsCNN(channels=[8, 16], hidden=32), dict(weight_bits=8, activation_bits=8, freeze_bn_epoch=4)),
+    ):
+        seed_everything(0)
+        qat = QuantizationAwareTraining(**cfg, convert_on_fit_end=False)
+        trainer = make_trainer(max_epochs=6, callbacks=[qat])
+        trainer.fit(model, datamodule=dm)
+        fake_acc = _accuracy(model.eval(), dm)
+        int_acc = _accuracy(convert(model), dm)
+        assert fake_acc > 0.85
+        assert abs(fake_acc - int_acc) <= 0.003, (type(model).__name__, fake_acc, int_acc)
+
+
+def _accuracy(model: nn.Module, dm) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in dm.test_dataloader():
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path: Path) -> None:
+    proc = run_python(
+        f"""
+        import torch
+        from lightning.pytorch import Trainer, seed_everything
+        from tests.conftest import TinyModule
+        from {QAT.rpartition('.')[0]} import QuantizationAwareTraining
+
+        class Probe(TinyModule):
+            def on_train_end(self):
+                t = torch.cat([self.net[0].weight_quant.scale.detach(), self.net[0].weight.detach().flatten(),
+                               self.net[2].input_quant.scale])
+                torch.save(t, f"rank{{self.global_rank}}.pt")
+
+        seed_everything(0)
+        qat = QuantizationAwareTraining(weight_bits=4, learn_scale=True, start_step=2)
+        trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=6, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[qat])
+        model = Probe()
+        trainer.fit(model)
+        if trainer.is_global_zero:
+            print("TYPE", type(model.net[0]).__name__, qat.converted_bytes > 0)
+        """,
+        cwd=tmp_path,
+    )
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(r0, r1)  # LSQ steps, weights and observed ranges agree across ranks
+    assert "TYPE PackedLinear True" in proc.stdout, proc.stdout[-2000:]
