@@ -89,14 +89,19 @@ def _quantize_input(x: torch.Tensor, scale: torch.Tensor | None, zero_point: tor
     """uint8 codes of ``x`` shifted to int8 (``q - 128``), with the step and zero point used (per row if dynamic)."""
     if scale is None:
         scale, zero_point = qf.activation_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True))
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
-    return (q - 128).to(torch.int8), scale, zero_point
+    q = torch.round(x / scale)
+    q.add_(zero_point - 128).clamp_(-128, 127)
+    return q.to(torch.int8), scale, zero_point
 
 
 def _int8_linear_2d(layer: _Int8Base, x: torch.Tensor) -> torch.Tensor:
     a, s_x, z_x = _quantize_input(x, layer.input_scale, layer.input_zero_point)
     w_t, w_rowsum = layer._cache()
     acc = int8_matmul(a, w_t)
+    if layer.input_scale is not None and layer.weight_zero_point is None:
+        # static input, symmetric weights: the zero-point correction and the bias fold into one float epilogue
+        scale, bias = layer._epilogue()
+        return torch.addcmul(bias, acc.float(), scale)
     a0 = (z_x - 128).to(torch.int32)
     acc = acc - a0 * w_rowsum
     if layer.weight_zero_point is not None:
@@ -151,6 +156,7 @@ class _Int8Base(_FloatParams):
         self.register_buffer("weight_zero_point", None if zp is None else zp.to(torch.int8).clone())
         self._set_float_params(scale, bias, input_qparams)
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cached_epilogue: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cached is None:
@@ -158,8 +164,17 @@ class _Int8Base(_FloatParams):
             self._cached = (w.t().contiguous(), w.to(torch.int32).sum(1))
         return self._cached
 
+    def _epilogue(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s_x * s_w, bias - (z_x - 128) * rowsum(w) * s_x * s_w)`` for static inputs and symmetric weights."""
+        if self._cached_epilogue is None:
+            scale = self.input_scale * self.weight_scale
+            bias = self.bias if self.bias is not None else torch.zeros(self.weight_int8.shape[0])
+            shift = (self.input_zero_point - 128) * self._cache()[1].float() * scale
+            self._cached_epilogue = (scale.expand(self.weight_int8.shape[0]).contiguous(), bias - shift)
+        return self._cached_epilogue
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cached = None
+        self._cached = self._cached_epilogue = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _dequantized(self) -> torch.Tensor:
