@@ -1,0 +1,443 @@
+"""LowRankFactorization: replace layers by truncated-SVD factors in the middle of training, then keep training."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lightning_compress import claims
+from lightning_compress.lowrank import (
+    build_factorized,
+    dense_params,
+    factorize,
+    factorized_params,
+    full_rank,
+    is_factorized,
+    kept_energy,
+    rank_for_energy,
+    rank_for_params,
+    rank_for_ratio,
+    replace_module,
+    singular_values,
+)
+from lightning_compress.schedules import epochs_to_steps
+from lightning_compress.targets import match, select_modules, validate_patterns
+
+__all__ = ["LowRankFactorization", "load_factorized_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+_TYPES = ("Linear", "Conv2d")
+_VERSION = 1
+_COUNTER = itertools.count(1)
+
+
+class LowRankFactorization(Callback):
+    """Factorize ``Linear``/``Conv2d`` layers by truncated SVD at a scheduled step, then fine-tune the factors.
+
+    At optimizer step ``start_step`` (or epoch ``start_epoch``) each targeted ``nn.Linear`` becomes
+    ``LowRankLinear`` (``down``: ``in -> r``, ``up``: ``r -> out``) and each ``nn.Conv2d`` becomes ``LowRankConv2d``
+    (a ``k x k`` conv to ``r`` channels, then a ``1 x 1`` conv), initialized from the truncated SVD ``U_r S_r V_r^T``
+    of the trained weight, so the model's outputs change only by the truncation error (see
+    :mod:`lightning_compress.lowrank`). The rank of a layer comes from ``ranks`` (by layer pattern), else from
+    ``rank_ratio``, ``energy`` or ``param_ratio``. A layer is left dense, with a log line, when its factors would not
+    have fewer parameters than its weight.
+
+    **Optimizers.** The optimizers are edited in place (``param_groups``), not rebuilt: in each parameter group that
+    held a replaced weight, the weight is replaced by the two factor weights at the same position, so the factors
+    train with that group's settings (learning rate, weight decay). The optimizer state of the replaced weight
+    (momentum, Adam moments and step count) is dropped: the factors start with fresh state. The bias is kept as the
+    same ``Parameter`` (now ``up.bias``) with its state; every other parameter, every other parameter group (e.g.
+    ones added by other callbacks) and the LR schedulers (same optimizer objects) carry on unchanged. Under
+    ``strategy="ddp"`` the model is wrapped again in ``DistributedDataParallel`` (by the strategy's
+    ``configure_ddp``) so the new parameters are synchronized; ranks are chosen on rank zero and broadcast.
+    With ``start`` at step 0 the layers are factorized in ``setup``, before ``configure_optimizers``.
+
+    **Checkpoints.** A checkpoint written after the factorization holds the factor weights
+    (``<layer>.down.weight``, ``<layer>.up.weight``, ``<layer>.up.bias``). Resuming it with ``ckpt_path=`` (with this
+    callback in the Trainer) works on the original model: a ``load_state_dict`` pre-hook that the callback puts on the
+    LightningModule during each run rebuilds the factorized layers from the checkpoint's shapes before the weights
+    load. To evaluate without the callback, use :func:`load_factorized_checkpoint`.
+
+    **Composition.** The original weights are claimed (``"factorize"``): pruning, quantizing or sharing the same
+    layers in the same run raises before training. To quantize the factors with ``QuantizationAwareTraining``,
+    factorize at step 0 and list this callback *before* it (its ``setup`` then sees the factors); or factorize in
+    one run and quantize in a second. ``KnowledgeDistillation`` composes in any order (its projections keep their
+    own parameter group).
+
+    Logged once, at the factorization (rank zero, to every logger): ``lowrank/rank/<layer>``,
+    ``lowrank/kept_energy/<layer>``, ``lowrank/params_before/<layer>``, ``lowrank/params_after/<layer>`` and the totals
+    ``lowrank/params_before``, ``lowrank/params_after``. ``CompressionMonitor`` counts the factors' weights.
+
+    Args:
+        rank_ratio: rank as a fraction of the layer's full rank ``min(out, in*kh*kw)``, in (0, 1].
+        energy: keep the smallest rank whose singular values hold this fraction of the squared spectrum, in (0, 1].
+        param_ratio: the largest rank whose factor weights hold at most this fraction of the layer's weight
+            parameters, in (0, 1] (``0.25``: 4x fewer parameters in the factorized layers).
+        ranks: explicit rank per layer pattern (name, glob or ``"re:"``), e.g. ``{"net.1": 16}``; it takes precedence
+            over the rule above. Give one of ``rank_ratio``/``energy``/``param_ratio``, or ``ranks`` covering every
+            targeted layer.
+        start_epoch: epoch at which to factorize (fractions allowed); or give ``start_step``. Default: step 0.
+        start_step: optimizer step at which to factorize.
+        targets: layers to factorize (names, globs or ``"re:"`` regexes); ``None``: every ``nn.Linear`` and
+            ``nn.Conv2d`` (``groups=1``; subclasses and frozen layers are skipped).
+        exclude: layers to leave alone.
+
+    Raises:
+        ValueError: a ratio or energy outside (0, 1], none or several of the rules, a non-integer or non-positive
+            rank, a start given in steps and epochs (in ``__init__``); a rank larger than the layer allows, a
+            target that is not ``Linear``/``Conv2d``, a pattern that matches nothing, a layer with no rule (in
+            ``setup``); a start after the last optimizer step (at train start).
+        TypeError: ``ranks`` is not a mapping, or a pattern list given as a single string.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> lowrank = LowRankFactorization(param_ratio=0.25, start_epoch=10, targets=["net.1", "net.3"])
+        >>> trainer = Trainer(callbacks=[lowrank], max_epochs=30, logger=False)
+        >>> LowRankFactorization(energy=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `energy` must be a number in (0, 1], got 1.5
+    """
+
+    def __init__(
+        self,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        param_ratio: float | None = None,
+        ranks: dict[str, int] | None = None,
+        start_epoch: float | None = None,
+        start_step: int | None = None,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        rules = {"rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}
+        for name, value in rules.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+                raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
+        given = [n for n, v in rules.items() if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of `rank_ratio`, `energy`, `param_ratio`, got {given}")
+        if ranks is not None:
+            if not isinstance(ranks, dict):
+                raise TypeError(f"`ranks` must map layer patterns to ranks, got {ranks!r}")
+            validate_patterns(list(ranks), "ranks")
+            for pattern, r in ranks.items():
+                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                    raise ValueError(f"`ranks[{pattern!r}]` must be an integer >= 1, got {r!r}")
+        if not given and not ranks:
+            raise ValueError("give a rank rule: `rank_ratio`, `energy`, `param_ratio` or `ranks`")
+        if start_step is not None and start_epoch is not None:
+            raise ValueError("give `start_step` or `start_epoch`, not both")
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
+        if start_epoch is not None and (
+            isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or start_epoch < 0
+        ):
+            raise ValueError(f"`start_epoch` must be a number >= 0, got {start_epoch!r}")
+        validate_patterns(targets, "targets")
+        validate_patterns(exclude, "exclude")
+        self.rank_ratio, self.energy, self.param_ratio, self.ranks = rank_ratio, energy, param_ratio, ranks
+        self.start_epoch, self.start_step = start_epoch, start_step
+        self.targets, self.exclude = targets, exclude
+        self._owner = f"LowRankFactorization#{next(_COUNTER)}"
+        self._names: list[str] = []  # layers to factorize (chosen in setup)
+        self._start: int | None = None
+        self._hook: Any = None
+        # state
+        self._done = False
+        self._step: int | None = None
+        self._layers: dict[str, dict[str, Any]] = {}  # layer -> rank, full_rank, kept_energy, params before/after
+        self._skipped: dict[str, str] = {}  # layer -> why it was left dense
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(targets=self.targets, exclude=self.exclude)
+
+    @property
+    def factorized(self) -> bool:
+        """Whether the layers have been factorized."""
+        return self._done
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        """Per factorized layer: ``rank``, ``full_rank``, ``kept_energy``, ``params_before``, ``params_after``."""
+        return {k: dict(v) for k, v in self._layers.items()}
+
+    # -- setup -------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is None:
+            self._hook = pl_module.register_load_state_dict_pre_hook(_rebuild_before_load)
+        if stage != "fit":
+            return
+        if self._done:  # a second fit of the same model with the same callback: nothing left to choose
+            missing = [n for n in self._layers if not is_factorized(pl_module.get_submodule(n))]
+            if missing:
+                raise ValueError(f"LowRankFactorization: the state says {missing} are factorized, the model's are not")
+        else:
+            self._names = self._choose(pl_module)
+        claims.claim(pl_module, [f"{n}.weight" for n in self._names or self._layers], "factorize", self._owner)
+        if not self._done and self.start_step in (None, 0) and self.start_epoch in (None, 0):
+            self.factorize_now(trainer, pl_module)
+
+    def _choose(self, pl_module: pl.LightningModule) -> list[str]:
+        chosen = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
+        inside = [n for n, m in pl_module.named_modules() if n and is_factorized(m)]
+        names = []
+        for name, module in chosen.items():
+            if is_factorized(module) or any(name.startswith(f"{f}.") for f in inside):
+                continue  # already factorized (a model trained before with this callback)
+            problem = None
+            if type(module) not in (nn.Linear, nn.Conv2d):
+                problem = f"it is a {type(module).__name__}, a subclass of {type(module).__mro__[1].__name__}"
+            elif isinstance(module, nn.Conv2d) and module.groups != 1:
+                problem = f"it is a grouped conv (groups={module.groups})"
+            elif not module.weight.requires_grad:
+                problem = "its weight is frozen (requires_grad=False)"
+            if problem is not None:
+                if self.targets is not None:
+                    raise ValueError(f"`targets`: layer {name!r} cannot be factorized: {problem}; "
+                                     "only nn.Linear and nn.Conv2d with groups=1 can")
+                rank_zero_info(f"LowRankFactorization: skipping {name!r}: {problem}")
+                continue
+            names.append(name)
+        if not names:
+            raise ValueError(f"LowRankFactorization: nothing to factorize among {list(chosen)}")
+        patterns = dict(self.ranks or {})
+        unmatched = [p for p in patterns if not any(match(p, n) for n in names)]
+        if unmatched:
+            raise ValueError(f"`ranks`: pattern(s) {unmatched} match no factorized layer; layers: {names}")
+        for name in names:
+            module = pl_module.get_submodule(name)
+            pattern = next((p for p in patterns if match(p, name)), None)
+            if pattern is None:
+                if self.rank_ratio is None and self.energy is None and self.param_ratio is None:
+                    raise ValueError(f"`ranks` gives no rank for layer {name!r} and no `rank_ratio`/`energy`/"
+                                     f"`param_ratio` is set; layers: {names}")
+                continue
+            full = full_rank(module)
+            if patterns[pattern] > full:
+                raise ValueError(
+                    f"`ranks[{pattern!r}]`={patterns[pattern]} is larger than possible for layer {name!r} "
+                    f"({type(module).__name__} with a {'x'.join(map(str, module.weight.shape))} weight): at most {full}"
+                )
+        return names
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.start_step is not None:
+            self._start = self.start_step
+        else:
+            self._start = epochs_to_steps(self.start_epoch, trainer) if self.start_epoch is not None else 0
+        total = trainer.estimated_stepping_batches
+        if not self._done and total != float("inf") and self._start >= int(total):
+            given = "start_step" if self.start_step is not None else "start_epoch"
+            raise ValueError(
+                f"`{given}` factorizes at optimizer step {self._start}, but this run has only {int(total)} "
+                "optimizer steps: the layers would never be factorized"
+            )
+        model = trainer.strategy.model
+        if not self._done and model is not pl_module and not isinstance(model, DistributedDataParallel):
+            raise ValueError(
+                f"LowRankFactorization replaces modules during fit, which works with single-device and DDP strategies, "
+                f"not with {type(trainer.strategy).__name__}; factorize at step 0 instead"
+            )
+        if self._done:  # resumed: the factors must be in the model (rebuilt before the weights loaded)
+            missing = [n for n in self._layers if not is_factorized(pl_module.get_submodule(n))]
+            if missing:
+                raise ValueError(f"LowRankFactorization: the checkpoint says {missing} are factorized, the model's are not")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._done and self._start is not None and trainer.global_step >= self._start:
+            self.factorize_now(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        claims.release(pl_module, self._owner)
+
+    # -- the factorization -------------------------------------------------------------------------
+    @torch.no_grad()
+    def factorize_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Factorize the chosen layers now, hand the factors to the optimizers and log what was done."""
+        plan: dict[str, dict[str, Any]] = {}
+        skipped: dict[str, str] = {}
+        for name in self._names:
+            module = pl_module.get_submodule(name)
+            s = singular_values(module)
+            rank = self._rank_for(name, module, s)
+            before, after = dense_params(module), factorized_params(module, rank)
+            if after >= before:
+                skipped[name] = f"rank {rank} would need {after:,} parameters, the layer has {before:,}"
+                continue
+            plan[name] = {"type": type(module).__name__, "rank": rank, "full_rank": len(s),
+                          "kept_energy": kept_energy(s, rank), "params_before": before, "params_after": after}
+        plan, skipped = trainer.strategy.broadcast((plan, skipped), src=0)  # one decision for every process
+        replaced: dict[int, list[nn.Parameter]] = {}
+        for name, info in plan.items():
+            module = pl_module.get_submodule(name)
+            new = factorize(module, info["rank"])
+            replace_module(pl_module, name, new)
+            replaced[id(module.weight)] = [new.down.weight, new.up.weight]
+        self._swap_in_optimizers(trainer, replaced)
+        self._rewrap_ddp(trainer, pl_module)
+        self._layers, self._skipped = plan, skipped
+        self._done, self._step = True, trainer.global_step
+        self._report(trainer)
+
+    def _rank_for(self, name: str, module: nn.Module, s: torch.Tensor) -> int:
+        for pattern, rank in (self.ranks or {}).items():
+            if match(pattern, name):
+                return rank
+        if self.rank_ratio is not None:
+            return rank_for_ratio(len(s), self.rank_ratio)
+        if self.energy is not None:
+            return rank_for_energy(s, self.energy)
+        return rank_for_params(module, self.param_ratio)
+
+    def _swap_in_optimizers(self, trainer: pl.Trainer, replaced: dict[int, list[nn.Parameter]]) -> None:
+        """Put the factor weights where the replaced weights were, in every parameter group; drop their state."""
+        found: set[int] = set()
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                params = []
+                for p in group["params"]:
+                    if id(p) in replaced:
+                        params.extend(replaced[id(p)])
+                        optimizer.state.pop(p, None)
+                        found.add(id(p))
+                    else:
+                        params.append(p)
+                group["params"] = params
+        if trainer.optimizers and len(found) < len(replaced):
+            rank_zero_warn("LowRankFactorization: some factorized weights were in no optimizer; their factors will "
+                           "not train. Put every parameter in `configure_optimizers`.")
+
+    @staticmethod
+    def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel) and callable(getattr(strategy, "configure_ddp", None)):
+            strategy.model = pl_module  # unwrap; DDP's reducer only knows the old parameters
+            strategy.configure_ddp()  # wraps again (broadcasting rank zero's factors) and re-registers comm hooks
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        for name, why in self._skipped.items():
+            rank_zero_info(f"LowRankFactorization: leaving {name!r} dense: {why}")
+        for name, info in self._layers.items():
+            rank_zero_info(
+                f"LowRankFactorization: {name!r} rank {info['rank']}/{info['full_rank']}, "
+                f"{info['params_before']:,} -> {info['params_after']:,} parameters, "
+                f"kept energy {info['kept_energy']:.4f} (step {trainer.global_step})"
+            )
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        metrics: dict[str, float] = {}
+        for name, info in self._layers.items():
+            for key in ("rank", "kept_energy", "params_before", "params_after"):
+                metrics[f"lowrank/{key}/{name}"] = float(info[key])
+        metrics["lowrank/params_before"] = float(sum(i["params_before"] for i in self._layers.values()))
+        metrics["lowrank/params_after"] = float(sum(i["params_after"] for i in self._layers.values()))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def compression_targets(self) -> dict[str, float]:
+        """For ``CompressionMonitor``: parameters of the factorized layers after / before (once factorized)."""
+        before = sum(i["params_before"] for i in self._layers.values())
+        return {"lowrank_param_fraction": sum(i["params_after"] for i in self._layers.values()) / before} if before else {}
+
+    # -- state -------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _VERSION,
+            "factorized": self._done,
+            "factorized_step": self._step,
+            "factorized_layers": {k: dict(v) for k, v in self._layers.items()},
+            "skipped_layers": dict(self._skipped),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._done = bool(state_dict.get("factorized", False))
+        self._step = state_dict.get("factorized_step")
+        self._layers = {k: dict(v) for k, v in state_dict.get("factorized_layers", {}).items()}
+        self._skipped = dict(state_dict.get("skipped_layers", {}))
+
+
+def _rebuild_before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: give each plain layer whose factors are in ``state_dict`` the factorized shape."""
+    for name, sub in list(module.named_modules()):
+        key = f"{prefix}{name}." if name else prefix
+        down = state_dict.get(f"{key}down.weight")
+        if down is None or f"{key}weight" in state_dict:
+            continue
+        rank = int(down.shape[0])
+        if type(sub) in (nn.Linear, nn.Conv2d):
+            replace_module(module, name, build_factorized(sub, rank))
+        elif is_factorized(sub) and sub.rank != rank:  # factorized here at another rank (e.g. chosen by energy)
+            replace_module(module, name, _rebuild_at(sub, rank))
+
+
+def _rebuild_at(module: nn.Module, rank: int) -> nn.Module:
+    """A factorized layer of the same shape as ``module`` (factorized) at another rank, uninitialized."""
+    if isinstance(module.down, nn.Linear):
+        plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=module.up.bias is not None)
+    else:
+        d = module.down
+        plain = nn.Conv2d(module.in_channels, module.out_channels, d.kernel_size, stride=d.stride, padding=d.padding,
+                          dilation=d.dilation, bias=module.up.bias is not None, padding_mode=d.padding_mode)
+    plain.to(module.up.weight)
+    return build_factorized(plain, rank)
+
+
+def load_factorized_checkpoint(model: nn.Module, checkpoint_path: str | Path, strict: bool = True) -> nn.Module:
+    """Load a checkpoint written after :class:`LowRankFactorization` factorized the model into a fresh ``model``.
+
+    The factorized layers are rebuilt from the callback state(s) in the checkpoint (layer names and ranks), then
+    the checkpoint's ``state_dict`` is loaded. A checkpoint written before the factorization loads as it is.
+    The file is read with ``torch.load(weights_only=False)``: load only checkpoints you trust.
+
+    Args:
+        model: a freshly built model of the same architecture (a LightningModule or an ``nn.Module`` whose
+            ``state_dict`` keys match the checkpoint's).
+        checkpoint_path: a Lightning checkpoint (``.ckpt``).
+        strict: passed to ``load_state_dict``.
+
+    Returns:
+        ``model``, with its factorized layers rebuilt and all weights loaded.
+
+    Raises:
+        ValueError: the checkpoint holds no ``LowRankFactorization`` state.
+
+    Example:
+        >>> from lightning_compress.examples import DigitsMLP
+        >>> model = load_factorized_checkpoint(DigitsMLP(), "last.ckpt")  # doctest: +SKIP
+    """
+    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
+    states = [s for s in ckpt.get("callbacks", {}).values() if isinstance(s, dict) and "factorized_layers" in s]
+    if not states:
+        raise ValueError(f"{checkpoint_path} holds no LowRankFactorization state; load it with `load_state_dict`")
+    for state in states:
+        for name, info in state["factorized_layers"].items():
+            layer = model.get_submodule(name)
+            if not is_factorized(layer):
+                replace_module(model, name, build_factorized(layer, int(info["rank"])))
+    model.load_state_dict(ckpt["state_dict"], strict=strict)
+    return model

@@ -1,0 +1,325 @@
+"""LowRankFactorization with a real Trainer: mid-fit factorization, optimizers, resume, loading, logs, DDP."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_compress.callbacks.low_rank import LowRankFactorization, load_factorized_checkpoint
+from lightning_compress.callbacks.monitor import CompressionMonitor
+from lightning_compress.lowrank import LowRankConv2d, LowRankLinear
+from tests.conftest import TinyModule
+from tests.helpers import run_python
+
+
+class _Snapshot(Callback):
+    """Copies the model's ``net`` in ``on_train_batch_start`` at ``step`` (before or after the factorization,
+    depending on where it sits in the callbacks list)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.net = step, None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and self.net is None:
+            self.net = copy.deepcopy(pl_module.net)
+
+
+class _WithScheduler(TinyModule):
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_factorizes_mid_fit_outputs_move_by_truncation_only_and_factors_train(make_trainer: Any, tmp_path: Path) -> None:
+    seed_everything(0)
+    model = _WithScheduler()
+    before, after = _Snapshot(3), _Snapshot(3)
+    lowrank = LowRankFactorization(ranks={"net.0": 4, "net.2": 4}, start_step=3)  # net.2 (32x4) cannot shrink
+    monitor = CompressionMonitor(log_every_n_steps=0, histograms=False, print_table=False)
+    handler = _Records()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(handler)
+    try:
+        trainer = make_trainer(max_steps=8, callbacks=[before, lowrank, after, monitor],
+                               logger=CSVLogger(str(tmp_path), name="csv"))
+        trainer.fit(model)
+    finally:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(handler)
+
+    # the structure: net.0 factorized at rank 4, net.2 left dense (4 * (32 + 4) + 4 >= 32 * 4 + 4)
+    assert isinstance(model.net[0], LowRankLinear) and model.net[0].rank == 4
+    assert type(model.net[2]) is nn.Linear
+    state = lowrank.state_dict()
+    assert state["factorized_step"] == 3 and list(state["factorized_layers"]) == ["net.0"]
+    assert "148" in state["skipped_layers"]["net.2"] and "132" in state["skipped_layers"]["net.2"]
+    assert any("leaving 'net.2' dense" in line for line in handler.lines), handler.lines
+    assert any("'net.0' rank 4/16, 544 -> 224 parameters" in line for line in handler.lines), handler.lines
+
+    # at the moment of factorization the outputs moved exactly as much as the rank-4 truncation of W moves them
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(3))
+    dense, factored = before.net, after.net
+    u, s, vh = torch.linalg.svd(dense[0].weight.detach().double(), full_matrices=False)
+    truncated = copy.deepcopy(dense)
+    with torch.no_grad():
+        truncated[0].weight.copy_((u[:, :4] * s[:4]) @ vh[:4])
+        torch.testing.assert_close(factored(x), truncated(x), atol=1e-5, rtol=1e-4)
+        assert (factored(x) - dense(x)).abs().max() > 1e-3  # and it did move: rank 4 of 16 is a real truncation
+    assert float(lowrank.layers["net.0"]["kept_energy"]) == pytest.approx(float((s[:4] ** 2).sum() / (s**2).sum()))
+
+    # the factors train afterwards, every model parameter is in the optimizer, the LR schedule carried on
+    assert not torch.equal(model.net[0].down.weight, factored[0].down.weight.to(model.net[0].down.weight))
+    optimizer = trainer.optimizers[0]
+    in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_opt == {id(p) for p in model.parameters()}
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
+
+    # CompressionMonitor counts the factors
+    stats, metrics = monitor.collect(trainer, model)
+    assert stats.total_params == sum(p.numel() for p in model.parameters()) == 224 + 132
+    assert {layer.name for layer in stats.layers} == {"net.0.down", "net.0.up", "net.2"}
+    assert metrics["compression/target/lowrank_param_fraction"] == pytest.approx(224 / 544)
+    logged = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "lowrank/rank/net.0" in logged and "lowrank/params_after" in logged
+
+
+@pytest.mark.parametrize("start_step", [6, 10], ids=["checkpoint-after-factorization", "checkpoint-before"])
+def test_resume_equals_uninterrupted_and_checkpoint_loads(make_trainer: Any, tmp_path: Path, start_step: int) -> None:
+    def run(name: str, ckpt_path: str | None = None, stop_after_epoch: int | None = None) -> tuple[TinyModule, Any]:
+        seed_everything(0)
+        model = TinyModule()
+        lowrank = LowRankFactorization(rank_ratio=0.25, start_step=start_step, targets=["net.0"])
+        checkpoint = ModelCheckpoint(dirpath=str(tmp_path / name), save_last=True, every_n_epochs=1)
+        callbacks: list[Callback] = [lowrank, checkpoint]
+        if stop_after_epoch is not None:
+            callbacks.append(_StopAfterEpoch(stop_after_epoch))
+        trainer = make_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model, trainer
+
+    straight, _ = run("straight")  # 8 steps per epoch: factorized at `start_step`
+    run("killed", stop_after_epoch=0)  # stops after epoch 0 (step 8), its last checkpoint written
+    last = str(tmp_path / "killed" / "last.ckpt")
+    resumed, trainer = run("resumed", ckpt_path=last)
+    assert isinstance(resumed.net[0], LowRankLinear) and resumed.net[0].rank == 4
+    assert trainer.global_step == 16
+    expected = straight.state_dict()
+    got = resumed.state_dict()
+    assert list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
+
+    if start_step < 8:  # the checkpoint holds factors: a plain model cannot load it, the helper can
+        ckpt = torch.load(last, weights_only=False)
+        with pytest.raises(RuntimeError, match="down.weight"):
+            TinyModule().load_state_dict(ckpt["state_dict"])
+        fresh = load_factorized_checkpoint(TinyModule(), last)
+        x = torch.randn(8, 16)
+        with torch.no_grad():
+            assert isinstance(fresh.net[0], LowRankLinear)
+            fresh.load_state_dict(ckpt["state_dict"])  # strict: every key fits
+        # and Trainer.validate(ckpt_path=) rebuilds the structure through the callback
+        evaluated = TinyModule()
+        lowrank = LowRankFactorization(rank_ratio=0.25, start_step=start_step, targets=["net.0"])
+        make_trainer(callbacks=[lowrank]).validate(
+            evaluated, ckpt_path=last, verbose=False
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(evaluated(x), fresh(x))
+    else:
+        with pytest.raises(ValueError, match="holds no LowRankFactorization state"):
+            load_factorized_checkpoint(TinyModule(), _plain_ckpt(tmp_path))
+
+
+class _StopAfterEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _plain_ckpt(tmp_path: Path) -> str:
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": TinyModule().state_dict(), "callbacks": {}}, path)
+    return str(path)
+
+
+class _TinyCNN(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(), nn.Flatten(), nn.Linear(128, 4),
+        )
+
+
+def test_conv_layers_and_energy_rule(make_trainer: Any) -> None:
+    seed_everything(0)
+    model = _TinyCNN()
+    lowrank = LowRankFactorization(energy=0.6, ranks={"net.1": 5}, targets=["re:net\\.[13]"], start_step=2)
+    make_trainer(max_steps=4, callbacks=[lowrank]).fit(model)
+    assert isinstance(model.net[3], LowRankConv2d) and model.net[3].down.kernel_size == (3, 3)
+    info = lowrank.layers["net.3"]
+    assert info["kept_energy"] >= 0.6 and info["rank"] < info["full_rank"]
+    # net.1 (1 -> 8 channels, an 8x9 matrix) at rank 5 would grow: 5 * (9 + 8) + 8 >= 8 * 9 + 8, left dense
+    assert type(model.net[1]) is nn.Conv2d and "net.1" in lowrank.state_dict()["skipped_layers"]
+
+
+def test_composes_with_qat_at_step_zero_and_refuses_mid_fit_overlap(make_trainer: Any) -> None:
+    quantization = pytest.importorskip("lightning_compress.callbacks.quantization")
+    from lightning_compress.quant.modules import is_qat_module
+
+    seed_everything(0)
+    model = TinyModule()
+    lowrank = LowRankFactorization(param_ratio=0.25, start_step=0, targets=["net.0"])
+    qat = quantization.QuantizationAwareTraining(weight_bits=8, activation_bits=None, convert_on_fit_end=False)
+    make_trainer(max_steps=3, callbacks=[lowrank, qat]).fit(model)
+    assert is_qat_module(model.net[0].down) and is_qat_module(model.net[0].up) and is_qat_module(model.net[2])
+    assert qat.compression_bits(model)["net.0.down.weight"] == 8
+
+    # factorizing mid-fit a layer that QAT wraps from the start: refused before the first step, in either order
+    for order, message in (("lowrank-first", "quantize 'net.0.weight', which LowRank"), ("qat-first", "QATLinear")):
+        seed_everything(0)
+        model = TinyModule()
+        lowrank = LowRankFactorization(param_ratio=0.25, start_step=2, targets=["net.0"])
+        qat = quantization.QuantizationAwareTraining(weight_bits=8, activation_bits=None)
+        callbacks = [lowrank, qat] if order == "lowrank-first" else [qat, lowrank]
+        with pytest.raises(ValueError, match=message):
+            make_trainer(max_steps=3, callbacks=callbacks).fit(model)
+
+
+def test_composes_with_distillation_keeping_its_parameter_group(make_trainer: Any) -> None:
+    from lightning_compress.callbacks.distillation import KnowledgeDistillation
+
+    seed_everything(0)
+    model = TinyModule()
+    teacher = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    kd = KnowledgeDistillation(teacher=teacher, feature_pairs={"net.2": "0"}, alpha=0.5)
+    lowrank = LowRankFactorization(rank_ratio=0.25, start_step=2, targets=["net.0"])
+    trainer = make_trainer(max_steps=5, callbacks=[kd, lowrank])
+    trainer.fit(model)
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2  # the model's group (now with the factors) and KD's projection group
+    model_params = {id(p) for p in model.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == model_params
+    assert not model_params & {id(p) for p in groups[1]["params"]}
+    assert isinstance(model.net[0], LowRankLinear)
+
+
+def test_bad_input_in_init() -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"rank_ratio": 0.0}, r"`rank_ratio` must be a number in \(0, 1\], got 0.0"),
+        ({"rank_ratio": 1.5}, "`rank_ratio`"),
+        ({"energy": -0.1}, "`energy`"),
+        ({"param_ratio": 2}, "`param_ratio`"),
+        ({"energy": True}, "`energy`"),
+        ({}, "give a rank rule"),
+        ({"rank_ratio": 0.5, "energy": 0.9}, "give one of"),
+        ({"ranks": {"net.0": 0}}, r"`ranks\['net.0'\]` must be an integer >= 1, got 0"),
+        ({"ranks": {"net.0": 2.5}}, "`ranks"),
+        ({"rank_ratio": 0.5, "start_step": 1, "start_epoch": 1}, "not both"),
+        ({"rank_ratio": 0.5, "start_step": -1}, "`start_step`"),
+        ({"rank_ratio": 0.5, "start_epoch": -2.0}, "`start_epoch`"),
+        ({"rank_ratio": 0.5, "targets": ["re:("]}, "`targets`"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            LowRankFactorization(**kwargs)
+    with pytest.raises(TypeError, match="`ranks`"):
+        LowRankFactorization(ranks=[("net.0", 2)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`targets`"):
+        LowRankFactorization(rank_ratio=0.5, targets="net.0")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ranks": {"net.0": 17}}, r"`ranks\['net.0'\]`=17 is larger than possible for layer 'net.0'.*at most 16"),
+        ({"rank_ratio": 0.5, "targets": ["net.1"]}, "'net.1' is a ReLU"),
+        ({"rank_ratio": 0.5, "targets": ["net.9"]}, r"\['net.9'\] match no layer"),
+        ({"ranks": {"net.0": 2}}, "`ranks` gives no rank for layer 'net.2'"),
+        ({"rank_ratio": 0.5, "ranks": {"fc": 2}}, r"`ranks`: pattern\(s\) \['fc'\] match no factorized layer"),
+        ({"rank_ratio": 0.5, "start_step": 50}, "factorizes at optimizer step 50, but this run has only 8"),
+    ],
+)
+def test_bad_input_before_the_first_step(make_trainer: Any, kwargs: dict[str, Any], message: str) -> None:
+    seed_everything(0)
+    model = TinyModule()
+    initial = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        make_trainer(callbacks=[LowRankFactorization(**kwargs)]).fit(model)
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # no step was taken
+
+
+def test_subclass_target_is_refused(make_trainer: Any) -> None:
+    class Custom(nn.Linear):
+        pass
+
+    model = TinyModule()
+    model.net[0] = Custom(16, 32)
+    with pytest.raises(ValueError, match="'net.0' cannot be factorized: it is a Custom"):
+        make_trainer(callbacks=[LowRankFactorization(rank_ratio=0.5, targets=["net.0"])]).fit(model)
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_train_the_factors_in_sync(tmp_path: Path) -> None:
+    run_python(
+        """
+        import torch
+        from lightning.pytorch import Callback, Trainer, seed_everything
+        from torch.nn.parallel import DistributedDataParallel
+        from lightning_compress.callbacks.low_rank import LowRankFactorization
+        from lightning_compress.lowrank import LowRankLinear
+        from tests.conftest import TinyModule
+
+        class Probe(Callback):  # after the factorization, DDP must wrap (and sync) exactly the model's parameters
+            synced = None
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == 4:
+                    ddp = trainer.strategy.model
+                    ids = {id(p) for p in pl_module.parameters()}
+                    Probe.synced = isinstance(ddp, DistributedDataParallel) and {id(p) for p in ddp.parameters()} == ids
+
+        seed_everything(0)
+        model = TinyModule()
+        lowrank = LowRankFactorization(energy=0.5, start_step=2, targets=["net.0"])
+        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[lowrank, Probe()])
+        trainer.fit(model)
+        assert isinstance(model.net[0], LowRankLinear)
+        assert Probe.synced
+        torch.save({"state": model.state_dict(), "rank": model.net[0].rank, "lowrank": lowrank.state_dict()},
+                   f"rank{trainer.global_rank}.pt")
+        """,
+        cwd=tmp_path,
+        timeout=240,
+    )
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert a["rank"] == b["rank"] and a["lowrank"] == b["lowrank"] and a["lowrank"]["factorized_step"] == 2
+    for key, value in a["state"].items():
+        torch.testing.assert_close(value, b["state"][key], atol=0, rtol=0, msg=key)
+    # the factors trained after the factorization (4 steps): the up factor no longer matches an SVD split
+    up, down = a["state"]["net.0.up.weight"], a["state"]["net.0.down.weight"]
+    assert not torch.allclose(up.norm(dim=0), down.norm(dim=1), atol=1e-4)
