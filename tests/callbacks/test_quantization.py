@@ -162,28 +162,60 @@ def test_resume_mid_qat_equals_straight_run_and_loads_for_eval(tmp_path: Path, m
         trainer.fit(TinyModule(), ckpt_path=str(ckpt))
 
 
-@pytest.mark.parametrize("order", ["prune_first", "quantize_first"])
-def test_with_gradual_pruning_zeros_stay_zero(make_trainer, order: str) -> None:
+def test_with_gradual_pruning_zeros_stay_zero_in_either_order(make_trainer) -> None:
+    final: dict[str, dict[str, torch.Tensor]] = {}
+    for order in ("prune_first", "quantize_first"):
+        seed_everything(0)
+        model = TinyModule()
+        pruning = GradualPruning(final_sparsity=0.6, start_step=0, end_step=8, update_every=2)
+        qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, symmetric=False, convert_on_fit_end=False)
+        callbacks = [pruning, qat] if order == "prune_first" else [qat, pruning]
+        make_trainer(max_steps=16, max_epochs=5, callbacks=callbacks).fit(model)
+        int_model = convert(model)
+        for name in ("net.0", "net.2"):
+            float_w = model.get_submodule(name).weight
+            assert float((float_w == 0).float().mean()) >= 0.55
+            assert isinstance(int_model.get_submodule(name), PackedLinear)
+            int_w = int_model.get_submodule(name).weight
+            assert bool((int_w[float_w == 0] == 0).all()), (order, name)
+        final[order] = model.state_dict()
+    a, b = final.values()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the order of the callbacks does not change the result
+
+
+def test_fit_from_a_float_checkpoint(tmp_path: Path, make_trainer) -> None:
+    """A float run's checkpoint (no quantizer state yet) resumes into quantization-aware training."""
     seed_everything(0)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="float")
+    make_trainer(max_epochs=1, callbacks=[saver], enable_checkpointing=True).fit(TinyModule())
     model = TinyModule()
-    pruning = GradualPruning(final_sparsity=0.6, start_step=0, end_step=8, update_every=2)
-    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=8, symmetric=False, convert_on_fit_end=False)
-    callbacks = [pruning, qat] if order == "prune_first" else [qat, pruning]
-    make_trainer(max_steps=16, max_epochs=5, callbacks=callbacks).fit(model)
-    int_model = convert(model)
-    for name in ("net.0", "net.2"):
-        float_w = model.get_submodule(name).weight
-        assert float((float_w == 0).float().mean()) >= 0.55
-        int_w = int_model.get_submodule(name).weight
-        assert isinstance(int_model.get_submodule(name), PackedLinear)
-        assert bool((int_w[float_w == 0] == 0).all()), name
-    _with_order[order] = {k: v.clone() for k, v in model.state_dict().items()}
-    if len(_with_order) == 2:
-        a, b = _with_order.values()
-        assert all(torch.equal(a[k], b[k]) for k in a)  # the callbacks' order does not change the result
+    qat = QuantizationAwareTraining(weight_bits=8, convert_on_fit_end=False)
+    make_trainer(max_epochs=2, callbacks=[qat, ModelCheckpoint(dirpath=tmp_path / "q")], enable_checkpointing=True).fit(
+        model, ckpt_path=str(tmp_path / "float.ckpt")
+    )
+    assert model.net[0].weight_quant.initialized.item() == 1 and model.net[2].input_quant.initialized.item() == 1
 
 
-_with_order: dict[str, dict[str, torch.Tensor]] = {}
+def test_freeze_bn_stops_running_statistics(make_trainer) -> None:
+    from lightning_compress.examples import DigitsCNN, DigitsDataModule
+
+    class BNProbe(Callback):
+        def __init__(self) -> None:
+            self.means: list[torch.Tensor] = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            self.means.append(pl_module.net[1].running_mean.clone())
+
+    seed_everything(0)
+    model, probe = DigitsCNN(channels=[4, 8], hidden=16), BNProbe()
+    qat = QuantizationAwareTraining(weight_bits=8, freeze_bn_step=4, convert_on_fit_end=False)
+    make_trainer(max_steps=8, max_epochs=2, limit_train_batches=8, callbacks=[qat, probe]).fit(
+        model, datamodule=DigitsDataModule(batch_size=32)
+    )
+    m = probe.means
+    assert not torch.equal(m[2], m[3])  # still updating before the freeze
+    assert all(torch.equal(m[3], t) for t in m[4:])  # frozen from step 4 on
+    assert qat.state_dict()["bn_pairs"] == {"net.0": "net.1", "net.3": "net.4"}
 
 
 @pytest.mark.slow
