@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,9 +122,14 @@ class QuantizationAwareTraining(Callback):
         self._layers: list[str] = []
         self._bn_pairs: dict[str, str] = {}
         self._steps: dict[str, int | None] = {}
-        self._model_id: int | None = None
+        self._model_ref: weakref.ref | None = None
         self._converted = False
         self.converted_bytes: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_model_ref"] = None  # a weak reference does not pickle; the next setup finds the model again
+        return state
 
     @property
     @override
@@ -133,12 +139,12 @@ class QuantizationAwareTraining(Callback):
     # -- prepare -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._model_id != id(pl_module):
+        if self._model_ref is None or self._model_ref() is not pl_module:
             chosen = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
             self._layers = list(chosen)
             self._bn_pairs = find_conv_bn_pairs(pl_module, self._layers)
             prepare_qat(pl_module, self._layers, self._config, self._bn_pairs)
-            self._model_id = id(pl_module)
+            self._model_ref = weakref.ref(pl_module)
             self._converted = not any(is_qat_module(pl_module.get_submodule(n)) for n in self._layers)
         claims.claim(pl_module, [f"{n}.weight" for n in self._layers], "quantize", self.state_key)
 

@@ -3,6 +3,7 @@ pruning composition, digits accuracy and 2-process DDP."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,8 @@ def test_convert_on_fit_end_gives_the_integer_model(make_trainer, tiny_module: T
     assert qat.compression_sizes(tiny_module) == {"serialized_int": qat.converted_bytes}
     out = trainer.validate(tiny_module, verbose=False)  # the integer model runs in the Trainer
     assert 0.0 <= out[0]["val/acc"] <= 1.0
+    clone = pickle.loads(pickle.dumps(qat))  # the callback pickles after use, its settings intact
+    assert clone.state_dict()["quantization_config"] == qat.state_dict()["quantization_config"]
 
 
 def _resume_setup(tmp_path: Path, make_trainer, epochs: int, ckpt: str | None = None):
