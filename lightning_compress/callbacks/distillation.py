@@ -57,9 +57,10 @@ class KnowledgeDistillation(Callback):
     the first optimizer as an extra parameter group at fit start, their weights are saved in the callback state,
     and under DDP their gradients are averaged across processes before each optimizer step.
 
-    Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/loss``, ``distill/alpha``, ``distill/temperature``,
-    ``distill/feature_loss`` (with ``feature_pairs``) every step and ``distill/agreement`` (fraction of validation
-    samples where student and teacher predict the same class) at each validation end.
+    Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/feature_loss`` (with ``feature_pairs``), and
+    ``distill/alpha`` / ``distill/temperature`` when they are scheduled, every training step; and
+    ``distill/agreement`` (fraction of validation samples where student and teacher predict the same class) at
+    each validation end.
 
     Args:
         teacher: ``{"class_path": ..., "init_args": {...}}`` of the teacher module (from YAML), or, from Python,
@@ -370,11 +371,13 @@ class KnowledgeDistillation(Callback):
             feat = torch.stack(feats).mean()
             loss = loss + self.feature_weight * feat
             logs["distill/feature_loss"] = feat
+        # each `log` call costs Lightning about as much as a small model's forward: scheduled values only
         for key, value in logs.items():
             pl_module.log(key, value.detach())
-        pl_module.log("distill/loss", loss.detach())
-        pl_module.log("distill/temperature", float(temperature))
-        pl_module.log("distill/alpha", float(alpha))
+        if "temperature" in self._schedules:
+            pl_module.log("distill/temperature", float(temperature))
+        if "alpha" in self._schedules:
+            pl_module.log("distill/alpha", float(alpha))
         return loss.to(task_loss.dtype)
 
     @override
