@@ -366,3 +366,24 @@ def test_ddp_matches_single_process(make_trainer, tmp_path: Path) -> None:
     for k, v in kd._projections.state_dict().items():
         torch.testing.assert_close(ranks[0]["proj." + k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert float(ranks[0]["agreement"]) == pytest.approx(float(trainer.callback_metrics["distill/agreement"]))
+
+
+def test_distils_while_pruning_and_quantizing(make_trainer) -> None:
+    """KD + GradualPruning + QAT in one Trainer: all three act on the student, none touches the teacher."""
+    pruning = pytest.importorskip("lightning_compress.callbacks.pruning")
+    quantization = pytest.importorskip("lightning_compress.callbacks.quantization")
+    teacher, student = _teacher(), _student()
+    before = copy.deepcopy(teacher.state_dict())
+    callbacks = [
+        KnowledgeDistillation(teacher=teacher, alpha=0.8),
+        pruning.GradualPruning(final_sparsity=0.5, start_step=0, end_step=4, update_every=2, scope="layer"),
+        quantization.QuantizationAwareTraining(weight_bits=8, activation_bits=8, convert_on_fit_end=False),
+    ]
+    trainer = make_trainer(max_steps=6, callbacks=callbacks)
+    trainer.fit(student)
+    assert float(trainer.callback_metrics["distill/kd_loss"]) > 0
+    weights = [m.weight for m in student.modules() if isinstance(m, nn.Linear)]
+    assert weights and all(float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.02) for w in weights)
+    assert [type(m) for m in teacher.modules()] == [type(m) for m in _teacher().modules()]
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
