@@ -182,6 +182,7 @@ class KnowledgeDistillation(Callback):
         self._alpha_window = (alpha_start_step, alpha_end_step, alpha_start_epoch, alpha_end_epoch)
 
         self._teacher_module: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
+        self._loaded_checkpoint = False
         self._projections = nn.ModuleDict()
         self._proj_dims: dict[str, int] = {}
         self._pending_projections: dict[str, Any] | None = None
@@ -203,7 +204,7 @@ class KnowledgeDistillation(Callback):
         """Build (once) and return the frozen teacher, weights loaded from ``teacher_checkpoint`` if given."""
         if self._teacher_module is None:
             self._teacher_module = build_module(self.teacher)
-        if self.teacher_checkpoint is not None and not getattr(self, "_loaded_checkpoint", False):
+        if self.teacher_checkpoint is not None and not self._loaded_checkpoint:
             load_teacher_weights(self._teacher_module, self.teacher_checkpoint)
             self._loaded_checkpoint = True
         self._teacher_module.eval().requires_grad_(False)
@@ -250,15 +251,15 @@ class KnowledgeDistillation(Callback):
         return modules[name]
 
     def _build_projections(self, s_layers: dict[str, nn.Module], t_layers: dict[str, nn.Module]) -> None:
-        self._projections = nn.ModuleDict()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # same projections in every process and every run, global RNG untouched
             for name, s_mod in s_layers.items():
                 s_width, dim = layer_width(s_mod)
                 t_width, _ = layer_width(t_layers[name])
                 self._proj_dims[name] = dim
-                if s_width != t_width:
-                    self._projections[_key(name)] = nn.Linear(s_width, t_width)
+                kept = self._projections[_key(name)] if _key(name) in self._projections else None
+                if s_width != t_width and (kept is None or kept.weight.shape != (t_width, s_width)):
+                    self._projections[_key(name)] = nn.Linear(s_width, t_width)  # a later fit keeps trained ones
         if self._pending_projections is not None:
             self._projections.load_state_dict(self._pending_projections)
             self._pending_projections = None
