@@ -85,11 +85,9 @@ def test_teacher_frozen_outside_optimizer_and_checkpoint(make_trainer, tmp_path:
 def test_teacher_from_yaml_spec_and_checkpoint_files(make_trainer, tmp_path: Path) -> None:
     """The YAML form: class_path/init_args plus a Lightning checkpoint or a plain state_dict file."""
     trained = _teacher(hidden=24)
-    make_trainer(max_steps=2).fit(trained)
-    trainer = make_trainer(max_steps=1)
-    trainer.fit(_teacher(hidden=24))
-    trainer.strategy.connect(trained)
-    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="teacher")
+    make_trainer(max_steps=2, callbacks=[ckpt], enable_checkpointing=True).fit(trained)
+    assert (tmp_path / "teacher.ckpt").is_file()
     torch.save(trained.state_dict(), tmp_path / "teacher.pt")
     spec = {"class_path": "tests.conftest.TinyModule", "init_args": {"hidden": 24}}
     for path in ("teacher.ckpt", "teacher.pt"):
