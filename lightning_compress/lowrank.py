@@ -51,6 +51,7 @@ __all__ = [
     "rank_for_energy",
     "rank_for_params",
     "rank_for_ratio",
+    "rebuild_from_state_dict",
     "replace_module",
     "singular_values",
     "truncated_svd",
@@ -301,3 +302,45 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def rebuild_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """Give ``model`` the factorized structure that ``state_dict`` was saved from; return the layers rebuilt.
+
+    Every plain ``Linear``/``Conv2d`` whose ``<name>.down.weight`` is in ``state_dict`` (and ``<name>.weight`` is not)
+    becomes a factorized layer at the rank of that tensor; a factorized layer at another rank is rebuilt at the
+    saved one. Weights are left uninitialized: load ``state_dict`` next.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> saved = nn.Sequential(factorize(nn.Linear(8, 6), 2), nn.ReLU(), nn.Linear(6, 2)).state_dict()
+        >>> rebuild_from_state_dict(net, saved)
+        ['0']
+        >>> net.load_state_dict(saved)
+        <All keys matched successfully>
+    """
+    rebuilt = []
+    for name, sub in list(model.named_modules()):
+        key = f"{prefix}{name}." if name else prefix
+        down = state_dict.get(f"{key}down.weight")
+        if down is None or f"{key}weight" in state_dict:
+            continue
+        rank = int(down.shape[0])
+        if is_factorized(sub) and sub.rank != rank:
+            sub = _plain_twin(sub)
+        if type(sub) in (nn.Linear, nn.Conv2d):
+            replace_module(model, name, build_factorized(sub, rank))
+            rebuilt.append(name)
+    return rebuilt
+
+
+def _plain_twin(module: LowRankLinear | LowRankConv2d) -> nn.Module:
+    """A plain layer (uninitialized values) with the shape and settings of a factorized one."""
+    down, up = module.down, module.up
+    if isinstance(down, nn.Linear):
+        plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=up.bias is not None)
+    else:
+        plain = nn.Conv2d(module.in_channels, module.out_channels, down.kernel_size, stride=down.stride,
+                          padding=down.padding, dilation=down.dilation, bias=up.bias is not None,
+                          padding_mode=down.padding_mode)
+    return plain.to(up.weight)

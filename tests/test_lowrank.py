@@ -18,6 +18,7 @@ from lightning_compress.lowrank import (
     rank_for_energy,
     rank_for_params,
     rank_for_ratio,
+    rebuild_from_state_dict,
     replace_module,
     singular_values,
     truncated_svd,
@@ -143,3 +144,21 @@ def test_replace_module_nested() -> None:
     new = nn.Identity()
     old = replace_module(net, "0.0", new)
     assert isinstance(old, nn.Linear) and net[0][0] is new
+
+
+def test_rebuild_from_state_dict_restores_structure_and_function() -> None:
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 5))
+    trained[0] = factorize(trained[0], 3)
+    trained[3] = factorize(trained[3], 4)
+    saved = trained.state_dict()
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 5))
+    fresh[3] = factorize(fresh[3], 2)  # factorized at another rank: rebuilt at the saved one
+    assert rebuild_from_state_dict(fresh, saved) == ["0", "3"]
+    fresh.load_state_dict(saved)  # strict
+    assert isinstance(fresh[0], LowRankConv2d) and fresh[3].rank == 4
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), trained(x))
+    plain = nn.Sequential(nn.Linear(4, 4))
+    assert rebuild_from_state_dict(plain, plain.state_dict()) == [] and type(plain[0]) is nn.Linear

@@ -27,6 +27,7 @@ from lightning_compress.lowrank import (
     rank_for_energy,
     rank_for_params,
     rank_for_ratio,
+    rebuild_from_state_dict,
     replace_module,
     singular_values,
 )
@@ -67,13 +68,17 @@ class LowRankFactorization(Callback):
     (``<layer>.down.weight``, ``<layer>.up.weight``, ``<layer>.up.bias``). Resuming it with ``ckpt_path=`` (with this
     callback in the Trainer) works on the original model: a ``load_state_dict`` pre-hook that the callback puts on the
     LightningModule during each run rebuilds the factorized layers from the checkpoint's shapes before the weights
-    load. To evaluate without the callback, use :func:`load_factorized_checkpoint`.
+    load (Lightning loads the weights after ``setup``, and ``trainer.ckpt_path`` is not yet set in ``setup``).
+    Resuming reproduces an uninterrupted run exactly when ``configure_optimizers`` builds its groups from
+    ``self.parameters()`` in module order (the factors then sit where this callback put them). To evaluate without
+    the callback, use :func:`load_factorized_checkpoint`.
 
     **Composition.** The original weights are claimed (``"factorize"``): pruning, quantizing or sharing the same
     layers in the same run raises before training. To quantize the factors with ``QuantizationAwareTraining``,
     factorize at step 0 and list this callback *before* it (its ``setup`` then sees the factors); or factorize in
     one run and quantize in a second. ``KnowledgeDistillation`` composes in any order (its projections keep their
-    own parameter group).
+    own parameter group), but do not name a layer factorized mid-fit in its ``feature_pairs``: its forward hook stays
+    on the replaced module.
 
     Logged once, at the factorization (rank zero, to every logger): ``lowrank/rank/<layer>``,
     ``lowrank/kept_energy/<layer>``, ``lowrank/params_before/<layer>``, ``lowrank/params_after/<layer>`` and the totals
@@ -382,29 +387,8 @@ class LowRankFactorization(Callback):
 
 
 def _rebuild_before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: give each plain layer whose factors are in ``state_dict`` the factorized shape."""
-    for name, sub in list(module.named_modules()):
-        key = f"{prefix}{name}." if name else prefix
-        down = state_dict.get(f"{key}down.weight")
-        if down is None or f"{key}weight" in state_dict:
-            continue
-        rank = int(down.shape[0])
-        if type(sub) in (nn.Linear, nn.Conv2d):
-            replace_module(module, name, build_factorized(sub, rank))
-        elif is_factorized(sub) and sub.rank != rank:  # factorized here at another rank (e.g. chosen by energy)
-            replace_module(module, name, _rebuild_at(sub, rank))
-
-
-def _rebuild_at(module: nn.Module, rank: int) -> nn.Module:
-    """A factorized layer of the same shape as ``module`` (factorized) at another rank, uninitialized."""
-    if isinstance(module.down, nn.Linear):
-        plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=module.up.bias is not None)
-    else:
-        d = module.down
-        plain = nn.Conv2d(module.in_channels, module.out_channels, d.kernel_size, stride=d.stride, padding=d.padding,
-                          dilation=d.dilation, bias=module.up.bias is not None, padding_mode=d.padding_mode)
-    plain.to(module.up.weight)
-    return build_factorized(plain, rank)
+    """``load_state_dict`` pre-hook: give each layer whose factors are in ``state_dict`` the factorized shape."""
+    rebuild_from_state_dict(module, state_dict, prefix)
 
 
 def load_factorized_checkpoint(model: nn.Module, checkpoint_path: str | Path, strict: bool = True) -> nn.Module:
