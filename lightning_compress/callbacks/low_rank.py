@@ -411,8 +411,14 @@ def load_factorized_checkpoint(model: nn.Module, checkpoint_path: str | Path, st
         ValueError: the checkpoint holds no ``LowRankFactorization`` state.
 
     Example:
-        >>> from lightning_compress.examples import DigitsMLP
-        >>> model = load_factorized_checkpoint(DigitsMLP(), "last.ckpt")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from lightning_compress.lowrank import factorize
+        >>> trained = nn.Sequential(factorize(nn.Linear(8, 6), 2))  # as saved by a run with the callback
+        >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
+        >>> state = {"factorized_layers": {"0": {"rank": 2}}}
+        >>> torch.save({"state_dict": trained.state_dict(), "callbacks": {"LowRankFactorization": state}}, path)
+        >>> load_factorized_checkpoint(nn.Sequential(nn.Linear(8, 6)), path)[0].rank
+        2
     """
     ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
     states = [s for s in ckpt.get("callbacks", {}).values() if isinstance(s, dict) and "factorized_layers" in s]
