@@ -6,11 +6,27 @@ Example:
     True
 """
 
-from lightning_compress.callbacks import CompressionMonitor, GradualPruning
+from lightning_compress.callbacks import (
+    CompressionMonitor,
+    GradualPruning,
+    QuantizationAwareTraining,
+    load_quantized_checkpoint,
+)
+from lightning_compress.export.quantized import convert as convert_quantized
 from lightning_compress.schedules import Schedule
 from lightning_compress.stats import model_stats
 from lightning_compress.targets import select_modules
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressionMonitor", "GradualPruning", "Schedule", "__version__", "model_stats", "select_modules"]
+__all__ = [
+    "CompressionMonitor",
+    "GradualPruning",
+    "QuantizationAwareTraining",
+    "Schedule",
+    "__version__",
+    "convert_quantized",
+    "load_quantized_checkpoint",
+    "model_stats",
+    "select_modules",
+]

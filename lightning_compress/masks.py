@@ -12,6 +12,8 @@ Globally (one ranking across several layers) unstructured magnitudes compare dir
 norm is divided by the unit's size (L1: mean ``|w|``, L2: root mean square) so that units of layers with different
 fan-in compare fairly, and units are pruned until the requested fraction of *weights* is gone.
 
+Masks passed in (the current ones) may be ``bool`` or 0/1 floats; masks returned are ``bool``.
+
 Example:
     >>> import torch
     >>> w = torch.tensor([[0.1, -3.0], [2.0, 0.5]])
@@ -93,12 +95,13 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scores (>= 0) where already-pruned entries rank below every live one."""
+    """Scores (>= 0) where already-pruned entries rank below every live one; ``mask`` is bool or 0/1 float."""
     scores = scores.float()
     if mask is None:
         return scores
     keep = mask.to(device=scores.device, dtype=scores.dtype)
-    return torch.addcmul(keep - 1.0, scores, keep)  # the score where kept, -1 where pruned (float ops are fastest)
+    # (keep - 1) + scores * keep: exactly the score where kept, -1 where pruned; float ops are the fastest here
+    return (keep - 1.0).addcmul_(scores, keep)
 
 
 def unstructured_mask(weight: torch.Tensor, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,7 +150,7 @@ def structured_mask(
         >>> structured_mask(torch.tensor([[1.0], [3.0], [2.0], [0.0]]), 0.5).view(-1).tolist()
         [False, True, True, False]
     """
-    unit_mask = None if mask is None else mask.reshape(mask.shape[0], -1).all(dim=1)
+    unit_mask = None if mask is None else mask.reshape(mask.shape[0], -1).bool().all(dim=1)
     scores = _masked_scores(unit_scores(weight, norm), unit_mask)
     keep = _prune_lowest(scores, num_to_prune(sparsity, weight.shape[0]))
     return _unit_mask_to_weight(keep, weight.shape)
@@ -203,7 +206,7 @@ def global_structured_masks(
     for i, n in enumerate(names):
         w = weights[n]
         m = masks.get(n)
-        unit_mask = None if m is None else m.reshape(m.shape[0], -1).all(dim=1)
+        unit_mask = None if m is None else m.reshape(m.shape[0], -1).bool().all(dim=1)
         scores.append(_masked_scores(unit_scores(w, norm, normalize=True), unit_mask).cpu())
         unit_size = math.prod(w.shape[1:])
         sizes.append(torch.full((w.shape[0],), unit_size, dtype=torch.long))

@@ -34,7 +34,8 @@ class CompressionMonitor(Callback):
 
     Other callbacks take part by duck typing: a callback with ``compression_bits(pl_module) -> dict``
     (parameter fully-qualified name -> bits) or ``compression_targets() -> dict`` (name -> value) is
-    asked at each log. Because it reads the weights, the monitor is right for any method, including
+    asked at each log, and one with ``compression_sizes(pl_module) -> dict`` (name -> bytes of a real artefact,
+    e.g. a converted integer model) adds ``compression/size_bytes/<name>``. Because it reads the weights, the monitor is right for any method, including
     Lightning's own ``ModelPruning``.
 
     Args:
@@ -66,6 +67,7 @@ class CompressionMonitor(Callback):
         """Count the model now and return ``(stats, metrics)``; ``metrics`` is what gets logged."""
         bits: dict[str, int] = {}
         targets: dict[str, float] = {}
+        sizes: dict[str, int] = {}
         for cb in trainer.callbacks:
             if cb is self:
                 continue
@@ -73,6 +75,8 @@ class CompressionMonitor(Callback):
                 bits.update(cb.compression_bits(pl_module))
             if callable(getattr(cb, "compression_targets", None)):
                 targets.update(cb.compression_targets())
+            if callable(getattr(cb, "compression_sizes", None)):
+                sizes.update(cb.compression_sizes(pl_module))
         stats = model_stats(pl_module, bits)
         metrics: dict[str, float] = {
             "compression/sparsity": stats.sparsity,
@@ -88,6 +92,8 @@ class CompressionMonitor(Callback):
             metrics[f"compression/bits/{fqn.removesuffix('.weight')}"] = float(b)
         for key, value in targets.items():
             metrics[f"compression/target/{key}"] = float(value)
+        for key, value in sizes.items():
+            metrics[f"compression/size_bytes/{key}"] = float(value)
         self.last_stats = stats
         return stats, metrics
 
@@ -132,8 +138,11 @@ class CompressionMonitor(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_table and trainer.is_global_zero:
-            stats, _ = self.collect(trainer, pl_module)
-            _print(format_table(stats))
+            stats, metrics = self.collect(trainer, pl_module)
+            artefacts = {k: v for k, v in metrics.items() if k.startswith("compression/size_bytes/")
+                         and k.rpartition("/")[2] not in ("dense_fp32", "compressed")}
+            lines = [f"{k.rpartition('/')[2]}: {int(v):,} B (artefact)" for k, v in artefacts.items()]
+            _print("\n".join([format_table(stats), *lines]))
 
     @override
     def state_dict(self) -> dict[str, Any]:

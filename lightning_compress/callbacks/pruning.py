@@ -274,7 +274,7 @@ class GradualPruning(Callback):
     @torch.no_grad()
     def update_masks(self, step: int) -> None:
         """Recompute every mask for the sparsity scheduled at ``step`` and apply it to the weights."""
-        previous = self._masks
+        previous = {fqn: weight_keep for fqn, (weight_keep, _) in self._factors.items()}  # 0/1 floats: fastest
         new: dict[str, torch.Tensor] = {}
         if self._pooled:
             pool = {fqn: self._weights[fqn] for fqn in self._pooled}

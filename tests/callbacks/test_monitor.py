@@ -46,6 +46,9 @@ class ReportsBits(Callback):
     def compression_targets(self):
         return {"sparsity": 0.5}
 
+    def compression_sizes(self, pl_module):
+        return {"serialized_int": 1234}
+
 
 def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0})
@@ -98,6 +101,7 @@ def test_tensorboard_event_files_hold_the_values(tiny_module, make_trainer, tmp_
     assert dict(scalars["compression/sparsity/net.2"])[8] == pytest.approx(0.5)
     assert dict(scalars["compression/bits/net.0"])[8] == 4.0
     assert dict(scalars["compression/target/sparsity"])[8] == 0.5
+    assert dict(scalars["compression/size_bytes/serialized_int"])[8] == 1234.0
     expected = weight_storage_bytes(512, 384, 4) + weight_storage_bytes(128, 64, 32) + 4 * (32 + 4)
     assert dict(scalars["compression/size_bytes/compressed"])[8] == expected
     acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
