@@ -9,7 +9,9 @@ Example:
 from lightning_compress.callbacks import (
     CompressionMonitor,
     GradualPruning,
+    LowRankFactorization,
     QuantizationAwareTraining,
+    load_factorized_checkpoint,
     load_quantized_checkpoint,
 )
 from lightning_compress.export.quantized import convert as convert_quantized
@@ -22,10 +24,12 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionMonitor",
     "GradualPruning",
+    "LowRankFactorization",
     "QuantizationAwareTraining",
     "Schedule",
     "__version__",
     "convert_quantized",
+    "load_factorized_checkpoint",
     "load_quantized_checkpoint",
     "model_stats",
     "select_modules",

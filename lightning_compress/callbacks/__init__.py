@@ -1,7 +1,15 @@
 """Every compression method is a Lightning ``Callback``; one file per method."""
 
+from lightning_compress.callbacks.low_rank import LowRankFactorization, load_factorized_checkpoint
 from lightning_compress.callbacks.monitor import CompressionMonitor
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining, load_quantized_checkpoint
 
-__all__ = ["CompressionMonitor", "GradualPruning", "QuantizationAwareTraining", "load_quantized_checkpoint"]
+__all__ = [
+    "CompressionMonitor",
+    "GradualPruning",
+    "LowRankFactorization",
+    "QuantizationAwareTraining",
+    "load_factorized_checkpoint",
+    "load_quantized_checkpoint",
+]
