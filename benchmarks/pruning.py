@@ -103,6 +103,27 @@ class WideMLP(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
+class TimedGradualPruning(GradualPruning):
+    """GradualPruning that adds up the wall time of its own work (mask updates, gradient and weight masking)."""
+
+    own_time = 0.0
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        TimedGradualPruning.own_time += time.perf_counter() - t0
+        return out
+
+    def update_masks(self, step: int) -> None:
+        self._timed(super().update_masks, step)
+
+    def _apply_masks(self, params: Any = None) -> None:
+        self._timed(super()._apply_masks, params)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._timed(super().on_before_optimizer_step, trainer, pl_module, optimizer)
+
+
 class StepTimer(Callback):
     """Wall time from the start of epoch 1 (after a warm-up epoch) to the end of training, per optimizer step."""
 
@@ -115,7 +136,9 @@ class StepTimer(Callback):
 
 
 def overhead_run(method: str, epochs: int, batch_size: int, steps_per_epoch: int = 25) -> float:
+    """Seconds per step; for GradualPruning also sets ``TimedGradualPruning.own_time`` (seconds in all steps)."""
     seed_everything(0, verbose=False)
+    TimedGradualPruning.own_time = 0.0
     g = torch.Generator().manual_seed(0)
     n = batch_size * steps_per_epoch
     loader = DataLoader(TensorDataset(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)),
@@ -124,8 +147,8 @@ def overhead_run(method: str, epochs: int, batch_size: int, steps_per_epoch: int
     callbacks: list[Any] = [timer]
     if method == "GradualPruning":
         # masks updated once per epoch during the ramp, as often as ModelPruning prunes
-        callbacks.insert(0, GradualPruning(final_sparsity=0.9, start_epoch=1, end_epoch=epochs - 1,
-                                           update_every=steps_per_epoch))
+        callbacks.insert(0, TimedGradualPruning(final_sparsity=0.9, start_epoch=1, end_epoch=epochs - 1,
+                                                update_every=steps_per_epoch))
     elif method == "ModelPruning":
         callbacks.insert(0, ModelPruning("l1_unstructured", parameter_names=["weight"], amount=0.2,
                                          use_global_unstructured=True, use_lottery_ticket_hypothesis=False))
@@ -136,6 +159,7 @@ def overhead_run(method: str, epochs: int, batch_size: int, steps_per_epoch: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--overhead-only", action="store_true", help="re-measure only the step times")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [0] if args.quick else [0, 1, 2]
@@ -146,6 +170,10 @@ def main() -> None:
         results["accuracy"].setdefault(key, []).append(acc)
         results["sparsity_reached"].setdefault(key, []).append(sp)
 
+    out = ROOT / "benchmarks/results/pruning.json"
+    if args.overhead_only:
+        results = json.loads(out.read_text())
+        seeds, sparsities = [], []
     for seed in seeds:
         record("dense", *accuracy_run("dense", 0.0, seed))
         for s in sparsities:
@@ -158,6 +186,7 @@ def main() -> None:
         return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
     dense = statistics.mean(results["accuracy"]["dense"])
+    seeds, sparsities = results["seeds"], sorted({float(k.split("@")[1]) for k in results["accuracy"] if "@" in k})
     print(f"\nAccuracy on digits (DigitsMLP, {EPOCHS} epochs, {len(seeds)} seeds; dense {fmt(results['accuracy']['dense'])} %)\n")
     print("| sparsity | GradualPruning acc (%) | ModelPruning acc (%) | GradualPruning - dense | GradualPruning - ModelPruning | sparsity reached (ours / MP) |")
     print("|---|---|---|---|---|---|")
@@ -169,21 +198,26 @@ def main() -> None:
               f"{statistics.mean(ours) - statistics.mean(theirs):+.2f} | {reached[0]:.4f} / {reached[1]:.4f} |")
 
     epochs = 3 if args.quick else 6
-    results["step_time_s"] = {}
-    print("\nPer-step time, 64-2000-2000-10 MLP (4.1M params), 1 thread, median of 3 alternating rounds\n")
-    print("| batch | callback | ms / step | vs no callback |")
-    print("|---|---|---|---|")
+    results["step_time_s"], results["callback_own_time_per_step_s"] = {}, {}
+    print("\nPer-step time, 64-2000-2000-10 MLP (4.1M params), 1 thread, median of 5 alternating rounds\n")
+    print("| batch | callback | ms / step | vs no callback | GradualPruning's own work per step |")
+    print("|---|---|---|---|---|")
     for batch_size in (64, 256):
         times: dict[str, list[float]] = {m: [] for m in ("no callback", "GradualPruning", "ModelPruning")}
-        for _ in range(3):  # alternate the methods so that machine noise hits all of them alike
+        own: list[float] = []
+        for _ in range(5):  # alternate the methods so that machine noise hits all of them alike
             for method in times:
                 times[method].append(overhead_run(method, epochs, batch_size))
+                if method == "GradualPruning":
+                    own.append(TimedGradualPruning.own_time / (epochs * 25))
         med = {m: statistics.median(v) for m, v in times.items()}
+        own_ms = 1000 * statistics.median(own)
         results["step_time_s"][str(batch_size)] = times
+        results["callback_own_time_per_step_s"][str(batch_size)] = own
         for m, t in med.items():
-            print(f"| {batch_size} | {m} | {1000 * t:.1f} | {100 * (t / med['no callback'] - 1):+.1f}% |")
+            extra = f"{own_ms:.2f} ms ({100 * own_ms / (1000 * med['no callback']):.1f}% of a plain step)" if m == "GradualPruning" else ""
+            print(f"| {batch_size} | {m} | {1000 * t:.1f} | {100 * (t / med['no callback'] - 1):+.1f}% | {extra} |")
 
-    out = ROOT / "benchmarks/results/pruning.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nsaved {out}")
 

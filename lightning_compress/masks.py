@@ -86,11 +86,11 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= flat.numel():
         return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     threshold = _kth_smallest(flat, k)
+    if int(torch.count_nonzero(flat <= threshold)) == k:  # no tie straddles the cut: one comparison suffices
+        return flat > threshold
     prune = flat < threshold
     tied = flat == threshold
     room = k - int(torch.count_nonzero(prune))  # how many of the tied entries go, first positions first
-    if int(torch.count_nonzero(tied)) == room:
-        return ~(prune | tied)
     return ~(prune | (tied & (torch.cumsum(tied, 0) <= room)))
 
 
