@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -283,11 +284,32 @@ def test_validation_agreement(make_trainer) -> None:
     assert expected < 1.0
 
 
-def test_teacher_follows_student_precision(make_trainer) -> None:
+@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64), ("bf16-mixed", torch.float32)])
+def test_teacher_follows_student_precision(make_trainer, precision: str, dtype: torch.dtype) -> None:
     teacher = _teacher()
-    trainer = make_trainer(max_steps=2, precision="64-true", callbacks=[KnowledgeDistillation(teacher=teacher)])
+    kd = KnowledgeDistillation(teacher=teacher)
+    trainer = make_trainer(max_steps=2, precision=precision, callbacks=[kd])
     trainer.fit(_student())
-    assert teacher.net[0].weight.dtype == torch.float64
+    assert teacher.net[0].weight.dtype == dtype  # true precision converts it; mixed runs it under autocast
+    assert torch.isfinite(trainer.callback_metrics["distill/kd_loss"])
+
+
+def test_recipe_builds_pickles_and_round_trips_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_compress.cli import run_cli
+    from tests.helpers import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["--config", str(REPO_ROOT / "recipes/digits_distillation.yaml"), "--trainer.logger=false"],
+                  run=False)
+    (kd,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, KnowledgeDistillation)]
+    assert kd.teacher["init_args"]["hidden_sizes"] == [1200, 1200]
+    assert kd.teacher_checkpoint == "checkpoints/digits_teacher.ckpt"
+    clone = pickle.loads(pickle.dumps(kd))
+    assert (clone.temperature, clone.alpha, clone.teacher) == (kd.temperature, kd.alpha, kd.teacher)
+    state = kd.state_dict()
+    assert state["version"] == 1 and state["teacher"] == kd.teacher
+    clone.load_state_dict(state)
+    clone.load_state_dict({})  # an older state without any key still loads
 
 
 def test_composes_with_gradual_pruning_in_either_order(make_trainer) -> None:
