@@ -9,6 +9,7 @@ Example:
 from lightning_compress.callbacks import (
     CompressionMonitor,
     GradualPruning,
+    KnowledgeDistillation,
     LowRankFactorization,
     QuantizationAwareTraining,
     load_factorized_checkpoint,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionMonitor",
     "GradualPruning",
+    "KnowledgeDistillation",
     "LowRankFactorization",
     "QuantizationAwareTraining",
     "Schedule",

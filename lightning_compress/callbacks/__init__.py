@@ -1,5 +1,6 @@
 """Every compression method is a Lightning ``Callback``; one file per method."""
 
+from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.low_rank import LowRankFactorization, load_factorized_checkpoint
 from lightning_compress.callbacks.monitor import CompressionMonitor
 from lightning_compress.callbacks.pruning import GradualPruning
@@ -8,6 +9,7 @@ from lightning_compress.callbacks.quantization import QuantizationAwareTraining,
 __all__ = [
     "CompressionMonitor",
     "GradualPruning",
+    "KnowledgeDistillation",
     "LowRankFactorization",
     "QuantizationAwareTraining",
     "load_factorized_checkpoint",
