@@ -17,8 +17,8 @@ batch 64): ``torch._int_mm`` runs the converted model 3-6x faster than fp32; ``t
 Linear is faster still on that MLP (1.3-1.8x over ours in the same runs: its fused fbgemm kernel quantizes
 activations inside the GEMM). We still use ``torch._int_mm`` because ``torch.ao.quantization`` warns that it is
 deprecated (and quantized tensor creation warns too), it needs quantized tensor types that ``torch.save`` ties to
-``torch.ao``, and it has no int8 path for our im2col convolutions; ``torch._int_mm`` raises no warning and works on
-plain int8 tensors. When ``torch.ao.quantization`` disappears nothing here changes. If ``torch._int_mm`` is missing
+``torch.ao``, and its dynamic mode covers Linear only (conv needs its static flow with stubs in the user's model);
+``torch._int_mm`` raises no warning, works on plain int8 tensors and serves Linear and im2col convolutions alike. When ``torch.ao.quantization`` disappears nothing here changes. If ``torch._int_mm`` is missing
 or refuses a shape, :func:`int8_matmul` falls back to an exact int32 matmul: the same results, slower.
 
 Example:
