@@ -1,0 +1,461 @@
+"""The Deep Compression artefact: sparse positions, shared-weight indices and codebooks, all Huffman-coded.
+
+:func:`save_compressed` writes every tensor of a model's ``state_dict`` to one file; :func:`load_compressed` reads
+it back bit-exactly (every non-zero value identical; zeros come back as ``+0.0``). Each floating tensor is stored as
+
+- its **sparse positions** as relative indices (Han et al. 2016): the count of zeros since the previous non-zero,
+  in ``b`` bits, where the largest value ``2**b - 1`` is a *filler* entry that skips ``2**b - 1`` positions without
+  a weight (so a long gap costs a few fillers). ``b`` is chosen per tensor, the one giving the smallest coded
+  stream; a dense tensor costs nothing here (a constant stream);
+- its **non-zero values**, either as indices into a **codebook** (when the tensor holds at most 256 distinct
+  non-zero values, e.g. after :class:`~lightning_compress.callbacks.weight_sharing.WeightSharing`; the codebook is
+  written at the tensor's own precision) or, for unshared tensors (biases, unpruned layers), at their own
+  precision as ``itemsize`` byte planes (byte ``j`` of every value is one stream, so exponent bytes code well).
+
+Every stream gets its own Huffman code (or fixed-width bits or a constant, whichever is smaller; see
+:mod:`lightning_compress.huffman`). Integer/bool buffers are stored as byte planes too.
+
+File layout (version 1), little-endian::
+
+    b"LCDC" | u8 version | u32 header bytes | u32 payload bytes | u32 CRC-32 of header+payload | header | payload
+
+The header is zlib-compressed JSON: the tensors' names, dtypes, shapes and kinds, in payload order. A file whose
+length does not match, whose CRC differs, or whose streams do not decode raises ``ValueError``: never a silently
+wrong model.
+
+:func:`save_compressed` returns (and prints) a :class:`CompressionReport` in the shape of the paper's table: per
+tensor and in total, the bytes after pruning (fp32 non-zeros + fixed-width relative indices), after weight sharing
+(codebook indices at ``ceil(log2 k)`` bits + the codebook) and after Huffman coding (the real bytes in the file),
+each with its ratio to dense fp32.
+
+Example:
+    >>> import torch, tempfile, os
+    >>> from torch import nn
+    >>> net = nn.Linear(64, 32)
+    >>> with torch.no_grad():
+    ...     w = torch.randn(32, 64)
+    ...     _ = net.weight.copy_(torch.where(w.abs() > 1.5, w.sign() * 0.5, torch.zeros(())))
+    >>> path = os.path.join(tempfile.mkdtemp(), "net.lcdc")
+    >>> report = save_compressed(net, path, verbose=False)
+    >>> report.file_bytes == os.path.getsize(path), report.ratio > 5
+    (True, True)
+    >>> net2 = nn.Linear(64, 32)
+    >>> _ = load_compressed(path, net2)
+    >>> torch.equal(net2.weight, net.weight), torch.equal(net2.bias, net.bias)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_compress import huffman
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "CompressionReport",
+    "TensorReport",
+    "export_main",
+    "load_compressed",
+    "save_compressed",
+]
+
+MAGIC = b"LCDC"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<4sBIII")
+_MAX_CODEBOOK = 256
+_MAX_REL_BITS = 12
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """Sizes of one tensor at each stage (bytes) and what it holds."""
+
+    name: str
+    numel: int
+    nonzero: int
+    codebook: int  # codebook entries (0: values stored at full precision)
+    rel_bits: int  # bits of a relative index in the file (0: dense, no index)
+    dense_bytes: int  # numel * 4 (fp32)
+    pruned_bytes: int  # non-zeros at 32 bits + fixed-width relative indices (or dense, if smaller)
+    shared_bytes: int  # + codebook indices at ceil(log2 k) bits and the codebook instead of the values
+    huffman_bytes: int  # the bytes this tensor takes in the file
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`save_compressed` wrote: per-tensor stages, file size and ratios against dense fp32."""
+
+    tensors: list[TensorReport] = field(default_factory=list)
+    file_bytes: int = 0
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.dense_bytes for t in self.tensors)
+
+    @property
+    def ratio(self) -> float:
+        """Dense fp32 bytes of all tensors / bytes of the whole file (headers included)."""
+        return self.dense_bytes / self.file_bytes if self.file_bytes else float("inf")
+
+    def stage_totals(self) -> dict[str, int]:
+        """Total bytes per stage; ``huffman`` is the file size (headers included)."""
+        return {
+            "dense": self.dense_bytes,
+            "pruned": sum(t.pruned_bytes for t in self.tensors),
+            "shared": sum(t.shared_bytes for t in self.tensors),
+            "huffman": self.file_bytes,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": [asdict(t) for t in self.tensors],
+            "file_bytes": self.file_bytes,
+            "dense_bytes": self.dense_bytes,
+            "ratio": self.ratio,
+            "stages": self.stage_totals(),
+        }
+
+    def format(self) -> str:
+        """A markdown table: per tensor and total, bytes and ratio after pruning, sharing and Huffman coding."""
+        head = (
+            "| tensor | params | non-zero | codebook | rel. idx bits | dense fp32 B | pruned B (x) "
+            "| +shared B (x) | +Huffman B (x) |"
+        )
+        lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def cell(b: int, dense: int) -> str:
+            return f"{b:,} ({dense / b:.1f}x)" if b else "0"
+
+        for t in self.tensors:
+            lines.append(
+                f"| {t.name} | {t.numel:,} | {t.nonzero:,} | {t.codebook or '-'} | {t.rel_bits or '-'} | "
+                f"{t.dense_bytes:,} | {cell(t.pruned_bytes, t.dense_bytes)} | {cell(t.shared_bytes, t.dense_bytes)} "
+                f"| {cell(t.huffman_bytes, t.dense_bytes)} |"
+            )
+        s = self.stage_totals()
+        lines.append(
+            f"| **total** (file, headers incl.) | {sum(t.numel for t in self.tensors):,} | "
+            f"{sum(t.nonzero for t in self.tensors):,} | | | {s['dense']:,} | {cell(s['pruned'], s['dense'])} | "
+            f"{cell(s['shared'], s['dense'])} | {cell(s['huffman'], s['dense'])} |"
+        )
+        return "\n".join(lines)
+
+
+# -- relative indices ----------------------------------------------------------------------------------
+def _gaps(positions: np.ndarray) -> np.ndarray:
+    """Zeros before each non-zero since the previous one (``positions`` sorted)."""
+    return np.diff(np.concatenate([[-1], positions])) - 1
+
+
+def _rel_counts(gaps: np.ndarray, bits: int) -> np.ndarray:
+    """Symbol counts of the relative-index stream in ``bits`` bits (symbol ``2**bits - 1`` is the filler)."""
+    filler = (1 << bits) - 1
+    counts = np.bincount(gaps % filler, minlength=filler + 1)
+    counts[filler] = int((gaps // filler).sum())
+    return counts
+
+
+def _rel_entries(gaps: np.ndarray, bits: int) -> np.ndarray:
+    filler = (1 << bits) - 1
+    fills = gaps // filler
+    ends = np.cumsum(fills + 1) - 1
+    entries = np.full(int(ends[-1]) + 1 if len(ends) else 0, filler, dtype=np.int64)
+    entries[ends] = gaps % filler
+    return entries
+
+
+def _rel_positions(entries: np.ndarray, bits: int) -> np.ndarray:
+    filler = (1 << bits) - 1
+    is_fill = entries == filler
+    pos = np.cumsum(np.where(is_fill, filler, entries + 1)) - 1
+    return pos[~is_fill]
+
+
+def _best_rel_bits(gaps: np.ndarray, coded: bool) -> int:
+    """Relative-index width with the fewest bits: Huffman-coded (``coded``) or fixed width."""
+    best, best_cost = 1, math.inf
+    for bits in range(1, _MAX_REL_BITS + 1):
+        counts = _rel_counts(gaps, bits)
+        if coded:
+            used = counts > 0
+            lengths = huffman.code_lengths(counts) if used.sum() > 1 else np.zeros_like(counts)
+            cost = float((lengths * counts).sum()) + 4 * used.sum()  # payload + about the table
+        else:
+            cost = float(counts.sum() * bits)
+        if cost < best_cost:
+            best, best_cost = bits, cost
+    return best
+
+
+# -- tensors -------------------------------------------------------------------------------------------
+def _planes(t: torch.Tensor) -> list[np.ndarray]:
+    """Byte ``j`` of every element, for ``j < itemsize``."""
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).reshape(-1, t.element_size()).numpy()
+    return [raw[:, j] for j in range(raw.shape[1])]
+
+
+def _from_planes(planes: Sequence[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
+    raw = (
+        np.stack([np.asarray(p, dtype=np.uint8) for p in planes], axis=1)
+        if planes
+        else np.zeros((0, 1), np.uint8)
+    )
+    return torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1).view(dtype)
+
+
+def _encode_tensor(name: str, t: torch.Tensor) -> tuple[list[Any], bytes, TensorReport]:
+    flat = t.detach().cpu().reshape(-1)
+    dtype = str(t.dtype).removeprefix("torch.")
+    dense = flat.numel() * 4
+    if not flat.is_floating_point():
+        body = b"".join(huffman.encode_stream(p, 256) for p in _planes(flat))
+        report = TensorReport(
+            name,
+            flat.numel(),
+            int(torch.count_nonzero(flat)),
+            0,
+            0,
+            dense,
+            flat.numel() * flat.element_size(),
+            flat.numel() * flat.element_size(),
+            len(body),
+        )
+        return [name, dtype, list(t.shape), "r"], body, report
+    positions = torch.nonzero(flat != 0, as_tuple=True)[0].numpy()
+    values = flat[torch.from_numpy(positions)]
+    nnz = len(positions)
+    gaps = _gaps(positions)
+    parts: list[bytes] = []
+    if nnz == flat.numel():  # dense: a one-symbol relative stream (costs only its header)
+        rel_bits = 1
+    else:
+        rel_bits = _best_rel_bits(gaps, coded=True)
+    parts.append(bytes([rel_bits]) + huffman.encode_stream(_rel_entries(gaps, rel_bits), 1 << rel_bits))
+    codebook, labels = torch.unique(values, sorted=True, return_inverse=True)
+    shared = 0 < len(codebook) <= _MAX_CODEBOOK and 2 * len(codebook) <= nnz
+    if shared:
+        parts.append(
+            huffman.write_varint(len(codebook)) + codebook.contiguous().view(torch.uint8).numpy().tobytes()
+        )
+        parts.append(huffman.encode_stream(labels.numpy(), len(codebook)))
+    else:
+        parts.extend(huffman.encode_stream(p, 256) for p in _planes(values))
+    body = b"".join(parts)
+    # the paper's stages, fixed width, fp32 values: pruning (values + indices), then sharing (indices + codebook)
+    fixed_bits = _best_rel_bits(gaps, coded=False)
+    index_bytes = (
+        math.ceil(int(_rel_counts(gaps, fixed_bits).sum()) * fixed_bits / 8) if nnz < flat.numel() else 0
+    )
+    pruned = min(dense, nnz * 4 + index_bytes)
+    if shared:
+        k = len(codebook)
+        shared_bytes = min(pruned, index_bytes + math.ceil(nnz * max(1, math.ceil(math.log2(k))) / 8) + 4 * k)
+    else:
+        shared_bytes = pruned
+    report = TensorReport(
+        name,
+        flat.numel(),
+        nnz,
+        len(codebook) if shared else 0,
+        rel_bits if nnz < flat.numel() else 0,
+        dense,
+        pruned,
+        shared_bytes,
+        len(body),
+    )
+    return [name, dtype, list(t.shape), "s" if shared else "f"], body, report
+
+
+def _decode_tensor(entry: Sequence[Any], buf: memoryview, offset: int) -> tuple[torch.Tensor, int]:
+    try:
+        name, dtype_name, shape, kind = entry
+        dtype = getattr(torch, dtype_name)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError
+        numel = math.prod(int(s) for s in shape)
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"compressed file is corrupted: bad tensor entry {entry!r} in its header") from None
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if kind == "r":
+        planes = []
+        for _ in range(itemsize):
+            p, offset = huffman.decode_stream(buf, offset)
+            planes.append(p)
+        if any(len(p) != numel for p in planes):
+            raise ValueError(
+                f"compressed file is corrupted: tensor {name!r} has the wrong number of elements"
+            )
+        return _from_planes(planes, dtype).reshape(shape).clone(), offset
+    if offset >= len(buf):
+        raise ValueError("compressed file is truncated")
+    rel_bits = buf[offset]
+    if not 1 <= rel_bits <= _MAX_REL_BITS:
+        raise ValueError(f"compressed file is corrupted: tensor {name!r} has relative index width {rel_bits}")
+    entries, offset = huffman.decode_stream(buf, offset + 1)
+    positions = _rel_positions(entries, rel_bits)
+    nnz = len(positions)
+    if nnz and positions[-1] >= numel:
+        raise ValueError(f"compressed file is corrupted: tensor {name!r} has a position past its end")
+    if kind == "s":
+        k, offset = huffman.read_varint(buf, offset)
+        size = k * itemsize
+        if offset + size > len(buf):
+            raise ValueError("compressed file is truncated (codebook)")
+        codebook = torch.frombuffer(bytearray(buf[offset : offset + size]), dtype=torch.uint8).view(dtype)
+        labels, offset = huffman.decode_stream(buf, offset + size)
+        if len(labels) != nnz or (nnz and labels.max() >= k):
+            raise ValueError(f"compressed file is corrupted: tensor {name!r} codebook indices do not match")
+        values = codebook[torch.from_numpy(labels)]
+    elif kind == "f":
+        planes = []
+        for _ in range(itemsize):
+            p, offset = huffman.decode_stream(buf, offset)
+            planes.append(p)
+        if any(len(p) != nnz for p in planes):
+            raise ValueError(
+                f"compressed file is corrupted: tensor {name!r} values do not match its positions"
+            )
+        values = _from_planes(planes, dtype)
+    else:
+        raise ValueError(f"compressed file is corrupted: unknown tensor kind {kind!r}")
+    out = torch.zeros(numel, dtype=dtype)
+    out[torch.from_numpy(positions)] = values
+    return out.reshape([int(s) for s in shape]), offset
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def save_compressed(
+    model: nn.Module | Mapping[str, torch.Tensor], path: str | Path, verbose: bool = True
+) -> CompressionReport:
+    """Write ``model``'s ``state_dict`` (or a state dict) to ``path`` in the compressed format.
+
+    Args:
+        model: the module (its ``state_dict()`` is written) or a mapping name -> tensor.
+        path: file to write (parent folders are created).
+        verbose: print the stage table.
+
+    Returns:
+        The :class:`CompressionReport` (per-tensor stages, file size, ratio).
+
+    Raises:
+        TypeError: ``model`` is neither a module nor a mapping of tensors.
+    """
+    if isinstance(model, nn.Module):
+        state = model.state_dict()
+    elif isinstance(model, Mapping):
+        state = dict(model)
+    else:
+        raise TypeError(f"`model` must be an nn.Module or a state dict, got {type(model).__name__}")
+    entries, bodies, reports = [], [], []
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"`model` state entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        entry, body, report = _encode_tensor(name, tensor)
+        entries.append(entry)
+        bodies.append(body)
+        reports.append(report)
+    header = zlib.compress(json.dumps({"t": entries}, separators=(",", ":")).encode(), 9)
+    payload = b"".join(bodies)
+    crc = zlib.crc32(payload, zlib.crc32(header))
+    blob = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header), len(payload), crc) + header + payload
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    overhead = len(blob) - sum(len(b) for b in bodies)
+    report = CompressionReport(reports, len(blob))
+    if verbose:
+        print(
+            f"compressed {len(reports)} tensors to {path} ({len(blob):,} B, headers {overhead} B, "
+            f"{report.ratio:.1f}x smaller than dense fp32)"
+        )
+        print(report.format())
+    return report
+
+
+def load_compressed(
+    path: str | Path, model: nn.Module | None = None, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`save_compressed`; load it into ``model`` if given.
+
+    Args:
+        path: the compressed file.
+        model: a module to load the tensors into (``load_state_dict``); ``None`` to only return them.
+        strict: passed to ``load_state_dict``.
+
+    Returns:
+        The state dict (name -> tensor) held in the file.
+
+    Raises:
+        ValueError: not such a file, an unsupported version, a truncated or corrupted file.
+    """
+    blob = Path(path).read_bytes()
+    if len(blob) < _PREAMBLE.size or blob[:4] != MAGIC:
+        raise ValueError(f"{path}: not a lightning-compress compressed file (bad magic or too short)")
+    _, version, header_len, payload_len, crc = _PREAMBLE.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format version {version} is not supported (this reader knows {FORMAT_VERSION})"
+        )
+    expected = _PREAMBLE.size + header_len + payload_len
+    if len(blob) != expected:
+        what = "truncated" if len(blob) < expected else "longer than its header says"
+        raise ValueError(f"{path}: file is {what}: {len(blob)} bytes, expected {expected}")
+    header = blob[_PREAMBLE.size : _PREAMBLE.size + header_len]
+    payload = memoryview(blob)[_PREAMBLE.size + header_len :]
+    if zlib.crc32(payload, zlib.crc32(header)) != crc:
+        raise ValueError(f"{path}: file is corrupted (CRC-32 mismatch)")
+    try:
+        entries = json.loads(zlib.decompress(header))["t"]
+    except (zlib.error, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: file is corrupted (unreadable header)") from None
+    state: dict[str, torch.Tensor] = {}
+    offset = 0
+    for entry in entries:
+        tensor, offset = _decode_tensor(entry, payload, offset)
+        state[entry[0]] = tensor
+    if offset != len(payload):
+        raise ValueError(f"{path}: file is corrupted ({len(payload) - offset} unread payload bytes)")
+    if model is not None:
+        model.load_state_dict(state, strict=strict)
+    return state
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-compress export --ckpt CKPT [--config CONFIG] --out FILE``: compress a checkpoint's weights.
+
+    With ``--config`` (a recipe or a saved ``config.yaml``), the model is built from it and the checkpoint's
+    ``state_dict`` is loaded into it with ``strict=True`` before export, so a mismatch is an error; without it the
+    checkpoint's ``state_dict`` is written as is. Prints the stage table; returns 0.
+    """
+    parser = argparse.ArgumentParser(prog="lightning-compress export", description=export_main.__doc__)
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) to export")
+    parser.add_argument("--config", default=None, help="config (recipe YAML) that builds the model")
+    parser.add_argument("--out", required=True, help="compressed file to write")
+    parser.add_argument("--quiet", action="store_true", help="do not print the stage table")
+    args = parser.parse_args(argv)
+    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"`--ckpt` {args.ckpt!r} holds no 'state_dict': not a Lightning checkpoint")
+    target: nn.Module | Mapping[str, torch.Tensor] = checkpoint["state_dict"]
+    if args.config is not None:
+        from lightning_compress.cli import run_cli
+
+        cli = run_cli(["--config", args.config, "--trainer.logger=false"], run=False)
+        cli.model.load_state_dict(checkpoint["state_dict"], strict=True)
+        target = cli.model
+    save_compressed(target, args.out, verbose=not args.quiet)
+    return 0
