@@ -1,0 +1,396 @@
+"""WeightSharing: k-means codebooks per layer, then training with the weights tied (Deep Compression)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress import claims, kmeans
+from lightning_compress.schedules import resolve_window, validate_window
+from lightning_compress.targets import match, select_modules, validate_patterns
+
+__all__ = ["WeightSharing"]
+
+log = logging.getLogger(__name__)
+
+_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+_VERSION = 1
+_MAX_BITS = 8
+_COUNTER = itertools.count(1)
+
+
+class WeightSharing(Callback):
+    """Share weights by k-means at a scheduled step, then train the shared values (Han et al., ICLR 2016).
+
+    At the start of optimizer step ``start_step`` (or epoch ``start_epoch``), before its forward pass, the non-zero
+    weights of each targeted layer are clustered into at most ``2**bits`` values (1-D k-means, see
+    :mod:`lightning_compress.kmeans`) and every weight is set to its centroid. Zeros (pruned weights) are not
+    clustered and stay exactly zero.
+
+    **Tied training.** From then on, before every optimizer step, each weight's gradient is replaced by its
+    cluster's gradient: the **sum** of its members' gradients (the paper's rule; ``reduce="mean"`` for the mean),
+    zero for pruned entries. The optimizer state (momentum, Adam moments) of the shared weights is reset at
+    clustering, so every member of a cluster sees the same gradients from the same state and any element-wise
+    optimizer (SGD, momentum, Adam, AdamW, weight decay) moves them together: the centroid is the trained quantity.
+    After each step the weights are re-tied exactly (each cluster takes the new value of one of its members), so
+    rounding can never drift members apart. The model is not rewritten: ``weight`` stays a plain parameter holding
+    the shared values expanded, so a checkpoint's ``state_dict`` loads into the unmodified module. Codebooks and
+    assignments are the callback's state (checkpointed; resuming continues exactly).
+
+    **With GradualPruning.** Pruning must have reached its final sparsity before sharing starts (otherwise pruning
+    would remove members of clusters): a :class:`~lightning_compress.GradualPruning` on the same weights whose
+    window ends at or after the sharing step is an error (its last mask update happens at the start of its end
+    step, so start sharing at least one step later, e.g. ``end_epoch: 20`` then ``start_epoch: 21``). Pruning keeps
+    enforcing its masks, which only ever zero what sharing already keeps at zero, so the order of the two callbacks
+    in the list does not matter.
+
+    **Export.** With ``export_path``, the model is written at the end of fit with
+    :func:`~lightning_compress.export.compressed.save_compressed` (relative indices, codebook indices and codebooks,
+    Huffman-coded) and the stage report is printed and kept in :attr:`report`.
+
+    Args:
+        bits: codebook size ``2**bits`` (1 to 8) for every targeted layer.
+        layer_bits: per-layer ``bits`` by layer pattern, e.g. ``{"net.1": 3, "net.5": 5}``.
+        init: centroid initialisation: ``linear`` (paper's choice), ``density`` or ``random``.
+        start_epoch: epoch (fractions allowed) at which the weights are shared; or give ``start_step``.
+        start_step: optimizer step at which the weights are shared (default 0).
+        reduce: ``sum`` (paper) or ``mean`` of the members' gradients as a centroid's gradient.
+        max_iter: k-means iterations at most.
+        seed: seed of the ``random`` initialisation.
+        targets: layers to share (names, globs or ``"re:"`` regexes); ``None``: every Linear/Conv layer.
+        exclude: layers to leave unshared.
+        export_path: write the compressed file here at the end of fit (rank zero); ``None``: no export.
+        verbose: print the stage table at export.
+
+    Raises:
+        ValueError: bits outside [1, 8], an unknown ``init``/``reduce``, a bad window, a pattern that matches no
+            layer, a start after the run's end, or a GradualPruning on the same weights ending after the start.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> sharing = WeightSharing(bits=4, layer_bits={"net.5": 5}, start_epoch=20, export_path="model.lcdc")
+        >>> trainer = Trainer(callbacks=[sharing], max_epochs=30, logger=False)
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        layer_bits: dict[str, int] | None = None,
+        init: Literal["linear", "density", "random"] = "linear",
+        start_epoch: float | None = None,
+        start_step: int | None = None,
+        reduce: Literal["sum", "mean"] = "sum",
+        max_iter: int = 50,
+        seed: int = 0,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        export_path: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_bits("bits", bits)
+        if layer_bits is not None:
+            if not isinstance(layer_bits, dict):
+                raise TypeError(f"`layer_bits` must map layer patterns to bits, got {layer_bits!r}")
+            validate_patterns(list(layer_bits), "layer_bits")
+            for pattern, value in layer_bits.items():
+                _check_bits(f"layer_bits[{pattern!r}]", value)
+        if init not in kmeans.INITS:
+            raise ValueError(f"`init` must be one of {list(kmeans.INITS)}, got {init!r}")
+        if reduce not in ("sum", "mean"):
+            raise ValueError(f"`reduce` must be one of ['sum', 'mean'], got {reduce!r}")
+        validate_window(start_step, None, start_epoch, None)
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"`max_iter` must be an integer >= 1, got {max_iter!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an integer, got {seed!r}")
+        if export_path is not None and (not isinstance(export_path, str) or not export_path):
+            raise TypeError(f"`export_path` must be a non-empty string or None, got {export_path!r}")
+        validate_patterns(targets, "targets")
+        validate_patterns(exclude, "exclude")
+        self.bits = bits
+        self.layer_bits = layer_bits
+        self.init = init
+        self.start_epoch = start_epoch
+        self.start_step = start_step
+        self.reduce = reduce
+        self.max_iter = max_iter
+        self.seed = seed
+        self.targets = targets
+        self.exclude = exclude
+        self.export_path = export_path
+        self.verbose = verbose
+        self._owner = f"WeightSharing#{next(_COUNTER)}"
+        self._codebooks: dict[str, torch.Tensor] = {}  # weight fqn -> shared values (sorted at clustering)
+        # weight fqn -> codebook index per entry, -1 for zeros
+        self._assignments: dict[str, torch.Tensor] = {}
+        self._shared_step = -1  # optimizer step at which the weights were clustered (-1: not yet)
+        self.report: Any = None  # CompressionReport of the last export
+        self._reset_runtime()
+
+    def _reset_runtime(self) -> None:
+        self._weights: dict[str, nn.Parameter] = {}
+        self._layer_bits: dict[str, int] = {}
+        self._start: int | None = None
+        self._rep: dict[str, torch.Tensor] = {}  # weight fqn -> flat index of one member per cluster
+        self._hooks: list[Any] = []
+        self._hooked_optimizers: list[int] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(bits=self.bits, targets=self.targets, exclude=self.exclude)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the weights have been clustered (and are now tied)."""
+        return self._shared_step >= 0
+
+    @property
+    def codebooks(self) -> dict[str, torch.Tensor]:
+        """Current shared values per weight (parameter name -> 1-D tensor); empty before sharing."""
+        return {fqn: cb.clone() for fqn, cb in self._codebooks.items()}
+
+    @property
+    def assignments(self) -> dict[str, torch.Tensor]:
+        """Codebook index of every entry per weight (``-1`` for zeros); empty before sharing."""
+        return {fqn: a.clone() for fqn, a in self._assignments.items()}
+
+    # -- setup -------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._reset_runtime()
+        modules = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
+        overrides = dict(self.layer_bits or {})
+        unmatched = [p for p in overrides if not any(match(p, m) for m in modules)]
+        if unmatched:
+            raise ValueError(
+                f"`layer_bits`: pattern(s) {unmatched} match no shared layer; shared layers: {list(modules)}"
+            )
+        names = {id(p): n for n, p in pl_module.named_parameters(remove_duplicate=False)}
+        for module_name, module in modules.items():
+            weight = module.weight
+            fqn = names[id(weight)]
+            if fqn in self._weights:
+                continue
+            if not weight.requires_grad and self.targets is None:
+                rank_zero_warn(
+                    f"WeightSharing: skipping {module_name!r}, its weight is frozen (requires_grad=False)"
+                )
+                continue
+            self._weights[fqn] = weight
+            self._layer_bits[fqn] = next(
+                (v for p, v in overrides.items() if match(p, module_name)), self.bits
+            )
+        if not self._weights:
+            raise ValueError(f"WeightSharing: every targeted layer has frozen weights: {list(modules)}")
+        claims.claim(pl_module, list(self._weights), "share", self._owner)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None)
+        total = trainer.estimated_stepping_batches
+        if total != float("inf") and self._start >= int(total) and not self.shared:
+            given = "start_step" if self.start_step is not None else "start_epoch"
+            raise ValueError(
+                f"`{given}` puts weight sharing at optimizer step {self._start}, but this run has only {int(total)} "
+                "optimizer steps: start earlier or train longer"
+            )
+        self._check_pruning_order(trainer, pl_module)
+        if self._assignments:  # restored from a checkpoint
+            if set(self._assignments) != set(self._weights):
+                raise ValueError(
+                    f"WeightSharing: the checkpoint shares {sorted(self._assignments)}, but this run targets "
+                    f"{sorted(self._weights)}; resume with the same `targets`/`exclude`"
+                )
+            for fqn, a in self._assignments.items():
+                weight = self._weights[fqn]
+                if a.shape != weight.shape:
+                    raise ValueError(
+                        f"WeightSharing: assignments of {fqn!r} have shape {tuple(a.shape)}, the weight "
+                        f"has {tuple(weight.shape)}"
+                    )
+                self._assignments[fqn] = a.to(weight.device, torch.int64)
+                self._codebooks[fqn] = self._codebooks[fqn].to(weight.device, weight.dtype)
+                self._rep[fqn] = _representatives(self._assignments[fqn], len(self._codebooks[fqn]))
+            self._retie()
+
+    def _check_pruning_order(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_compress.callbacks.pruning import GradualPruning
+
+        held = claims.claims(pl_module)
+        for cb in trainer.callbacks:
+            if not isinstance(cb, GradualPruning):
+                continue
+            owner = getattr(cb, "_owner", None)
+            overlap = [f for f in self._weights if owner is None or held.get(f, {}).get(owner) == "prune"]
+            if not overlap:
+                continue
+            if cb.end_step is None and cb.end_epoch is None:
+                start, _ = resolve_window(
+                    trainer, cb.start_step, None, cb.start_epoch, None, check_fits=False
+                )
+                end = max(start, int(trainer.estimated_stepping_batches) // 2)
+            else:
+                _, end = resolve_window(
+                    trainer, cb.start_step, cb.end_step, cb.start_epoch, cb.end_epoch, check_fits=False
+                )
+            if end >= self._start:
+                raise ValueError(
+                    f"WeightSharing starts at optimizer step {self._start}, but GradualPruning prunes {overlap[:3]} "
+                    f"until step {end} (its last mask update is at the start of that step): pruning must reach its "
+                    f"final sparsity before the weights are shared; start sharing after step {end}"
+                )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._hook_optimizers(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._hook_optimizers(trainer)  # no-op unless the optimizers were rebuilt
+        if not self.shared and self._start is not None and trainer.global_step >= self._start:
+            # before the forward: the first tied step's gradient is taken at the shared weights
+            self.cluster(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.shared:
+            return
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        with torch.no_grad():
+            for fqn, weight in self._weights.items():
+                if id(weight) in params and weight.grad is not None:
+                    a = self._assignments[fqn]
+                    weight.grad.copy_(
+                        kmeans.cluster_gradient(weight.grad, a, len(self._codebooks[fqn]), self.reduce)
+                    )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_path is None or not trainer.is_global_zero:
+            return
+        if not self.shared:
+            rank_zero_warn("WeightSharing: fit ended before the weights were shared; exporting them unshared")
+        from lightning_compress.export.compressed import save_compressed
+
+        self.report = save_compressed(pl_module, Path(self.export_path), verbose=self.verbose)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for handle in self._hooks:
+            handle.remove()
+        claims.release(pl_module, self._owner)
+        self._reset_runtime()
+
+    # -- clustering and tying -----------------------------------------------------------------------
+    @torch.no_grad()
+    def cluster(self, trainer: pl.Trainer | None = None) -> None:
+        """Cluster every targeted weight now, tie it to its codebook and reset its optimizer state."""
+        generator = torch.Generator().manual_seed(self.seed)
+        plan = {}
+        for fqn, weight in self._weights.items():
+            codebook, a = kmeans.share(weight, self._layer_bits[fqn], self.init, self.max_iter, generator)
+            plan[fqn] = (codebook.cpu(), a.to(torch.int16 if len(codebook) < 2**15 else torch.int64).cpu())
+        if trainer is not None:
+            plan = trainer.strategy.broadcast(plan, src=0)  # one decision for every process
+        for fqn, (codebook, a) in plan.items():
+            weight = self._weights[fqn]
+            self._codebooks[fqn] = codebook.to(weight.device, weight.dtype)
+            self._assignments[fqn] = a.to(weight.device, torch.int64)
+            self._rep[fqn] = _representatives(self._assignments[fqn], len(codebook))
+            weight.copy_(kmeans.expand(self._codebooks[fqn], self._assignments[fqn]))
+            for optimizer in trainer.optimizers if trainer is not None else []:
+                optimizer.state.pop(weight, None)  # members start from the same (fresh) optimizer state
+        self._shared_step = trainer.global_step if trainer is not None else 0
+        rank_zero_info(
+            "WeightSharing: shared " + ", ".join(f"{f} ({len(c)} values)" for f, c in self._codebooks.items())
+        )
+
+    @torch.no_grad()
+    def _retie(self, params: set[int] | None = None) -> None:
+        for fqn, weight in self._weights.items():
+            if fqn not in self._assignments or (params is not None and id(weight) not in params):
+                continue
+            flat = weight.reshape(-1)
+            codebook = flat[self._rep[fqn]].clone()
+            self._codebooks[fqn] = codebook
+            weight.copy_(kmeans.expand(codebook, self._assignments[fqn]))
+
+    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
+        optimizers = list(trainer.optimizers)
+        if [id(o) for o in optimizers] == self._hooked_optimizers:
+            return
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for optimizer in optimizers:
+            params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._hooks.append(optimizer.register_step_post_hook(self._post_step_hook(params)))
+        self._hooked_optimizers = [id(o) for o in optimizers]
+
+    def _post_step_hook(self, params: set[int]) -> Any:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self.shared:
+                self._retie(params)
+
+        return hook
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def compression_bits(self, pl_module: pl.LightningModule) -> dict[str, int]:
+        """Bits of a codebook index per shared weight (``ceil(log2 k)``), for the CompressionMonitor."""
+        return {fqn: max(1, math.ceil(math.log2(max(2, len(cb))))) for fqn, cb in self._codebooks.items()}
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _VERSION,
+            "codebooks": {fqn: cb.detach().cpu().clone() for fqn, cb in self._codebooks.items()},
+            "assignments": {
+                fqn: a.detach().cpu().to(torch.int16 if len(self._codebooks[fqn]) < 2**15 else torch.int64)
+                for fqn, a in self._assignments.items()
+            },
+            "shared_step": self._shared_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._codebooks = {fqn: cb.clone() for fqn, cb in state_dict.get("codebooks", {}).items()}
+        self._assignments = {fqn: a.long() for fqn, a in state_dict.get("assignments", {}).items()}
+        self._shared_step = int(state_dict.get("shared_step", -1))
+
+
+def _representatives(assignments: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat index of the first member of each cluster."""
+    a = assignments.reshape(-1)
+    positions = torch.arange(a.numel(), device=a.device)
+    member = a >= 0
+    rep = torch.full((k,), a.numel(), dtype=torch.int64, device=a.device)
+    rep.scatter_reduce_(0, a[member], positions[member], reduce="amin")
+    if k and int(rep.max()) >= a.numel():
+        raise ValueError("WeightSharing: a codebook value has no member (corrupted assignments)")
+    return rep
+
+
+def _check_bits(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_BITS:
+        raise ValueError(f"`{name}` must be an integer in [1, {_MAX_BITS}], got {value!r}")

@@ -1,0 +1,275 @@
+"""WeightSharing with a real Trainer: tied training, the paper's update rule, pruning, checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.nn import functional as F
+
+from lightning_compress import CompressionMonitor, GradualPruning, kmeans
+from lightning_compress.callbacks.weight_sharing import WeightSharing
+from lightning_compress.export.compressed import load_compressed
+from tests.conftest import TinyModule
+from tests.helpers import run_python
+
+WEIGHTS = ("net.0.weight", "net.2.weight")
+
+
+class Record(Callback):
+    """After every batch once shared: every weight is a codebook value, zeros stayed zeros, codebooks move."""
+
+    def __init__(self, sharing: WeightSharing, pruning: GradualPruning | None = None) -> None:
+        self.sharing, self.pruning = sharing, pruning
+        self.violations = 0
+        self.first: dict[str, torch.Tensor] = {}
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.sharing.shared:
+            return
+        params = dict(pl_module.named_parameters())
+        for fqn, a in self.sharing.assignments.items():
+            w, cb = params[fqn].detach(), self.sharing.codebooks[fqn]
+            self.first.setdefault(fqn, cb)
+            self.violations += int((w != kmeans.expand(cb, a)).sum())
+            self.violations += int(((a >= 0) & (w == 0)).sum()) if len(cb) and (cb != 0).all() else 0
+            if self.pruning is not None:
+                self.violations += int((w[~self.pruning.masks[fqn]] != 0).sum())
+        self.checked += 1
+
+
+def _adam(model: TinyModule) -> TinyModule:
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-4)
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_tied_training_with_pruning_in_either_order(optimizer: str, make_trainer) -> None:
+    finals = []
+    for order in ("prune_first", "share_first"):
+        seed_everything(0)
+        model = TinyModule() if optimizer == "sgd_momentum" else _adam(TinyModule())
+        pruning = GradualPruning(final_sparsity=0.8, start_step=0, end_step=8, update_every=2, scope="layer")
+        sharing = WeightSharing(bits=2, start_step=9)  # the step after pruning's last update
+        record = Record(sharing, pruning)
+        callbacks = [pruning, sharing] if order == "prune_first" else [sharing, pruning]
+        make_trainer(callbacks=[*callbacks, record], max_epochs=3).fit(model)  # 24 steps
+        assert record.checked == 15 and record.violations == 0
+        for fqn in WEIGHTS:
+            w = model.get_parameter(fqn).detach()
+            assert float((w == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+            assert len(torch.unique(w[w != 0])) <= 4
+            assert not torch.equal(record.first[fqn], sharing.codebooks[fqn])  # the shared values trained
+        finals.append(model.state_dict())
+    for name in finals[0]:
+        assert torch.equal(finals[0][name], finals[1][name]), name
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_centroid_moves_by_lr_times_member_gradients(reduce: str, make_trainer) -> None:
+    """Plain SGD: one tied step moves each centroid by -lr * (sum or mean of its members' gradients)."""
+    lr, start = 0.05, 3
+
+    def model() -> TinyModule:
+        seed_everything(0)
+        m = TinyModule()
+        m.configure_optimizers = lambda: torch.optim.SGD(m.parameters(), lr=lr)
+        return m
+
+    before = model()
+    make_trainer(max_steps=start).fit(before)  # the weights sharing will see
+    after = model()
+    sharing = WeightSharing(bits=3, start_step=start, reduce=reduce)
+    make_trainer(max_steps=start + 1, callbacks=[sharing]).fit(after)
+
+    x, y = list(before.train_dataloader())[start]
+    plan = {f: kmeans.share(before.get_parameter(f), 3) for f in WEIGHTS}
+    with torch.no_grad():
+        for f, (cb, a) in plan.items():
+            before.get_parameter(f).copy_(kmeans.expand(cb, a))
+    before.zero_grad()
+    F.cross_entropy(before(x), y).backward()
+    for f, (cb, a) in plan.items():
+        grad = before.get_parameter(f).grad
+        per = torch.stack(
+            [grad[a == j].sum() if reduce == "sum" else grad[a == j].mean() for j in range(len(cb))]
+        )
+        assert torch.equal(sharing.assignments[f], a)
+        torch.testing.assert_close(sharing.codebooks[f], cb - lr * per, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_loads_strict_and_export_is_exact(tmp_path: Path, make_trainer, capsys) -> None:
+    seed_everything(0)
+    model = TinyModule()
+    export = tmp_path / "out" / "model.lcdc"
+    pruning = GradualPruning(final_sparsity=0.75, start_step=0, end_step=4, update_every=2)
+    sharing = WeightSharing(bits=4, layer_bits={"net.2": 1}, start_epoch=1, export_path=str(export))
+    monitor = CompressionMonitor(print_table=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(callbacks=[pruning, sharing, monitor, ckpt], max_epochs=2, enable_checkpointing=True).fit(
+        model
+    )
+    assert "| **total**" in capsys.readouterr().out
+    assert len(sharing.codebooks["net.2.weight"]) <= 2 and len(sharing.codebooks["net.0.weight"]) <= 16
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    fresh = TinyModule()
+    fresh.load_state_dict(saved["state_dict"], strict=True)  # plain weights, no extra keys
+    state = saved["callbacks"][sharing.state_key]
+    assert state["version"] == 1 and state["shared_step"] == 8 and set(state["assignments"]) == set(WEIGHTS)
+    reloaded = TinyModule()
+    load_compressed(export, reloaded)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    assert sharing.report.file_bytes == export.stat().st_size and sharing.report.ratio > 3
+    bits = sharing.compression_bits(model)
+    assert bits["net.2.weight"] == 1 and 1 <= bits["net.0.weight"] <= 4
+    stats, _ = monitor.collect(make_trainer(callbacks=[sharing, monitor]), model)
+    assert {layer.name: layer.bits for layer in stats.layers}["net.2"] == 1
+
+
+class Crash(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _fit(
+    make_trainer, root: Path, extra: list[Any], ckpt_path: str | None = None
+) -> tuple[TinyModule, WeightSharing]:
+    seed_everything(0)
+    model = _adam(TinyModule())
+    sharing = WeightSharing(bits=3, start_step=7, init="density")
+    pruning = GradualPruning(final_sparsity=0.7, start_step=0, end_step=6, update_every=3)
+    ckpt = ModelCheckpoint(dirpath=root, save_last=True, every_n_epochs=1, save_top_k=-1)
+    trainer = make_trainer(
+        callbacks=[pruning, sharing, *extra, ckpt], max_epochs=4, enable_checkpointing=True
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    assert trainer.global_step == 32
+    return model, sharing
+
+
+def test_crash_and_resume_equals_straight_run(tmp_path: Path, make_trainer) -> None:
+    straight, straight_sharing = _fit(make_trainer, tmp_path / "a", [])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(make_trainer, tmp_path / "b", [Crash(at_step=13)])
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 8  # saved after sharing started (step 7)
+    resumed, resumed_sharing = _fit(
+        make_trainer, tmp_path / "b", [], ckpt_path=str(tmp_path / "b" / "last.ckpt")
+    )
+    for fqn in WEIGHTS:
+        assert torch.equal(straight_sharing.assignments[fqn], resumed_sharing.assignments[fqn])
+        torch.testing.assert_close(
+            straight_sharing.codebooks[fqn], resumed_sharing.codebooks[fqn], atol=1e-6, rtol=0
+        )
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.ddp
+def test_ddp_codebooks_identical_on_every_rank(tmp_path: Path) -> None:
+    run_python(
+        """
+        import torch
+        from lightning.pytorch import Trainer, seed_everything
+        from lightning_compress import GradualPruning
+        from lightning_compress.callbacks.weight_sharing import WeightSharing
+        from tests.conftest import TinyModule
+
+        if __name__ == "__main__":
+            seed_everything(0)
+            pruning = GradualPruning(final_sparsity=0.7, start_step=0, end_step=2, update_every=1)
+            sharing = WeightSharing(bits=2, start_step=3, init="random", export_path="model.lcdc", verbose=False)
+            trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                              callbacks=[pruning, sharing], enable_checkpointing=False, enable_progress_bar=False,
+                              enable_model_summary=False)
+            model = TinyModule()
+            trainer.fit(model)
+            torch.save({"codebooks": sharing.codebooks, "assignments": sharing.assignments,
+                        "weights": model.state_dict()}, f"rank{trainer.global_rank}.pt")
+        """,
+        cwd=tmp_path,
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert set(r0["codebooks"]) == set(WEIGHTS)
+    for fqn in WEIGHTS:
+        assert torch.equal(r0["codebooks"][fqn], r1["codebooks"][fqn])
+        assert torch.equal(r0["assignments"][fqn], r1["assignments"][fqn])
+        assert torch.equal(r0["weights"][fqn], kmeans.expand(r0["codebooks"][fqn], r0["assignments"][fqn]))
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name])
+    for name, value in load_compressed(tmp_path / "model.lcdc").items():
+        assert torch.equal(value, r0["weights"][name])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 0}, r"`bits` must be an integer in \[1, 8\], got 0"),
+        ({"bits": 9}, r"`bits` must be an integer in \[1, 8\], got 9"),
+        ({"bits": True}, r"`bits` must be an integer"),
+        ({"layer_bits": {"net.0": 12}}, r"`layer_bits\['net.0'\]` must be an integer in \[1, 8\], got 12"),
+        ({"layer_bits": ["net.0"]}, "`layer_bits` must map layer patterns"),
+        ({"init": "kmeans++"}, "`init` must be one of"),
+        ({"reduce": "max"}, "`reduce` must be one of"),
+        ({"start_step": 3, "start_epoch": 1.0}, "not both"),
+        ({"start_step": -1}, "`start_step` must be an integer >= 0"),
+        ({"max_iter": 0}, "`max_iter` must be an integer >= 1"),
+        ({"export_path": 3}, "`export_path` must be a non-empty string"),
+        ({"targets": "net.0"}, "`targets` must be a list"),
+    ],
+)
+def test_bad_arguments_raise_in_init(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        WeightSharing(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "message"),
+    [
+        (lambda: [WeightSharing(targets=["net.9"])], r"`targets`: pattern\(s\) \['net.9'\] match no layer"),
+        (
+            lambda: [WeightSharing(layer_bits={"net.7": 2})],
+            r"`layer_bits`: pattern\(s\) \['net.7'\] match no",
+        ),
+        (
+            lambda: [WeightSharing(start_step=16)],
+            "puts weight sharing at optimizer step 16, but this run has only 16",
+        ),
+        (
+            lambda: [
+                GradualPruning(final_sparsity=0.9, start_step=0, end_step=10),
+                WeightSharing(start_step=5),
+            ],
+            r"GradualPruning prunes .* until step 10 .* start sharing after step 10",
+        ),
+        (
+            lambda: [WeightSharing(start_step=8), GradualPruning(final_sparsity=0.9, start_epoch=0)],
+            "until step 8",
+        ),  # default end: half the run; equal is too early
+    ],
+)
+def test_bad_configuration_fails_before_the_first_step(callbacks, message: str, make_trainer) -> None:
+    seed_everything(0)
+    model = TinyModule()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        make_trainer(callbacks=callbacks(), max_epochs=2).fit(model)
+    assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+
+
+def test_pruning_of_other_layers_does_not_block(make_trainer) -> None:
+    seed_everything(0)
+    pruning = GradualPruning(final_sparsity=0.5, targets=["net.2"], start_step=0, end_step=12)
+    sharing = WeightSharing(bits=2, targets=["net.0"], start_step=4)
+    make_trainer(callbacks=[pruning, sharing], max_epochs=2).fit(TinyModule())
+    assert set(sharing.codebooks) == {"net.0.weight"}
