@@ -1,0 +1,102 @@
+"""slice_width: the physically smaller sub-network of a slimmable model at one of its widths.
+
+At width ``w`` each hidden channel group keeps its first ``round(w * n)`` channels, exactly as
+:class:`~lightning_compress.callbacks.slimmable.SlimmableTraining` ran it during training
+(:mod:`lightning_compress.slimming`); the first layer's inputs and the last layer's outputs stay full.
+BatchNorm layers need that width's own statistics: give ``bn_stats`` (from ``SlimmableTraining.bn_stats(w)`` or
+:func:`~lightning_compress.callbacks.slimmable.load_bn_stats`), or ``calibration`` batches to recompute them
+(post-hoc recalibration, as in Universally Slimmable Networks).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> half = slice_width(net, 0.5)
+    >>> half[0].out_features, half[2].in_features, half[2].out_features
+    (4, 4, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.export._common import copy_model
+from lightning_compress.graph import analyze, index_plan, slice_modules
+from lightning_compress.slimming import keep_first
+
+__all__ = ["slice_width"]
+
+
+@torch.no_grad()
+def slice_width(
+    model: nn.Module,
+    width: float,
+    *,
+    bn_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    calibration: Iterable[Any] | None = None,
+) -> nn.Module:
+    """A physically smaller copy of ``model`` running at ``width`` (a fraction in (0, 1]).
+
+    Args:
+        model: the full-width model (e.g. trained with ``SlimmableTraining``); it is not modified.
+        width: the width to export.
+        bn_stats: BatchNorm name -> that width's ``running_mean``/``running_var`` (``num_batches_tracked``
+            optional); required when a BatchNorm is slimmed and ``width < 1`` unless ``calibration`` is given.
+        calibration: batches (tensors, or tuples whose first item is the input) over which to recompute the
+            BatchNorm statistics of the sliced model (cumulative average, in training mode, without gradients).
+
+    Raises:
+        ValueError: ``width`` outside (0, 1], missing or mis-shaped ``bn_stats``, or a model that cannot be traced.
+    """
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.0 < width <= 1.0:
+        raise ValueError(f"`width` must be a fraction in (0, 1], got {width!r}")
+    cg = analyze(model)
+    plan = index_plan(cg, keep_first(cg, float(width))) if width < 1.0 else {}
+    out = copy_model(model)
+    slice_modules(out, plan)
+    modules = dict(out.named_modules())
+    norms = [n for n in cg.followers if n in plan and modules[n].track_running_stats]
+    if calibration is not None:
+        _calibrate(out, [modules[n] for n in cg.followers], calibration)
+    elif norms:
+        if bn_stats is None:
+            raise ValueError(
+                f"`bn_stats` is required at width {width}: BatchNorm layers {norms} are slimmed and "
+                "need this width's own statistics (SlimmableTraining.bn_stats(width)), or give "
+                "`calibration` batches"
+            )
+        for name in norms:
+            stats = bn_stats.get(name)
+            module = modules[name]
+            if stats is None or stats["running_mean"].shape != (module.num_features,):
+                got = None if stats is None else tuple(stats["running_mean"].shape)
+                raise ValueError(
+                    f"`bn_stats`: {name!r} needs running statistics of shape ({module.num_features},) "
+                    f"at width {width}, got {got}"
+                )
+            module.running_mean.copy_(stats["running_mean"])
+            module.running_var.copy_(stats["running_var"])
+            if "num_batches_tracked" in stats and module.num_batches_tracked is not None:
+                module.num_batches_tracked.copy_(stats["num_batches_tracked"])
+    return out
+
+
+def _calibrate(model: nn.Module, norms: list[nn.Module], batches: Iterable[Any]) -> None:
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    was_training = model.training
+    model.train()
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+    finally:
+        model.train(was_training)
+        for m, momentum in saved:
+            m.momentum = momentum
