@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims, kmeans
+from lightning_compress.export.compressed import CompressionReport, save_compressed
 from lightning_compress.schedules import resolve_window, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
 
@@ -54,9 +55,12 @@ class WeightSharing(Callback):
     enforcing its masks, which only ever zero what sharing already keeps at zero, so the order of the two callbacks
     in the list does not matter.
 
-    **Export.** With ``export_path``, the model is written at the end of fit with
-    :func:`~lightning_compress.export.compressed.save_compressed` (relative indices, codebook indices and codebooks,
-    Huffman-coded) and the stage report is printed and kept in :attr:`report`.
+    **Export.** With ``export_path``, the model is written when training ends (``on_train_end``, so before any
+    callback's ``on_fit_end``) with :func:`~lightning_compress.export.compressed.save_compressed` (relative
+    indices, codebook indices and codebooks, Huffman-coded); the stage report is printed and kept in
+    :attr:`report`, the file's size is logged as ``compression/size_bytes/deep_compression`` and reported to
+    :class:`~lightning_compress.CompressionMonitor` (``compression_sizes``), as are the codebook index widths
+    (``compression_bits``).
 
     Args:
         bits: codebook size ``2**bits`` (1 to 8) for every targeted layer.
@@ -69,7 +73,7 @@ class WeightSharing(Callback):
         seed: seed of the ``random`` initialisation.
         targets: layers to share (names, globs or ``"re:"`` regexes); ``None``: every Linear/Conv layer.
         exclude: layers to leave unshared.
-        export_path: write the compressed file here at the end of fit (rank zero); ``None``: no export.
+        export_path: write the compressed file here when training ends (rank zero); ``None``: no export.
         verbose: print the stage table at export.
 
     Raises:
@@ -135,7 +139,7 @@ class WeightSharing(Callback):
         # weight fqn -> codebook index per entry, -1 for zeros
         self._assignments: dict[str, torch.Tensor] = {}
         self._shared_step = -1  # optimizer step at which the weights were clustered (-1: not yet)
-        self.report: Any = None  # CompressionReport of the last export
+        self.report: CompressionReport | None = None  # of the last export
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
@@ -283,14 +287,19 @@ class WeightSharing(Callback):
                     )
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_path is None or not trainer.is_global_zero:
             return
         if not self.shared:
-            rank_zero_warn("WeightSharing: fit ended before the weights were shared; exporting them unshared")
-        from lightning_compress.export.compressed import save_compressed
-
+            rank_zero_warn(
+                "WeightSharing: training ended before the weights were shared; exporting them unshared"
+            )
         self.report = save_compressed(pl_module, Path(self.export_path), verbose=self.verbose)
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"compression/size_bytes/deep_compression": float(self.report.file_bytes)},
+                step=trainer.global_step,
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -358,6 +367,10 @@ class WeightSharing(Callback):
     def compression_bits(self, pl_module: pl.LightningModule) -> dict[str, int]:
         """Bits of a codebook index per shared weight (``ceil(log2 k)``), for the CompressionMonitor."""
         return {fqn: max(1, math.ceil(math.log2(max(2, len(cb))))) for fqn, cb in self._codebooks.items()}
+
+    def compression_sizes(self, pl_module: pl.LightningModule) -> dict[str, int]:
+        """Bytes of the compressed file once exported (``{}`` before), for the CompressionMonitor."""
+        return {"deep_compression": self.report.file_bytes} if self.report is not None else {}
 
     # -- checkpointing ------------------------------------------------------------------------------
     @override

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 
 from lightning_compress import CompressionMonitor, GradualPruning, kmeans
@@ -130,6 +132,42 @@ def test_checkpoint_loads_strict_and_export_is_exact(tmp_path: Path, make_traine
     assert bits["net.2.weight"] == 1 and 1 <= bits["net.0.weight"] <= 4
     stats, _ = monitor.collect(make_trainer(callbacks=[sharing, monitor]), model)
     assert {layer.name: layer.bits for layer in stats.layers}["net.2"] == 1
+
+
+@pytest.mark.parametrize("monitor_first", [True, False])
+def test_monitor_reports_bits_and_file_size(
+    monitor_first: bool, tmp_path: Path, make_trainer, capsys
+) -> None:
+    """The monitor logs the codebook index widths while tied and the file's size; its fit-end table shows the
+    file in either callback order (the export happens at train end, before any ``on_fit_end``)."""
+    seed_everything(0)
+    model = TinyModule()
+    logger = CSVLogger(str(tmp_path), name="csv")
+    sharing = WeightSharing(
+        bits=3, layer_bits={"net.2": 2}, start_step=4, export_path=str(tmp_path / "m.lcdc")
+    )
+    monitor = CompressionMonitor(log_every_n_steps=2, histograms=False)
+    callbacks = [monitor, sharing] if monitor_first else [sharing, monitor]
+    make_trainer(callbacks=callbacks, max_epochs=2, logger=logger, log_every_n_steps=1).fit(model)
+    size = (tmp_path / "m.lcdc").stat().st_size
+    assert f"deep_compression: {size:,} B (artefact)" in capsys.readouterr().out
+    rows = list(csv.DictReader(Path(logger.log_dir, "metrics.csv").open()))
+    logged = [
+        float(r["compression/size_bytes/deep_compression"])
+        for r in rows
+        if r.get("compression/size_bytes/deep_compression")
+    ]
+    assert logged == [float(size)]
+    bits = {
+        int(r["step"]): (r["compression/bits/net.0"], r["compression/bits/net.2"])
+        for r in rows
+        if r.get("compression/sparsity")
+    }
+    # a row logged at step s follows optimizer step s - 1; sharing happens before optimizer step 4
+    assert all(b == ("", "") for step, b in bits.items() if step <= 4)
+    tied = [b for step, b in bits.items() if step > 4]
+    assert tied and all(b == ("3.0", "2.0") for b in tied)
+    assert sharing.compression_sizes(model) == {"deep_compression": size}
 
 
 class Crash(Callback):
