@@ -1,0 +1,239 @@
+"""SlimmableTraining: sandwich rule, per-width accuracy, export equal to training, resume, DDP, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress.callbacks.pruning import GradualPruning
+from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_stats
+from lightning_compress.examples import DigitsCNN, DigitsDataModule
+from lightning_compress.export.slim import slice_width
+from tests.helpers import run_python
+
+WIDTHS = [0.25, 0.5, 0.75, 1.0]
+
+
+class SmallCNN(LightningModule):
+    """conv-BN-ReLU x2, global average pool, linear: 4 classes of random 8x8 images (no shuffling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 4),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def _loader(self, seed: int) -> DataLoader:
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)),
+            batch_size=16,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(1)
+
+
+def _val_accuracy(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in loader)
+    return correct / sum(len(y) for _, y in loader)
+
+
+def test_sandwich_rule_is_deterministic_per_step() -> None:
+    slim = SlimmableTraining(widths=WIDTHS, num_random=1, seed=3)
+    for step in range(20):
+        widths = slim.sandwich(step)
+        assert widths[0] == 1.0 and widths[-1] == 0.25 and len(widths) == 3 and widths[1] in (0.5, 0.75)
+        assert widths == SlimmableTraining(widths=WIDTHS, num_random=1, seed=3).sandwich(step)
+    assert {slim.sandwich(s)[1] for s in range(20)} == {0.5, 0.75}
+    assert SlimmableTraining(widths=WIDTHS, num_random=5).sandwich(0) == [1.0, 0.75, 0.5, 0.25]
+    assert SlimmableTraining(widths=[0.5, 1.0], num_random=2).sandwich(0) == [1.0, 0.5]
+
+
+def test_digits_cnn_every_width_learns_and_exports_to_the_same_accuracy(make_trainer) -> None:
+    seed_everything(0)
+    model = DigitsCNN(channels=[8, 16], hidden=32, lr=5e-3)
+    data = DigitsDataModule(batch_size=64)
+    slim = SlimmableTraining(widths=WIDTHS, num_random=1)
+    trainer = make_trainer(callbacks=[slim], max_epochs=4)
+    trainer.fit(model, datamodule=data)
+    metrics = trainer.callback_metrics
+    for w in WIDTHS:
+        assert f"val/acc@{w}" in metrics
+        assert slim.val_accuracy[w] > 0.5, (w, slim.val_accuracy)  # chance is 0.1
+    assert "train/slim_loss" in metrics
+    # fit is over: the layers run their own forward again, training_step is the module's own
+    assert all("forward" not in m.__dict__ for m in model.modules() if m is not model)
+    assert "training_step" not in model.__dict__
+    for w in WIDTHS:
+        small = slice_width(model, w, bn_stats=slim.bn_stats(w))
+        c1, c2, h = (max(1, round(w * n)) for n in (8, 16, 32))
+        assert (small.net[0].out_channels, small.net[3].out_channels, small.net[8].out_features) == (
+            c1,
+            c2,
+            h,
+        )
+        assert (small.net[0].in_channels, small.net[10].out_features) == (
+            1,
+            10,
+        )  # first input, last output full
+        assert small.net[8].in_features == 16 * c2
+        # the exported width computes what the callback evaluated at that width during the last validation
+        assert _val_accuracy(small, data.val_dataloader()) == pytest.approx(slim.val_accuracy[w], abs=1e-9)
+    full = slice_width(model, 1.0)
+    x = data.val_set.tensors[0][:32]
+    torch.testing.assert_close(full.eval()(x), model.eval()(x))
+    recalibrated = slice_width(model, 0.5, calibration=data.train_dataloader())
+    assert _val_accuracy(recalibrated, data.val_dataloader()) > 0.5
+
+
+def test_resume_from_model_checkpoint_matches_a_straight_run(make_trainer, tmp_path: Path) -> None:
+    seed_everything(0)
+    straight = SmallCNN()
+    straight_slim = SlimmableTraining(widths=WIDTHS, num_random=1)
+    make_trainer(callbacks=[straight_slim], max_epochs=2).fit(straight)
+
+    seed_everything(0)
+    first = SmallCNN()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(
+        callbacks=[SlimmableTraining(widths=WIDTHS, num_random=1), checkpoint],
+        max_epochs=1,
+        enable_checkpointing=True,
+    ).fit(first)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists()
+    resumed = SmallCNN()
+    resumed_slim = SlimmableTraining(widths=WIDTHS, num_random=1)
+    trainer = make_trainer(callbacks=[resumed_slim], max_epochs=2)
+    trainer.fit(resumed, ckpt_path=str(last))
+    assert trainer.global_step == 8
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    for w in (0.25, 0.5, 0.75):
+        expected = straight_slim.bn_stats(w)
+        assert set(expected) == {"net.1", "net.4"}
+        for name, stats in expected.items():
+            for key, value in stats.items():
+                torch.testing.assert_close(resumed_slim.bn_stats(w)[name][key], value, atol=1e-6, rtol=1e-5)
+    assert straight_slim.val_accuracy == resumed_slim.val_accuracy
+    from_file = load_bn_stats(last, 0.5)
+    assert from_file["net.1"]["running_mean"].shape == (4,) and from_file["net.4"]["running_var"].shape == (
+        8,
+    )
+
+
+def test_ddp_two_processes_agree(tmp_path: Path) -> None:
+    run_python(
+        """
+        import torch
+        from lightning.pytorch import Trainer, seed_everything
+        from lightning_compress.callbacks.slimmable import SlimmableTraining
+        from tests.callbacks.test_slimmable import SmallCNN
+
+        if __name__ == "__main__":
+            seed_everything(0)
+            slim = SlimmableTraining(widths=[0.25, 0.5, 1.0], num_random=1)
+            trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=[slim],
+                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            model = SmallCNN()
+            trainer.fit(model)
+            torch.save({"weights": model.state_dict(), "stats": slim.bn_stats(0.5), "acc": slim.val_accuracy,
+                        "step": trainer.global_step}, f"rank{trainer.global_rank}.pt")
+        """,
+        cwd=tmp_path,
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["step"] == r1["step"] == 4
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    for name in ("net.1", "net.4"):
+        assert torch.equal(r0["stats"][name]["running_mean"], r1["stats"][name]["running_mean"])
+    assert r0["acc"] == r1["acc"] and set(r0["acc"]) == {0.25, 0.5, 1.0}
+
+
+def test_distillation_needs_the_module_forward(make_trainer) -> None:
+    class CallsNetDirectly(SmallCNN):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    with pytest.raises(RuntimeError, match="did not call the module's forward"):
+        make_trainer(callbacks=[SlimmableTraining()], max_epochs=1, limit_train_batches=1).fit(
+            CallsNetDirectly()
+        )
+    make_trainer(callbacks=[SlimmableTraining(distill=False)], max_epochs=1, limit_train_batches=2).fit(
+        CallsNetDirectly()
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(widths=[0.5, 0.75]), "must include 1.0"),
+        (dict(widths=[1.0]), "must include 1.0 and at least one smaller"),
+        (dict(widths=[0.0, 1.0]), r"fractions in \(0, 1\], got 0.0"),
+        (dict(widths="0.5"), "must be a list"),
+        (dict(num_random=-1), "`num_random` must be an integer >= 0, got -1"),
+        (dict(temperature=0), "`temperature` must be a number > 0, got 0"),
+    ],
+)
+def test_argument_errors(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SlimmableTraining(**kwargs)
+
+
+def test_setup_errors(make_trainer) -> None:
+    class OneLayer(SmallCNN):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+
+    with pytest.raises(ValueError, match="no hidden layer whose width can change"):
+        make_trainer(callbacks=[SlimmableTraining()], max_epochs=1).fit(OneLayer())
+    pruning = GradualPruning(
+        final_sparsity=0.5, mode="structured", targets=["net.0"], start_step=0, end_step=2
+    )
+    with pytest.raises(ValueError, match="already"):
+        make_trainer(callbacks=[pruning, SlimmableTraining()], max_epochs=1).fit(SmallCNN())
+    with pytest.raises(ValueError, match="one of the trained widths"):
+        SlimmableTraining().bn_stats(0.3)
+    with pytest.raises(ValueError, match="`bn_stats` is required"):
+        slice_width(SmallCNN(), 0.5)
