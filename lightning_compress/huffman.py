@@ -44,6 +44,7 @@ __all__ = [
     "encode_stream",
     "read_varint",
     "stream_bits",
+    "table_bytes",
     "write_varint",
 ]
 
@@ -258,7 +259,7 @@ def _nibbles(values: np.ndarray) -> bytes:
     return np.packbits(bits.reshape(-1)).tobytes()
 
 
-def _table_bytes(lengths: np.ndarray) -> bytes:
+def table_bytes(lengths: np.ndarray) -> bytes:
     """Code-length table: alphabet size, then 4-bit lengths, dense or (used symbols as deltas) sparse."""
     used = np.flatnonzero(lengths)
     dense = _nibbles(lengths)
@@ -325,7 +326,7 @@ def encode_stream(symbols: np.ndarray, alphabet_size: int | None = None, huffman
     alphabet = max(top + 1, alphabet_size or 0)
     lengths = code_lengths(np.bincount(symbols, minlength=alphabet))
     payload, n_bits = encode(symbols, lengths)
-    coded = bytes([_HUFFMAN]) + head + _table_bytes(lengths) + write_varint(len(payload)) + payload
+    coded = bytes([_HUFFMAN]) + head + table_bytes(lengths) + write_varint(len(payload)) + payload
     return coded if len(coded) < len(raw) else raw
 
 

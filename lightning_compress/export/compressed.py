@@ -186,14 +186,13 @@ def _rel_positions(entries: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _best_rel_bits(gaps: np.ndarray, coded: bool) -> int:
-    """Relative-index width with the fewest bits: Huffman-coded (``coded``) or fixed width."""
+    """Relative-index width with the fewest bytes: Huffman-coded with its code table (``coded``), or fixed width."""
     best, best_cost = 1, math.inf
     for bits in range(1, _MAX_REL_BITS + 1):
         counts = _rel_counts(gaps, bits)
         if coded:
-            used = counts > 0
-            lengths = huffman.code_lengths(counts) if used.sum() > 1 else np.zeros_like(counts)
-            cost = float((lengths * counts).sum()) + 4 * used.sum()  # payload + about the table
+            lengths = huffman.code_lengths(counts)
+            cost = float((lengths * counts).sum()) + 8 * len(huffman.table_bytes(lengths))
         else:
             cost = float(counts.sum() * bits)
         if cost < best_cost:
