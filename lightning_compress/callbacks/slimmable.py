@@ -80,7 +80,7 @@ class SlimmableTraining(Callback):
 
     def __init__(
         self,
-        widths: list[float] = (0.25, 0.5, 0.75, 1.0),  # type: ignore[assignment]
+        widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
         num_random: int = 1,
         distill: bool = True,
         temperature: float = 1.0,
