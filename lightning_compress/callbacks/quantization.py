@@ -251,6 +251,10 @@ class QuantizationAwareTraining(Callback):
         layers = state_dict.get("layers")
         if layers is not None and self._layers and list(layers) != self._layers:
             raise ValueError(f"the checkpoint quantized layers {layers}, this callback targets {self._layers}")
+        if not self._layers and self._model_ref is None:  # not set up yet: keep the state (setup recomputes it)
+            self._layers = list(layers or [])
+            self._bn_pairs = dict(state_dict.get("bn_pairs", {}))
+            self._converted = bool(state_dict.get("converted", False))
 
 
 def _check_point(step: int | None, epoch: float | None, what: str) -> None:

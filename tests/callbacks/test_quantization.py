@@ -281,3 +281,12 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(r0, r1)  # LSQ steps, weights and observed ranges agree across ranks
     assert "TYPE PackedLinear True" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_state_dict_round_trips_before_setup(make_trainer, tiny_module: TinyModule) -> None:
+    """A state loaded into a callback not yet set up (a pickled or fresh one) comes back unchanged from it."""
+    qat = QuantizationAwareTraining(weight_bits=4, convert_on_fit_end=False)
+    make_trainer(max_steps=2, callbacks=[qat]).fit(tiny_module)
+    fresh = QuantizationAwareTraining(weight_bits=4, convert_on_fit_end=False)
+    fresh.load_state_dict(qat.state_dict())
+    assert fresh.state_dict() == qat.state_dict() and fresh.state_dict()["layers"] == ["net.0", "net.2"]
