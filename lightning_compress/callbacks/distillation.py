@@ -446,8 +446,13 @@ class KnowledgeDistillation(Callback):
             "version": _VERSION,
             "teacher": teacher,
             "teacher_checkpoint": self.teacher_checkpoint,
-            "projections": {k: v.detach().cpu().clone() for k, v in self._projections.state_dict().items()},
+            "projections": self._projection_state(),
         }
+
+    def _projection_state(self) -> dict[str, torch.Tensor]:
+        if self._pending_projections is not None:  # loaded, not set up yet: hand the loaded weights on unchanged
+            return {k: v.detach().cpu().clone() for k, v in self._pending_projections.items()}
+        return {k: v.detach().cpu().clone() for k, v in self._projections.state_dict().items()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

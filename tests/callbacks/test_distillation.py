@@ -407,3 +407,13 @@ def test_distils_while_pruning_and_quantizing(make_trainer) -> None:
     assert [type(m) for m in teacher.modules()] == [type(m) for m in _teacher().modules()]
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_state_dict_keeps_loaded_projections_before_setup(make_trainer) -> None:
+    kd = KnowledgeDistillation(teacher=_teacher(hidden=48), feature_pairs={"net.0": "net.0"})
+    make_trainer(max_steps=2, callbacks=[kd]).fit(_student())
+    fresh = KnowledgeDistillation(teacher=_teacher(hidden=48), feature_pairs={"net.0": "net.0"})
+    fresh.load_state_dict(kd.state_dict())
+    saved, again = kd.state_dict()["projections"], fresh.state_dict()["projections"]
+    assert set(saved) == set(again) == {"net__0.weight", "net__0.bias"}
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
