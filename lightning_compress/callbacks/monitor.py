@@ -98,9 +98,12 @@ class CompressionMonitor(Callback):
         return stats, metrics
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, histograms: bool) -> None:
-        if not trainer.loggers or not trainer.is_global_zero:
+        if not trainer.loggers:
             return
         step = trainer.global_step
+        if not trainer.is_global_zero:
+            self._last_logged_step = step  # the same state on every rank; only rank zero writes
+            return
         _, metrics = self.collect(trainer, pl_module)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
