@@ -104,9 +104,13 @@ class CompressionMonitor(Callback):
         if not trainer.is_global_zero:
             self._last_logged_step = step  # the same state on every rank; only rank zero writes
             return
+        # logged already at this step (a validation right after a logging step): no optimizer step since, so the
+        # same values; write each scalar once per step, only the histograms are new
+        scalars = step != self._last_logged_step
         _, metrics = self.collect(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            if scalars:
+                logger.log_metrics(metrics, step=step)
             if histograms and isinstance(logger, TensorBoardLogger):
                 for name, module in pl_module.named_modules():
                     w = getattr(module, "weight", None)

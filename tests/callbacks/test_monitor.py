@@ -171,3 +171,27 @@ def test_real_tensorboard_server_serves_sparsity(tiny_module, make_trainer, tmp_
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_each_scalar_logged_once_per_step(make_trainer, tiny_module) -> None:
+    """A validation that ends right after a logging step does not log the same scalars at that step again."""
+    from lightning.pytorch.loggers import Logger
+
+    class Calls(Logger):
+        name, version = "calls", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.keys: list[tuple[int, str]] = []
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.keys += [(step, k) for k in metrics if k.startswith("compression/")]
+
+    calls = Calls()
+    monitor = CompressionMonitor(log_every_n_steps=4, histograms=False, print_table=False)
+    make_trainer(max_epochs=2, logger=calls, callbacks=[monitor]).fit(tiny_module)  # validation at steps 8 and 16
+    assert (8, "compression/sparsity") in calls.keys and (16, "compression/sparsity") in calls.keys
+    assert len(calls.keys) == len(set(calls.keys))
