@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["match", "resolve_types", "select_modules", "validate_patterns"]
+__all__ = ["match", "resolve_types", "select_modules", "tied_elsewhere", "validate_patterns"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -173,3 +173,23 @@ def _no_match_message(argument: str, unmatched: list[str], candidates: dict[str,
         f"`{argument}`: pattern(s) {unmatched} match no layer of type {types}; "
         f"the model's layers of those types are {shown}{more}"
     )
+
+
+def tied_elsewhere(model: nn.Module, name: str, parameter: str = "weight") -> list[str]:
+    """Other modules of ``model`` that hold the same ``parameter`` object as module ``name`` (tied weights).
+
+    A method that rewrites a module (wraps, factorizes or converts it) would silently untie such a parameter.
+
+    Example:
+        >>> emb, out = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> out.weight = emb.weight
+        >>> tied_elsewhere(nn.ModuleDict({"emb": emb, "out": out}), "out")
+        ['emb']
+    """
+    param = getattr(model.get_submodule(name), parameter, None)
+    if not isinstance(param, nn.Parameter):
+        return []
+    return [
+        n for n, m in model.named_modules(remove_duplicate=False)
+        if n != name and any(p is param for p in m.parameters(recurse=False))
+    ]

@@ -32,7 +32,7 @@ from lightning_compress.lowrank import (
     singular_values,
 )
 from lightning_compress.schedules import epochs_to_steps
-from lightning_compress.targets import match, select_modules, validate_patterns
+from lightning_compress.targets import match, select_modules, tied_elsewhere, validate_patterns
 
 __all__ = ["LowRankFactorization", "load_factorized_checkpoint"]
 
@@ -95,7 +95,8 @@ class LowRankFactorization(Callback):
         start_epoch: epoch at which to factorize (fractions allowed); or give ``start_step``. Default: step 0.
         start_step: optimizer step at which to factorize.
         targets: layers to factorize (names, globs or ``"re:"`` regexes); ``None``: every ``nn.Linear`` and
-            ``nn.Conv2d`` (``groups=1``; subclasses and frozen layers are skipped).
+            ``nn.Conv2d`` (``groups=1``; subclasses, frozen layers and layers whose weight is tied to another
+            module's are skipped; named in ``targets`` they are an error).
         exclude: layers to leave alone.
 
     Raises:
@@ -212,6 +213,8 @@ class LowRankFactorization(Callback):
                 problem = f"it is a grouped conv (groups={module.groups})"
             elif not module.weight.requires_grad:
                 problem = "its weight is frozen (requires_grad=False)"
+            elif tied := tied_elsewhere(pl_module, name):
+                problem = f"its weight is tied to {tied} (one parameter in several modules), which factors would untie"
             if problem is not None:
                 if self.targets is not None:
                     raise ValueError(f"`targets`: layer {name!r} cannot be factorized: {problem}; "

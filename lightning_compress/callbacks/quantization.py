@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -24,7 +25,7 @@ from lightning_compress.quant.modules import (
     set_qat_flags,
 )
 from lightning_compress.schedules import epochs_to_steps
-from lightning_compress.targets import select_modules, validate_patterns
+from lightning_compress.targets import select_modules, tied_elsewhere, validate_patterns
 
 __all__ = ["QuantizationAwareTraining", "load_quantized_checkpoint"]
 
@@ -65,7 +66,8 @@ class QuantizationAwareTraining(Callback):
         freeze_observers_step: the same in optimizer steps.
         freeze_bn_epoch: from this epoch BatchNorm layers use and keep their running statistics.
         freeze_bn_step: the same in optimizer steps.
-        targets: layer names/globs/``re:`` patterns to quantize (default: every supported layer).
+        targets: layer names/globs/``re:`` patterns to quantize (default: every supported layer, except, with a
+            warning, layers whose weight is tied to another module's; named in ``targets`` those are an error).
         exclude: layer patterns to leave in float.
         convert_on_fit_end: convert the LightningModule in place when fit ends (a following ``test`` runs the
             integer model).
@@ -141,12 +143,31 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._model_ref is None or self._model_ref() is not pl_module:
             chosen = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
+            chosen = self._drop_tied(pl_module, chosen)
             self._layers = list(chosen)
             self._bn_pairs = find_conv_bn_pairs(pl_module, self._layers)
             prepare_qat(pl_module, self._layers, self._config, self._bn_pairs)
             self._model_ref = weakref.ref(pl_module)
             self._converted = not any(is_qat_module(pl_module.get_submodule(n)) for n in self._layers)
         claims.claim(pl_module, [f"{n}.weight" for n in self._layers], "quantize", self.state_key)
+
+    def _drop_tied(self, pl_module: nn.Module, chosen: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """Leave out layers whose weight another module also holds (tied weights): the fake-quantized twin and the
+        integer layer of conversion would quantize one use and leave the other in float, untying them."""
+        tied = {n: others for n in chosen if (others := tied_elsewhere(pl_module, n))}
+        if not tied:
+            return chosen
+        if self.targets is not None:
+            raise ValueError(
+                f"`targets`: the weight of {list(tied)} is tied to {sorted({o for v in tied.values() for o in v})} "
+                "(one parameter in several modules); quantizing one use would untie them: leave them out with `exclude`"
+            )
+        for name, others in tied.items():
+            rank_zero_warn(f"QuantizationAwareTraining: skipping {name!r}, its weight is tied to {others}")
+        left = {n: m for n, m in chosen.items() if n not in tied}
+        if not left:
+            raise ValueError(f"QuantizationAwareTraining: every targeted layer has a tied weight: {list(tied)}")
+        return left
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -323,3 +323,22 @@ def test_ddp_two_processes_train_the_factors_in_sync(tmp_path: Path) -> None:
     # the factors trained after the factorization (4 steps): the up factor no longer matches an SVD split
     up, down = a["state"]["net.0.up.weight"], a["state"]["net.0.down.weight"]
     assert not torch.allclose(up.norm(dim=0), down.norm(dim=1), atol=1e-4)
+
+
+class _Tied(TinyModule):
+    """The output layer's weight is also an embedding table (tied weights, as in language models)."""
+
+    def __init__(self) -> None:
+        super().__init__(in_features=16, hidden=16, out_features=4)
+        self.embed = nn.Embedding(4, 16)
+        self.net[2].weight = self.embed.weight
+
+
+def test_tied_weights_are_skipped_by_default_and_refused_when_named(make_trainer: Any) -> None:
+    seed_everything(0)
+    model = _Tied()
+    lowrank = LowRankFactorization(rank_ratio=0.25, start_step=1)
+    make_trainer(max_steps=3, callbacks=[lowrank]).fit(model)
+    assert list(lowrank.layers) == ["net.0"] and model.net[2].weight is model.embed.weight
+    with pytest.raises(ValueError, match=r"'net.2' cannot be factorized: its weight is tied to \['embed'\]"):
+        make_trainer(max_steps=3, callbacks=[LowRankFactorization(rank_ratio=0.25, targets=["net.2"])]).fit(_Tied())

@@ -290,3 +290,23 @@ def test_state_dict_round_trips_before_setup(make_trainer, tiny_module: TinyModu
     fresh = QuantizationAwareTraining(weight_bits=4, convert_on_fit_end=False)
     fresh.load_state_dict(qat.state_dict())
     assert fresh.state_dict() == qat.state_dict() and fresh.state_dict()["layers"] == ["net.0", "net.2"]
+
+
+class _Tied(TinyModule):
+    """The output layer's weight is also an embedding table (tied weights, as in language models)."""
+
+    def __init__(self) -> None:
+        super().__init__(in_features=16, hidden=16, out_features=4)
+        self.embed = nn.Embedding(4, 16)
+        self.net[2].weight = self.embed.weight
+
+
+def test_tied_weights_are_skipped_by_default_and_refused_when_named(make_trainer) -> None:
+    seed_everything(0)
+    model = _Tied()
+    with pytest.warns(UserWarning, match=r"skipping 'net.2', its weight is tied to \['embed'\]"):
+        make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining(weight_bits=4)]).fit(model)
+    assert isinstance(model.net[2], nn.Linear) and model.net[2].weight is model.embed.weight
+    assert isinstance(model.net[0], PackedLinear)
+    with pytest.raises(ValueError, match=r"tied to \['embed'\].*leave them out with `exclude`"):
+        make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining(targets=["net.2"])]).fit(_Tied())
