@@ -189,6 +189,7 @@ class KnowledgeDistillation(Callback):
         self._schedules: dict[str, Schedule] = {}
         self._student_hook: Any = None
         self._student_features: FeatureRecorder | None = None
+        self._student_layers: dict[str, nn.Module] = {}  # feature layer name -> the module its hook is on
         self._teacher_features: FeatureRecorder | None = None
         self._capturing = False
         self._captured: tuple[tuple, dict, Any] | None = None
@@ -234,6 +235,7 @@ class KnowledgeDistillation(Callback):
             t_layers = {s: self._named(teacher, t, "feature_pairs", teacher=True) for s, t in self.feature_pairs.items()}
             self._build_projections(s_layers, t_layers)
             self._student_features = FeatureRecorder(s_layers)
+            self._student_layers = s_layers
             self._teacher_features = FeatureRecorder(t_layers)
         if stage == "fit":
             original = pl_module.__dict__.get("training_step", None)
@@ -306,6 +308,7 @@ class KnowledgeDistillation(Callback):
             if rec is not None:
                 rec.remove()
         self._student_features = self._teacher_features = None
+        self._student_layers = {}
         if self._wrapper is not None:
             if pl_module.__dict__.get("training_step") is self._wrapper:
                 if self._wrapper.previous is None:
@@ -319,6 +322,18 @@ class KnowledgeDistillation(Callback):
     def _record_student(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._capturing and self._captured is None:
             self._captured = (args, kwargs, output)
+
+    def _follow_replaced_layers(self, pl_module: nn.Module) -> None:
+        """Move the feature hooks to layers that another callback replaced since setup (e.g. a layer that
+        ``LowRankFactorization`` factorizes mid-fit): the hook follows the name, not the old module."""
+        if self._student_features is None or not self.feature_pairs:
+            return
+        current = {name: pl_module.get_submodule(name) for name in self.feature_pairs}
+        if all(current[name] is self._student_layers.get(name) for name in current):
+            return
+        self._student_features.remove()
+        self._student_features = FeatureRecorder(current)
+        self._student_layers = current
 
     def _start_capture(self) -> None:
         self._captured = None
@@ -488,6 +503,7 @@ class _DistillStep:
         cb = self.callback
         if not self.active:
             return self.step(*args, **kwargs)
+        cb._follow_replaced_layers(self.module)
         cb._start_capture()
         try:
             out = self.step(*args, **kwargs)

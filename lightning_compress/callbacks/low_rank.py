@@ -77,8 +77,7 @@ class LowRankFactorization(Callback):
     layers in the same run raises before training. To quantize the factors with ``QuantizationAwareTraining``,
     factorize at step 0 and list this callback *before* it (its ``setup`` then sees the factors); or factorize in
     one run and quantize in a second. ``KnowledgeDistillation`` composes in any order (its projections keep their
-    own parameter group), but do not name a layer factorized mid-fit in its ``feature_pairs``: its forward hook stays
-    on the replaced module.
+    own parameter group, and its ``feature_pairs`` hooks move to a layer factorized mid-fit).
 
     Logged once, at the factorization (rank zero, to every logger): ``lowrank/rank/<layer>``,
     ``lowrank/kept_energy/<layer>``, ``lowrank/params_before/<layer>``, ``lowrank/params_after/<layer>`` and the totals

@@ -417,3 +417,23 @@ def test_state_dict_keeps_loaded_projections_before_setup(make_trainer) -> None:
     saved, again = kd.state_dict()["projections"], fresh.state_dict()["projections"]
     assert set(saved) == set(again) == {"net__0.weight", "net__0.bias"}
     assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_feature_hooks_follow_a_layer_factorized_mid_fit(make_trainer) -> None:
+    """A feature layer that LowRankFactorization replaces at step 2 keeps feeding the feature loss."""
+    from lightning_compress.callbacks.low_rank import LowRankFactorization
+
+    class Features(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(trainer.callback_metrics["distill/feature_loss"]))
+
+    kd = KnowledgeDistillation(teacher=_teacher(hidden=48), feature_pairs={"net.0": "net.0"})
+    features = Features()
+    student = _student()
+    lowrank = LowRankFactorization(rank_ratio=0.5, start_step=2, targets=["net.0"])
+    make_trainer(max_steps=5, callbacks=[kd, lowrank, features]).fit(student)
+    assert type(student.net[0]).__name__ == "LowRankLinear"
+    assert len(features.losses) == 5 and all(loss > 0 for loss in features.losses)
