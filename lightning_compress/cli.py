@@ -4,11 +4,16 @@
     lightning-compress fit --config recipes/digits_gradual_pruning.yaml --model my_pkg.MyModule --data my_pkg.MyData
 
 Every subcommand of LightningCLI is there (``fit``, ``validate``, ``test``, ``predict``); compression
-callbacks go in ``trainer.callbacks`` of a recipe like any other Lightning callback.
+callbacks go in ``trainer.callbacks`` of a recipe like any other Lightning callback. One more subcommand writes
+the Deep Compression file of a trained checkpoint (see :func:`lightning_compress.export.compressed.export_main`):
+
+    lightning-compress export --ckpt last.ckpt --config recipes/digits_deep_compression.yaml --out model.lcdc
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -18,6 +23,10 @@ __all__ = ["LightningCompressCLI", "main", "run_cli"]
 
 DEFAULT_MODEL = "lightning_compress.examples.DigitsMLP"
 DEFAULT_DATA = "lightning_compress.examples.DigitsDataModule"
+EXPORT_HELP = (
+    "lightning-compress export --ckpt CKPT [--config CONFIG] --out FILE: write a checkpoint's weights as a "
+    "Deep Compression file (see `lightning-compress export --help`)"
+)
 
 
 class LightningCompressCLI(LightningCLI):
@@ -49,13 +58,17 @@ class LightningCompressCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.interrupted:
             return
-        has_test = getattr(self.datamodule, "test_dataloader", None) is not None or hasattr(self.model, "test_step")
+        has_test = getattr(self.datamodule, "test_dataloader", None) is not None or hasattr(
+            self.model, "test_step"
+        )
         if has_test and type(self.model).test_step is not LightningModule.test_step:
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def run_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) -> LightningCompressCLI:
-    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks).
+def run_cli(
+    args: list[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any
+) -> LightningCompressCLI:
+    """Build (and by default run) the CLI; ``args`` (a list, or a config dict) replaces ``sys.argv[1:]``.
 
     Example:
         >>> cli = run_cli(["--model.hidden_sizes=[16]", "--trainer.logger=false"], run=False)
@@ -75,10 +88,28 @@ def run_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) -> L
     )
 
 
-def main() -> None:
-    """Console entry point of ``lightning-compress``."""
-    run_cli()
+def main(args: Sequence[str] | None = None) -> int:
+    """Console entry point of ``lightning-compress``; ``args`` replaces ``sys.argv[1:]``.
+
+    ``export`` goes to :func:`~lightning_compress.export.compressed.export_main`; everything else to the
+    LightningCLI (``fit``, ``validate``, ``test``, ``predict``). Returns the exit status.
+
+    Example:
+        >>> main(["export", "--help"])  # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        SystemExit: 0
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:
+        from lightning_compress.export.compressed import export_main
+
+        return export_main(argv[1:])
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{EXPORT_HELP}\n")
+    run_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

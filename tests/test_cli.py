@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from lightning_compress.cli import run_cli
+from lightning_compress.callbacks.weight_sharing import WeightSharing
+from lightning_compress.cli import main, run_cli
+from lightning_compress.examples import DigitsMLP
+from lightning_compress.export.compressed import load_compressed
 from tests.helpers import REPO_ROOT
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
@@ -101,3 +105,40 @@ def test_bad_config_is_an_error_before_training(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(SystemExit):
         run_cli(["fit", "--config", str(REPO_ROOT / "recipes" / "digits_baseline.yaml"), "--model.lr=fast"])
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_deep_compression_recipe_and_export_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe prunes, shares and writes its file when training ends; the file loads (strict) into a fresh
+    DigitsMLP bit-exactly; `lightning-compress export` on the run's checkpoint writes the same bytes, from the
+    config the run saved (console command) and from the recipe (`main` in process)."""
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO_ROOT / "recipes" / "digits_deep_compression.yaml"
+    cli = run_cli(["fit", "--config", str(recipe), *FAST])  # 40 epochs of 3 batches: prune, then share at 63
+    sharing = next(cb for cb in cli.trainer.callbacks if isinstance(cb, WeightSharing))
+    assert sharing.shared and cli.trainer.global_step == 120
+    written = tmp_path / "lightning_logs" / "digits_deep_compression.lcdc"
+    reloaded = DigitsMLP()
+    load_compressed(written, reloaded)
+    for name, value in cli.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    weights = [m.weight for m in reloaded.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == pytest.approx(
+        0.97, abs=1e-3
+    )
+    assert all(len(torch.unique(w[w != 0])) <= 16 for w in weights)
+    assert sharing.report is not None and sharing.report.file_bytes == written.stat().st_size
+
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    exe = Path(sys.executable).with_name("lightning-compress")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_compress.cli"]
+    args = ["export", "--ckpt", str(ckpt), "--config", str(run_dir / "config.yaml"), "--out", "cmd.lcdc"]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| **total** (file, headers incl.)" in proc.stdout
+    assert (tmp_path / "cmd.lcdc").read_bytes() == written.read_bytes()
+    args = ["export", "--ckpt", str(ckpt), "--config", str(recipe), "--out", "main.lcdc", "--quiet"]
+    assert main(args) == 0
+    assert (tmp_path / "main.lcdc").read_bytes() == written.read_bytes()
+    with pytest.raises(SystemExit):  # argparse: --out is required
+        main(["export", "--ckpt", str(ckpt)])

@@ -51,6 +51,7 @@ import argparse
 import json
 import math
 import struct
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,7 @@ __all__ = [
     "TensorReport",
     "export_main",
     "load_compressed",
+    "model_from_config",
     "save_compressed",
 ]
 
@@ -433,6 +435,35 @@ def load_compressed(
     return state
 
 
+def model_from_config(config: str | Path) -> nn.Module:
+    """The model a ``lightning-compress`` config (a recipe, or the ``config.yaml`` a fit run saved) builds.
+
+    The config is read by the same ``LightningCLI`` as ``lightning-compress fit`` (so defaults, ``--model``
+    class paths and init args mean the same), without running anything and without a logger.
+
+    Raises:
+        ValueError: the file is not a YAML mapping.
+    """
+    import yaml
+
+    from lightning_compress.cli import run_cli
+
+    loaded = yaml.safe_load(Path(config).read_text())
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"`--config` {str(config)!r} must be a YAML mapping, got {type(loaded).__name__}")
+    # only what builds the model: a saved config also holds run settings (`ckpt_path`, ...) and callbacks
+    loaded = {k: v for k, v in loaded.items() if k in ("model", "data", "seed_everything")}
+    loaded["trainer"] = {"logger": False}
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*args parameter is intended.*"
+        )  # export's own argv is not its
+        cli = run_cli(loaded, run=False)
+    return cli.model
+
+
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``lightning-compress export --ckpt CKPT [--config CONFIG] --out FILE``: compress a checkpoint's weights.
 
@@ -451,10 +482,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"`--ckpt` {args.ckpt!r} holds no 'state_dict': not a Lightning checkpoint")
     target: nn.Module | Mapping[str, torch.Tensor] = checkpoint["state_dict"]
     if args.config is not None:
-        from lightning_compress.cli import run_cli
-
-        cli = run_cli(["--config", args.config, "--trainer.logger=false"], run=False)
-        cli.model.load_state_dict(checkpoint["state_dict"], strict=True)
-        target = cli.model
+        target = model_from_config(args.config)
+        target.load_state_dict(checkpoint["state_dict"], strict=True)
     save_compressed(target, args.out, verbose=not args.quiet)
     return 0
