@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from collections.abc import Sequence
@@ -115,6 +116,8 @@ class SlimmableTraining(Callback):
         self._plans: dict[float, dict[str, WidthIndex]] = {}
         self._modules: dict[str, nn.Module] = {}
         self._module: pl.LightningModule | None = None
+        self._wrapper: Any = None
+        self._previous: Any = None
         self._width = 1.0
         self._captured: torch.Tensor | None = None
         self._capturing = False
@@ -176,7 +179,10 @@ class SlimmableTraining(Callback):
             module.forward = self._forward_for(
                 name, module, module.forward
             )  # instance attribute, see teardown
-        pl_module.training_step = self._training_step_for(pl_module.training_step)
+        previous = pl_module.__dict__.get("training_step")  # another callback's wrapper, if any
+        step = previous or type(pl_module).training_step.__get__(pl_module)
+        self._wrapper, self._previous = self._training_step_for(step), previous
+        pl_module.training_step = self._wrapper
         self._handles.append(pl_module.register_forward_hook(self._capture))
 
     @override
@@ -208,7 +214,13 @@ class SlimmableTraining(Callback):
             return
         for module in self._modules.values():
             module.__dict__.pop("forward", None)
-        pl_module.__dict__.pop("training_step", None)
+        if pl_module.__dict__.get("training_step") is self._wrapper:
+            if self._previous is None:
+                del pl_module.training_step
+            else:
+                pl_module.training_step = self._previous
+        elif self._wrapper is not None:
+            self._wrapper.active = False  # another wrapper sits on top of ours: pass through from now on
         for handle in self._handles:
             handle.remove()
         claims.release(pl_module, self._owner)
@@ -240,6 +252,8 @@ class SlimmableTraining(Callback):
     def _training_step_for(self, original: Any) -> Any:
         def training_step(*args: Any, **kwargs: Any) -> Any:
             module = self._module
+            if not training_step.active or module is None:
+                return original(*args, **kwargs)
             trainer = module.trainer
             widths = self.sandwich(trainer.global_step)
             out, full = self._run_at(1.0, original, args, kwargs)
@@ -269,6 +283,8 @@ class SlimmableTraining(Callback):
                 return {**out, "loss": total}
             return total
 
+        training_step.active = True  # type: ignore[attr-defined]
+        training_step.__wrapped__ = inspect.unwrap(original)  # type: ignore[attr-defined]  # for `is_overridden`
         return training_step
 
     def _run_at(self, width: float, step: Any, args: Any, kwargs: Any) -> tuple[Any, torch.Tensor | None]:

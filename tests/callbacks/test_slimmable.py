@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_stats
 from lightning_compress.examples import DigitsCNN, DigitsDataModule
@@ -237,3 +238,18 @@ def test_setup_errors(make_trainer) -> None:
         SlimmableTraining().bn_stats(0.3)
     with pytest.raises(ValueError, match="`bn_stats` is required"):
         slice_width(SmallCNN(), 0.5)
+
+
+@pytest.mark.parametrize("slim_first", [True, False])
+def test_composes_with_knowledge_distillation_in_either_order(make_trainer, slim_first: bool) -> None:
+    seed_everything(0)
+    teacher = SmallCNN()
+    student = SmallCNN()
+    slim = SlimmableTraining(widths=[0.5, 1.0])
+    kd = KnowledgeDistillation(teacher=teacher, temperature=2.0, alpha=0.5)
+    trainer = make_trainer(callbacks=[slim, kd] if slim_first else [kd, slim], max_epochs=1)
+    trainer.fit(student)
+    assert {"distill/kd_loss", "train/slim_loss", "val/acc@0.5"} <= set(trainer.callback_metrics)
+    leftover = student.__dict__.get("training_step")  # an inner wrapper left by the outer one passes through
+    assert leftover is None or leftover.active is False
+    assert all(p.grad is None for p in teacher.parameters())
