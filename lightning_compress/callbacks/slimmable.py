@@ -175,10 +175,8 @@ class SlimmableTraining(Callback):
         names = [f"{n}.{p}" for n, m in self._modules.items() for p, _ in m.named_parameters(recurse=False)]
         claims.claim(pl_module, names, "slim", self._owner)
         self._module = pl_module
-        for name, module in self._modules.items():
-            module.forward = self._forward_for(
-                name, module, module.forward
-            )  # instance attribute, see teardown
+        for name, module in self._modules.items():  # an instance attribute: teardown removes it
+            module.forward = self._forward_for(name, module, module.forward)
         previous = pl_module.__dict__.get("training_step")  # another callback's wrapper, if any
         step = previous or type(pl_module).training_step.__get__(pl_module)
         self._wrapper, self._previous = self._training_step_for(step), previous
@@ -187,10 +185,8 @@ class SlimmableTraining(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for (
-            key,
-            per_module,
-        ) in self._stats.items():  # restored from a checkpoint: check and move to the device
+        # statistics restored from a checkpoint: check them against this model and move them to its device
+        for key, per_module in self._stats.items():
             plan = self._plans.get(float(key))
             for name, stats in per_module.items():
                 module = self._modules.get(name)
@@ -345,7 +341,7 @@ class SlimmableTraining(Callback):
             if total:
                 self.val_accuracy[width] = correct / total
                 if not trainer.sanity_checking:
-                    pl_module.log(f"val/acc@{width}", correct / total)
+                    pl_module.log(f"val/acc@{width}", correct / total, sync_dist=True)  # same on every rank
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
