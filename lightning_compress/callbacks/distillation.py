@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress import claims
 from lightning_compress.distill import (
     FeatureRecorder,
     agreement_counts,
@@ -298,6 +299,29 @@ class KnowledgeDistillation(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve_schedules(trainer)
+        self._check_slimmed_features(pl_module)
+
+    def _check_slimmed_features(self, pl_module: pl.LightningModule) -> None:
+        """Refuse feature hints on layers whose width a callback wrapped around this one changes per call.
+
+        ``SlimmableTraining`` listed after this callback wraps its ``training_step`` on the outside and runs it at
+        every width, so a projection built for the full width would meet narrower features mid-fit. Listed
+        before, it runs inside, and this callback distils the first (full-width) forward.
+        """
+        if not self.feature_pairs or pl_module.__dict__.get("training_step") is self._wrapper:
+            return
+        held = claims.claims(pl_module)
+        slimmed = [
+            layer for layer in self.feature_pairs
+            if any(kind == "slim" for name, owners in held.items() if name.startswith(f"{layer}.")
+                   for kind in owners.values())
+        ]
+        if slimmed:
+            raise ValueError(
+                f"`feature_pairs`: {slimmed} change width while a callback listed after KnowledgeDistillation runs "
+                "`training_step` at several widths: list SlimmableTraining before KnowledgeDistillation (the "
+                "full width is then distilled) or pair layers that keep their width"
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -437,3 +437,19 @@ def test_feature_hooks_follow_a_layer_factorized_mid_fit(make_trainer) -> None:
     make_trainer(max_steps=5, callbacks=[kd, lowrank, features]).fit(student)
     assert type(student.net[0]).__name__ == "LowRankLinear"
     assert len(features.losses) == 5 and all(loss > 0 for loss in features.losses)
+
+
+def test_feature_hints_on_slimmed_layers_need_slimmable_listed_first(make_trainer) -> None:
+    """SlimmableTraining listed after KD would run KD's step at half width against a full-width projection."""
+    from lightning_compress.callbacks.slimmable import SlimmableTraining
+
+    def callbacks(kd_first: bool) -> list[Callback]:
+        kd = KnowledgeDistillation(teacher=_teacher(hidden=48), feature_pairs={"net.0": "net.0"})
+        slim = SlimmableTraining(widths=[0.5, 1.0], num_random=0, log_accuracy=False)
+        return [kd, slim] if kd_first else [slim, kd]
+
+    with pytest.raises(ValueError, match="list SlimmableTraining before KnowledgeDistillation"):
+        make_trainer(max_steps=2, callbacks=callbacks(kd_first=True)).fit(_student())
+    trainer = make_trainer(max_steps=2, callbacks=callbacks(kd_first=False))
+    trainer.fit(_student())
+    assert float(trainer.callback_metrics["distill/feature_loss"]) > 0
