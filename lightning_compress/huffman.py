@@ -213,6 +213,8 @@ def decode(payload: bytes, n_symbols: int, lengths: np.ndarray, n_bits: int | No
     if n_symbols == 0:
         return np.zeros(0, dtype=np.int64)
     n_bits = len(payload) * 8 if n_bits is None else n_bits
+    if n_symbols > n_bits:  # every code is at least one bit: a count this large is a corrupted header
+        raise ValueError(f"compressed stream is corrupted ({n_symbols} symbols cannot fit in {n_bits} bits)")
     width = int(lengths.max())
     codes = canonical_codes(lengths)
     used = np.flatnonzero(lengths)
@@ -297,7 +299,7 @@ def _read_table(buf: bytes | memoryview, offset: int) -> tuple[np.ndarray, int]:
         vals, offset = nibbles(n_used, offset)
         if symbols and symbols[-1] >= alphabet:
             raise ValueError("compressed stream is corrupted (code table symbol out of range)")
-        lengths = np.zeros(alphabet, dtype=np.int64)
+        lengths = np.zeros(symbols[-1] + 1 if symbols else 0, dtype=np.int64)  # past the last used: no code
         lengths[np.asarray(symbols, dtype=np.int64)] = vals
     else:
         raise ValueError(f"compressed stream is corrupted (unknown code table kind {kind})")

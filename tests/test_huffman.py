@@ -93,6 +93,11 @@ def test_truncated_or_corrupted_streams_raise() -> None:
     payload, _ = huffman.encode(symbols, lengths)
     with pytest.raises(ValueError, match="corrupted or truncated"):
         huffman.decode(payload[:-50], len(symbols), lengths)
+    with pytest.raises(ValueError, match="cannot fit"):  # a count no payload can hold: refused, not allocated
+        huffman.decode(payload, 10**15, lengths)
+    # a sparse code table over a 2**28 alphabet using symbols 1 and 2 (codes 0 and 1), payload 0b010: [1, 2, 1]
+    sparse_table = b"\x02\x03" + b"\xff\xff\xff\x7f" + b"\x01\x02\x01\x00\x11" + b"\x01\x40"
+    np.testing.assert_array_equal(huffman.decode_stream(sparse_table)[0], [1, 2, 1])  # huge alphabet, 2 used
 
 
 def test_encode_rejects_symbols_without_code() -> None:
