@@ -1,0 +1,425 @@
+"""The callback cases of the contract suite (tests/test_contract.py) and what every check shares.
+
+A new callback is covered by adding one :class:`Case` to :data:`CASES`: its class path, a small YAML-writable
+configuration for the contract's tiny digits MLP, how to read its compression state (masks, codebooks, scales,
+factors) and how to check that it reached its own target.
+
+The contract's run: ``DigitsMLP(hidden_sizes=[16, 8])`` (layers ``net.1``, ``net.3``, ``net.5``) on the first
+128 training digits, 4 optimizer steps an epoch, 4 epochs (16 steps), a checkpoint at every epoch end. The
+training order is shuffled with a seed per epoch (:class:`EpochSampler`), so a run resumed from an epoch-end
+checkpoint sees exactly the batches of an uninterrupted one.
+
+Example:
+    >>> [case.name for case in CASES][:3]
+    ['pruning', 'quantization', 'distillation']
+    >>> build(case_by_name("pruning"), Path(".")).final_sparsity
+    0.75
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning_compress.examples import DigitsMLP
+from lightning_compress.examples.digits import load_digits_tensors
+
+__all__ = ["CASES", "Case", "ContractDigits", "build", "case_by_name", "fit", "small_mlp"]
+
+STEPS_PER_EPOCH = 4
+EPOCHS = 4
+BATCH = 32
+
+
+# -- data and models -----------------------------------------------------------------------------------
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on the epoch (Lightning calls ``set_epoch``), not on the global RNG."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+_DIGITS: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    global _DIGITS
+    if _DIGITS is None:
+        _DIGITS = load_digits_tensors()
+    return _DIGITS
+
+
+class ContractDigits(LightningDataModule):
+    """The first ``n_train`` digits for training (seeded per-epoch shuffle), the next ``n_val`` for validation."""
+
+    def __init__(
+        self, n_train: int = STEPS_PER_EPOCH * BATCH, n_val: int = 64, batch_size: int = BATCH
+    ) -> None:
+        super().__init__()
+        x, y = _digits()
+        self.train_set = TensorDataset(x[:n_train], y[:n_train])
+        self.val_set = TensorDataset(x[n_train : n_train + n_val], y[n_train : n_train + n_val])
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=EpochSampler(len(self.train_set))
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+def small_mlp() -> DigitsMLP:
+    """The contract's model: 64-16-8-10, Adam at 1e-2."""
+    return DigitsMLP(hidden_sizes=[16, 8], lr=0.01)
+
+
+class MultiInputNet(LightningModule):
+    """Forward takes two inputs and a keyword argument and returns a dict (logits under ``"logits"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc_a = nn.Linear(32, 16)
+        self.enc_b = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, *, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        hidden = torch.relu(self.enc_a(a) + self.enc_b(b)) * scale
+        return {"logits": self.head(hidden), "hidden": hidden}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        flat = x.flatten(1)
+        loss = F.cross_entropy(self(flat[:, :32], flat[:, 32:], scale=0.5)["logits"], y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class TiedNet(LightningModule):
+    """A tiny language-model shape: the output layer's weight *is* the embedding's (one shared parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.hidden = nn.Linear(8, 32)
+        self.proj = nn.Linear(32, 8)
+        self.out = nn.Linear(8, 16, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.proj(torch.relu(self.hidden(self.embed(tokens).mean(1)))))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        tokens = (x.flatten(1)[:, 20:28] * 15).round().long()
+        loss = F.cross_entropy(self(tokens), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class FrozenMLP(DigitsMLP):
+    """The contract MLP with its first layer frozen (``requires_grad=False``), as when fine-tuning a head."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden_sizes=[16, 8], lr=0.01)
+        self.net[1].requires_grad_(False)
+
+
+# -- running -------------------------------------------------------------------------------------------
+class KillAt(Callback):
+    """SIGKILL this process at the end of optimizer step ``step`` (no cleanup, no except, no finally)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit(
+    callbacks: list[Callback],
+    workdir: Path,
+    *,
+    model: LightningModule | None = None,
+    ckpt_path: str | None = None,
+    checkpoints: bool = True,
+    seed: int = 0,
+    data: LightningDataModule | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[LightningModule, Trainer]:
+    """One contract run: seeded model, 4 epochs of 4 steps, an epoch-end checkpoint in ``workdir/ckpt``."""
+    seed_everything(seed, verbose=False)
+    model = small_mlp() if model is None else model
+    extra: list[Callback] = []
+    if checkpoints:
+        extra.append(
+            ModelCheckpoint(
+                dirpath=workdir / "ckpt",
+                save_last=True,
+                save_top_k=-1,
+                every_n_epochs=1,
+                filename="{epoch}-{step}",
+            )
+        )
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=EPOCHS,
+        limit_train_batches=STEPS_PER_EPOCH,
+        limit_val_batches=0,
+        default_root_dir=str(workdir),
+        logger=False,
+        enable_checkpointing=checkpoints,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    kwargs.update(trainer_kwargs)
+    trainer = Trainer(callbacks=[*callbacks, *extra], **kwargs)
+    trainer.fit(model, datamodule=ContractDigits() if data is None else data, ckpt_path=ckpt_path)
+    return model, trainer
+
+
+# -- reading state and checking targets ----------------------------------------------------------------
+def _tensors(d: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}/{k}": torch.as_tensor(v).detach().cpu().clone() for k, v in d.items()}
+
+
+def _model_keys(model: nn.Module, *needles: str) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().cpu().clone() for k, v in model.state_dict().items() if any(n in k for n in needles)
+    }
+
+
+def _weight(model: nn.Module, fqn: str) -> torch.Tensor:
+    """The weight named ``fqn``, also once QAT converted its layer (integer layers show it dequantized)."""
+    return model.get_submodule(fqn.rpartition(".")[0]).weight.detach()
+
+
+def _verify_pruning(cb: Any, model: nn.Module, trainer: Trainer) -> None:
+    assert cb.masks, "no masks"
+    for fqn, mask in cb.masks.items():
+        weight = _weight(model, fqn)
+        assert bool((weight[~mask.to(weight.device)] == 0).all()), f"masked entries of {fqn}"
+    assert cb.current_sparsity() >= cb.final_sparsity - 0.02, cb.current_sparsity()
+
+
+def _verify_quantization(cb: Any, model: nn.Module, trainer: Trainer) -> None:
+    from lightning_compress.quant.modules import is_qat_module
+
+    if cb.convert_on_fit_end:
+        assert cb.converted_bytes and cb.converted_bytes > 0
+        assert not any(is_qat_module(m) for m in model.modules()), "still fake-quantized after fit"
+        assert all(
+            type(model.get_submodule(n)).__module__.startswith("lightning_compress") for n in cb._layers
+        )
+    else:
+        assert cb._layers and all(is_qat_module(model.get_submodule(n)) for n in cb._layers)
+
+
+def _verify_distillation(cb: Any, model: nn.Module, trainer: Trainer) -> None:
+    kd = trainer.callback_metrics.get("distill/kd_loss")
+    assert kd is not None and math.isfinite(float(kd)), trainer.callback_metrics
+
+
+def _verify_low_rank(cb: Any, model: nn.Module, trainer: Trainer) -> None:
+    from lightning_compress.lowrank import is_factorized
+
+    assert cb.factorized and cb.layers
+    for name, info in cb.layers.items():
+        layer = model.get_submodule(name)
+        assert is_factorized(layer) and layer.rank == info["rank"], name
+
+
+def _verify_weight_sharing(cb: Any, model: nn.Module, trainer: Trainer) -> None:
+    assert cb.shared and cb.codebooks
+    for fqn, codebook in cb.codebooks.items():
+        values = torch.unique(_weight(model, fqn))
+        assert len(values[values != 0]) <= 2**cb.bits, (fqn, len(values))
+        assert len(codebook) <= 2**cb.bits
+
+
+def _verify_monitor(cb: Any, model: nn.Module, trainer: Trainer) -> None:
+    stats, metrics = cb.collect(trainer, model)
+    assert 0.0 <= stats.sparsity <= 1.0 and all(math.isfinite(v) for v in metrics.values())
+
+
+def _verify_slimmable(cb: Any, model: nn.Module, trainer: Trainer) -> None:
+    from lightning_compress.export.slim import slice_width
+
+    narrow = slice_width(model, min(cb.widths))
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class Case:
+    """One callback under contract.
+
+    Attributes:
+        name: test id.
+        class_path: import path (what a recipe's ``class_path`` holds).
+        args: the callback's YAML-writable ``init_args`` for the contract run, given a work directory (for files).
+        kind: what it claims on a parameter (see :mod:`lightning_compress.claims`), ``None`` if nothing.
+        read_state: callback, model -> named tensors of its compression state.
+        verify: callback, model, trainer -> asserts that the run reached the callback's own target.
+        xfail: check name -> reason, for a known failure (strict: a fix makes the test fail until removed).
+    """
+
+    name: str
+    class_path: str
+    args: Callable[[Path], dict[str, Any]]
+    kind: str | None
+    read_state: Callable[[Any, nn.Module], dict[str, torch.Tensor]]
+    verify: Callable[[Any, nn.Module, Trainer], None]
+    xfail: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cls(self) -> type:
+        module, _, name = self.class_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+TEACHER_FILE = "teacher.pt"
+
+
+def teacher_checkpoint(workdir: Path) -> str:
+    """A fixed teacher (64-32-10 digits MLP, seeded weights) saved as a plain state_dict in ``workdir``."""
+    path = workdir / TEACHER_FILE
+    if not path.exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            teacher = DigitsMLP(hidden_sizes=[32])
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(teacher.state_dict(), tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+CASES: list[Case] = [
+    Case(
+        "pruning",
+        "lightning_compress.callbacks.pruning.GradualPruning",
+        lambda d: {"final_sparsity": 0.75, "start_step": 2, "end_step": 10, "update_every": 2},
+        "prune",
+        lambda cb, m: _tensors(cb.masks, "mask"),
+        _verify_pruning,
+    ),
+    Case(
+        "quantization",
+        "lightning_compress.callbacks.quantization.QuantizationAwareTraining",
+        lambda d: {"weight_bits": 4, "activation_bits": 8, "learn_scale": True, "start_step": 2},
+        "quantize",
+        lambda cb, m: _model_keys(m, "quant", "scale", "zero_point", "packed", "qweight"),
+        _verify_quantization,
+    ),
+    Case(
+        "distillation",
+        "lightning_compress.callbacks.distillation.KnowledgeDistillation",
+        lambda d: {
+            "teacher": {
+                "class_path": "lightning_compress.examples.DigitsMLP",
+                "init_args": {"hidden_sizes": [32]},
+            },
+            "teacher_checkpoint": teacher_checkpoint(d),
+            "temperature": 2.0,
+            "alpha": 0.5,
+            "feature_pairs": {"net.1": "net.1"},
+        },
+        None,
+        lambda cb, m: _tensors(cb.state_dict()["projections"], "projection"),
+        _verify_distillation,
+    ),
+    Case(
+        "low_rank",
+        "lightning_compress.callbacks.low_rank.LowRankFactorization",
+        lambda d: {"rank_ratio": 0.5, "start_step": 6, "targets": ["net.1", "net.3"]},
+        "factorize",
+        lambda cb, m: {
+            **_model_keys(m, ".down.", ".up."),
+            **{f"rank/{k}": torch.tensor(v["rank"]) for k, v in cb.layers.items()},
+        },
+        _verify_low_rank,
+    ),
+    Case(
+        "weight_sharing",
+        "lightning_compress.callbacks.weight_sharing.WeightSharing",
+        lambda d: {"bits": 3, "start_step": 6},
+        "share",
+        lambda cb, m: {**_tensors(cb.codebooks, "codebook"), **_tensors(cb.assignments, "assignment")},
+        _verify_weight_sharing,
+    ),
+    Case(
+        "monitor",
+        "lightning_compress.callbacks.monitor.CompressionMonitor",
+        lambda d: {"log_every_n_steps": 2, "histograms": False, "print_table": False},
+        None,
+        lambda cb, m: {"last_logged_step": torch.tensor(cb.state_dict()["last_logged_step"])},
+        _verify_monitor,
+    ),
+]
+
+
+if (Path(__file__).resolve().parents[1] / "lightning_compress" / "callbacks" / "slimmable.py").exists():
+    CASES.append(
+        Case(
+            "slimmable",
+            "lightning_compress.callbacks.slimmable.SlimmableTraining",
+            lambda d: {"widths": [0.5, 1.0], "num_random": 0, "log_accuracy": False},
+            "slim",
+            lambda cb, m: {
+                "widths": torch.tensor(cb.state_dict()["widths"]),
+                **{
+                    f"bn/{w}/{n}/{k}": v
+                    for w, per in cb.state_dict()["bn_stats"].items()
+                    for n, stats in per.items()
+                    for k, v in stats.items()
+                },
+            },
+            _verify_slimmable,
+        )
+    )
+
+
+def case_by_name(name: str) -> Case:
+    """The case called ``name``."""
+    return next(c for c in CASES if c.name == name)
+
+
+def build(case: Case, workdir: Path, **overrides: Any) -> Any:
+    """Construct the case's callback from its ``args`` (updated with ``overrides``)."""
+    return case.cls(**{**case.args(workdir), **overrides})

@@ -1,0 +1,76 @@
+"""DDP half of the contract: every case fits once under ``strategy="ddp"`` (2 CPU processes, gloo).
+
+Run as ``python -m tests.contract_ddp WORKDIR``; Lightning starts the second process by running the same command.
+For each case and rank it writes ``WORKDIR/<case>-rank<r>.pt`` (the case's compression state and the model's
+``state_dict``) and ``WORKDIR/<case>-rank<r>.json`` (every ``log_metrics`` call the rank's logger received: a
+recording logger that, unlike Lightning's own loggers, is not silenced off rank zero, so that a callback logging
+from every rank would show up).
+
+Example:
+    >>> logger = RecordingLogger()
+    >>> logger.log_metrics({"a": 1.0}, step=3); logger.calls
+    [[3, ['a']]]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import Logger
+
+__all__ = ["RecordingLogger", "main"]
+
+
+class RecordingLogger(Logger):
+    """Keeps ``[step, sorted keys]`` of every ``log_metrics`` call, on every rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[Any]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append([step, sorted(metrics)])
+
+
+def main(workdir: Path) -> None:
+    """Fit every case under DDP, one after the other in the same two processes, and write what each rank has."""
+    from tests.contract_cases import BATCH, CASES, ContractDigits, build, fit
+
+    torch.set_num_threads(1)
+    for case in CASES:
+        logger = RecordingLogger()
+        callback = build(case, workdir)
+        model, trainer = fit(
+            [callback],
+            workdir / f"run-{case.name}",
+            devices=2,
+            strategy="ddp",
+            logger=logger,
+            limit_val_batches=1,
+            checkpoints=False,
+            data=ContractDigits(batch_size=BATCH // 2),
+        )  # each rank: half of every global batch
+        rank = trainer.global_rank
+        state = {k: v.detach().cpu() for k, v in case.read_state(callback, model).items()}
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"state": state, "model": weights}, workdir / f"{case.name}-rank{rank}.pt")
+        (workdir / f"{case.name}-rank{rank}.json").write_text(json.dumps(logger.calls))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,646 @@
+"""One contract for every callback (issue 9), in the spirit of timm's tests/test_models.py.
+
+Every check below is parametrized over :data:`tests.contract_cases.CASES`; a new callback is covered by adding
+one ``Case`` there. The checks:
+
+- built from YAML through LightningCLI, and ``--print_config`` writes a config that parses to an equal callback;
+- pickle, deepcopy and ``state_dict`` round trips after a fit;
+- crash and resume: a fit SIGKILLed in a subprocess at several steps, resumed with ``ckpt_path="last"``, ends with
+  the weights and compression state of an uninterrupted run (exactly), and the checkpoints written before the
+  crash are intact and unchanged;
+- DDP (2 CPU processes, gloo): compression state identical on both ranks, callback metrics logged once;
+- composition: pruning + quantization + distillation + weight sharing + low-rank in one Trainer reach each
+  target; every pair of callbacks on the same layers either trains to both targets, in either order, with the same
+  result, or is refused before the first step;
+- models of other shapes (several inputs, keyword arguments and a dict output; tied weights; frozen layers;
+  ``bf16-mixed``): each callback works (and reaches its target) or refuses with a clear error;
+- bad input (hypothesis): random argument values and random recipe edits either train or are refused before the
+  first step (``ValueError``/``TypeError``, or the CLI parser's exit), and never leave an unreadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from lightning.pytorch import Callback
+
+from lightning_compress import claims
+from lightning_compress.cli import run_cli
+from tests.contract_cases import (
+    CASES,
+    STEPS_PER_EPOCH,
+    Case,
+    FrozenMLP,
+    MultiInputNet,
+    TiedNet,
+    build,
+    case_by_name,
+    fit,
+    teacher_checkpoint,
+)
+from tests.helpers import REPO_ROOT
+
+IDS = [c.name for c in CASES]
+CRASH_STEPS = (2, 6, 10, 13)  # epoch-end checkpoints are at steps 4, 8 and 12; step 2 crashes before any
+TOTAL_STEPS = 16
+
+
+def _params(cases: list[Case], check: str) -> list[Any]:
+    return [
+        pytest.param(c, id=c.name, marks=pytest.mark.xfail(strict=True, reason=c.xfail[check]))
+        if check in c.xfail
+        else pytest.param(c, id=c.name)
+        for c in cases
+    ]
+
+
+def _same(a: Any, b: Any, path: str = "") -> None:
+    """Assert two nested states (dicts, lists, tensors, numbers) are exactly equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (
+            path,
+            sorted(a),
+            sorted(b) if isinstance(b, dict) else b,
+        )
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (path, a, b)
+
+
+def _public(cb: Callback) -> dict[str, Any]:
+    """The constructor arguments a callback keeps (public attributes), for comparing two instances.
+
+    Lightning attaches the module's ``log``/``log_dict`` to every callback during fit; results of a run (an export
+    report, a byte count, the last statistics) are not settings either.
+    """
+    skip = ("log", "log_dict", "report", "converted_bytes", "last_stats")
+    return {k: v for k, v in vars(cb).items() if not k.startswith("_") and k not in skip}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("contract")
+    teacher_checkpoint(path)  # written once, before any subprocess
+    return path
+
+
+# -- YAML ----------------------------------------------------------------------------------------------
+def _recipe(case: Case, workdir: Path, root: Path | None = None) -> dict[str, Any]:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "max_epochs": 2,
+            "limit_train_batches": STEPS_PER_EPOCH,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(root or workdir),
+            "accelerator": "cpu",
+            "devices": 1,
+            "callbacks": [{"class_path": case.class_path, "init_args": case.args(workdir)}],
+        },
+        "model": {
+            "class_path": "lightning_compress.examples.DigitsMLP",
+            "init_args": {"hidden_sizes": [16, 8]},
+        },
+        "data": {"class_path": "tests.contract_cases.ContractDigits"},
+    }
+
+
+def _from_cli(path: Path, case: Case) -> tuple[Any, Any]:
+    cli = run_cli(["--config", str(path)], run=False)
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, case.cls)]
+    return cli, cb
+
+
+@pytest.mark.parametrize("case", _params(CASES, "yaml"))
+def test_built_from_yaml_and_print_config_round_trips(
+    case: Case, workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(case, workdir)))
+    _, from_yaml = _from_cli(recipe, case)
+    direct = build(case, workdir)
+    _same(_public(from_yaml), _public(direct))
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--config", str(recipe), "--print_config"], run=False)
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    written = yaml.safe_load(printed)
+    (entry,) = [c for c in written["trainer"]["callbacks"] if c["class_path"] == case.class_path]
+    for key, value in case.args(workdir).items():
+        assert entry["init_args"][key] == value, key  # every setting written back, defaults beside them
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    _, reparsed = _from_cli(again, case)
+    _same(_public(reparsed), _public(from_yaml))
+    _same(reparsed.state_dict(), from_yaml.state_dict())
+
+
+# -- pickle / deepcopy / state_dict --------------------------------------------------------------------
+@pytest.mark.parametrize("case", _params(CASES, "pickle"))
+def test_pickle_deepcopy_and_state_dict_round_trip(case: Case, workdir: Path, tmp_path: Path) -> None:
+    cb = build(case, workdir)
+    for clone in (pickle.loads(pickle.dumps(cb)), copy.deepcopy(cb)):  # before fit
+        _same(_public(clone), _public(cb))
+    model, trainer = fit([cb], tmp_path, checkpoints=False)
+    case.verify(cb, model, trainer)
+    state = cb.state_dict()
+    assert isinstance(state.get("version"), int), "state_dict carries a version"
+    assert pickle.loads(pickle.dumps(state)) is not None
+    for clone in (pickle.loads(pickle.dumps(cb)), copy.deepcopy(cb)):  # after fit
+        _same(_public(clone), _public(cb))
+        _same(clone.state_dict(), state)
+    fresh = build(case, workdir)
+    fresh.load_state_dict(copy.deepcopy(state))
+    _same(fresh.state_dict(), state)
+    build(case, workdir).load_state_dict({})  # a state from an older version (no keys) still loads
+
+
+# -- crash and resume ----------------------------------------------------------------------------------
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def crashed(workdir: Path) -> dict[str, Any]:
+    """Every case killed with SIGKILL at every crash step, in one worker subprocess (a forked child per fit)."""
+    jobs = [f"{c.name}:{s}" for c in CASES for s in CRASH_STEPS]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.contract_worker", str(workdir), *jobs],
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((workdir / "crashes.json").read_text())
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _params(CASES, "crash"))
+def test_sigkill_then_resume_equals_uninterrupted_run(
+    case: Case, workdir: Path, crashed: dict[str, Any]
+) -> None:
+    straight_cb = build(case, workdir)
+    straight, _ = fit([straight_cb], workdir / f"{case.name}-straight")
+    expected_state = case.read_state(straight_cb, straight)
+    assert expected_state, "the case reads no state"
+    for step in CRASH_STEPS:
+        assert crashed[f"{case.name}:{step}"] == signal.SIGKILL, (
+            f"step {step}: {crashed[f'{case.name}:{step}']}"
+        )
+        run = workdir / f"{case.name}-{step}"
+        saved_steps = [s for s in range(STEPS_PER_EPOCH, step + 1, STEPS_PER_EPOCH)]
+        files = {f"epoch={s // STEPS_PER_EPOCH - 1}-step={s}.ckpt" for s in saved_steps}
+        found = {p.name for p in (run / "ckpt").glob("*")} if (run / "ckpt").exists() else set()
+        assert found == (files | {"last.ckpt"} if files else set()), (step, found)  # nothing half-written
+        before = {}
+        for name in found:  # everything written before the crash loads, at the step its name says
+            ckpt = torch.load(run / "ckpt" / name, map_location="cpu", weights_only=False)
+            assert ckpt["global_step"] == (
+                max(saved_steps) if name == "last.ckpt" else int(name[:-5].split("=")[-1])
+            )
+            assert any(k.startswith(type(straight_cb).__name__) for k in ckpt["callbacks"]), list(
+                ckpt["callbacks"]
+            )
+            before[name] = _sha(run / "ckpt" / name)
+
+        cb = build(case, workdir)
+        model, trainer = fit([cb], run, ckpt_path="last")
+        assert trainer.global_step == TOTAL_STEPS
+        for name, digest in before.items():
+            if name != "last.ckpt":
+                assert _sha(run / "ckpt" / name) == digest, f"{name} changed by the resumed run"
+        _same(case.read_state(cb, model), expected_state, f"state after crash at {step}")
+        _same(model.state_dict(), straight.state_dict(), f"weights after crash at {step}")
+
+
+# -- DDP -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_runs(workdir: Path) -> Path:
+    out = workdir / "ddp"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.contract_ddp", str(workdir)],
+        cwd=out,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return workdir
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _params(CASES, "ddp"))
+def test_ddp_state_identical_on_both_ranks_and_logged_once(case: Case, ddp_runs: Path) -> None:
+    r0, r1 = (torch.load(ddp_runs / f"{case.name}-rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["state"], "the case reads no state"
+    _same(r0["state"], r1["state"])
+    _same(r0["model"], r1["model"])
+    calls = [json.loads((ddp_runs / f"{case.name}-rank{r}.json").read_text()) for r in (0, 1)]
+    direct = ("compression/", "lowrank/")  # keys the callbacks hand to the loggers themselves
+    assert not [keys for _, keys in calls[1] if any(k.startswith(direct) for k in keys)], "logged from rank 1"
+    seen: set[tuple[int, str]] = set()
+    for step, keys in calls[0]:
+        for key in keys:
+            assert (step, key) not in seen, f"{key} logged twice at step {step}"
+            seen.add((step, key))
+    if case.name == "monitor":
+        assert any(k == "compression/sparsity" for _, keys in calls[0] for k in keys)
+
+
+# -- composition ---------------------------------------------------------------------------------------
+def _all_five(workdir: Path, order: list[str]) -> list[Callback]:
+    made = {
+        "low_rank": build(case_by_name("low_rank"), workdir, start_step=0, targets=["net.3"], rank_ratio=0.5),
+        "pruning": build(
+            case_by_name("pruning"),
+            workdir,
+            targets=["net.1", "net.5"],
+            final_sparsity=0.8,
+            start_step=0,
+            end_step=8,
+            update_every=2,
+        ),
+        "weight_sharing": build(
+            case_by_name("weight_sharing"), workdir, targets=["net.1"], bits=4, start_step=9
+        ),
+        "quantization": build(
+            case_by_name("quantization"),
+            workdir,
+            targets=["net.5", "net.3.down", "net.3.up"],
+            weight_bits=8,
+            learn_scale=False,
+            start_step=4,
+        ),
+        "distillation": build(case_by_name("distillation"), workdir, alpha=0.5),
+        "monitor": build(case_by_name("monitor"), workdir),
+    }
+    return [made[n] for n in order]
+
+
+ORDER = ["low_rank", "pruning", "weight_sharing", "quantization", "distillation", "monitor"]
+
+
+def test_all_callbacks_in_one_trainer_reach_their_targets_in_any_order_that_is_allowed(
+    workdir: Path, tmp_path: Path
+) -> None:
+    results = []
+    for order in (
+        ORDER,
+        ["monitor", "distillation", "low_rank", "quantization", "weight_sharing", "pruning"],
+    ):
+        callbacks = _all_five(workdir, order)
+        model, trainer = fit(
+            callbacks, tmp_path / str(len(results)), checkpoints=False, max_epochs=5, limit_val_batches=2
+        )
+        named = dict(zip(order, callbacks, strict=True))
+        for name, cb in named.items():
+            case_by_name(name).verify(cb, model, trainer)
+        assert named["pruning"].current_sparsity() == pytest.approx(0.8, abs=0.01)
+        shared = model.get_submodule("net.1")
+        weight = shared.weight if hasattr(shared, "weight") else None
+        assert (
+            weight is not None and float((weight == 0).float().mean()) >= 0.79
+        )  # pruned zeros kept by sharing
+        assert len(torch.unique(weight[weight != 0])) <= 16
+        assert named["low_rank"].layers["net.3"]["rank"] == 4
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    _same(results[0], results[1])  # the order of the list changed nothing
+
+
+def test_factorize_before_quantize_is_the_order_that_matters(workdir: Path, tmp_path: Path) -> None:
+    quantize_first = ["quantization", "low_rank", "pruning"]
+    with pytest.raises(ValueError, match="net.3.down"):  # QAT's setup runs before the factors exist
+        fit(_all_five(workdir, quantize_first), tmp_path, checkpoints=False)
+    quantize_all = build(case_by_name("quantization"), workdir)
+    factorize = build(case_by_name("low_rank"), workdir, start_step=0)
+    with pytest.raises(ValueError, match="cannot be factorized: it is a QATLinear"):
+        fit([quantize_all, factorize], tmp_path, checkpoints=False)
+
+
+def _refused(a: Case, b: Case) -> bool:
+    """Whether callbacks ``a`` then ``b`` (in this order) on the same layers must be refused before training."""
+    if (a.name, b.name) == ("distillation", "slimmable"):
+        return True  # feature hints on slimmed layers: SlimmableTraining must be listed first
+    if a.kind is None or b.kind is None:
+        return a is b and a.name in ("monitor", "distillation")  # the same state_key twice
+    if a is b:
+        return True
+    pair = frozenset({a.kind, b.kind})
+    # prune + share is allowed only when pruning ends before sharing starts; the cases overlap (end 10, start 6)
+    return pair not in claims.COMPATIBLE or pair == frozenset({"prune", "share"})
+
+
+PAIRS = list(itertools.combinations_with_replacement(CASES, 2))
+
+
+@pytest.mark.parametrize("a,b", [pytest.param(a, b, id=f"{a.name}+{b.name}") for a, b in PAIRS])
+def test_every_pair_on_the_same_layers_composes_or_is_refused(
+    a: Case, b: Case, workdir: Path, tmp_path: Path
+) -> None:
+    finals = []
+    for first, second in ((a, b), (b, a)):
+        cbs = [build(first, workdir), build(second, workdir)]
+        if _refused(first, second):
+            with pytest.raises((ValueError, RuntimeError)) as err:
+                fit(cbs, tmp_path, checkpoints=False)
+            assert isinstance(err.value, ValueError) or "state_key" in str(err.value), err.value
+            continue
+        model, trainer = fit(cbs, tmp_path, checkpoints=False)
+        first.verify(cbs[0], model, trainer)
+        second.verify(cbs[1], model, trainer)
+        finals.append(model.state_dict())
+    if len(finals) == 2:
+        _same(finals[0], finals[1])
+
+
+# -- models of other shapes ----------------------------------------------------------------------------
+SHAPES = ["multi_input_dict", "tied", "tied_targeted", "frozen", "bf16"]
+# (case, shape) -> a fragment of the error that refuses it; every other combination must train to its target.
+# Tied weights: pruning and sharing act on the parameter itself (both uses see it); quantizing or factorizing one
+# module would untie it, so those skip tied layers by default and refuse them when named in `targets`.
+REFUSED = {
+    ("low_rank", "tied_targeted"): "tied to \\['embed'\\]",
+    ("quantization", "tied_targeted"): "tied to \\['embed'\\]",
+    (
+        "slimmable",
+        "multi_input_dict",
+    ): "no hidden layer whose width can change",  # the forward scales its hidden
+}
+SHAPE_CASES = [
+    (c, s)
+    for c in CASES
+    for s in SHAPES
+    if s != "tied_targeted" or "targets" in inspect.signature(c.cls).parameters
+]
+
+
+def _shape_run(case: Case, shape: str, workdir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    overrides: dict[str, Any] = {}
+    trainer_kwargs: dict[str, Any] = {}
+    model: Any = None
+    if case.name == "low_rank":
+        overrides["targets"] = None
+    if shape == "multi_input_dict":
+        model = MultiInputNet()
+        if case.name == "distillation":
+            overrides.update(
+                teacher={"class_path": "tests.contract_cases.MultiInputNet"},
+                teacher_checkpoint=None,
+                feature_pairs={"enc_a": "enc_a"},
+                student_output="logits",
+                teacher_output="logits",
+            )
+    elif shape in ("tied", "tied_targeted"):
+        model = TiedNet()
+        if shape == "tied_targeted":
+            overrides["targets"] = ["out"]
+        if case.name == "distillation":
+            overrides.update(
+                teacher={"class_path": "tests.contract_cases.TiedNet"},
+                teacher_checkpoint=None,
+                feature_pairs=None,
+            )
+    elif shape == "frozen":
+        model = FrozenMLP()
+    else:
+        trainer_kwargs["precision"] = "bf16-mixed"
+    return model, overrides, trainer_kwargs
+
+
+@pytest.mark.parametrize("case,shape", [pytest.param(c, s, id=f"{c.name}-{s}") for c, s in SHAPE_CASES])
+def test_models_of_other_shapes_work_or_are_refused(
+    case: Case, shape: str, workdir: Path, tmp_path: Path
+) -> None:
+    model, overrides, trainer_kwargs = _shape_run(case, shape, workdir)
+    cb = build(case, workdir, **overrides)
+    if (case.name, shape) in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[case.name, shape]):
+            fit([cb], tmp_path, model=model, checkpoints=False, **trainer_kwargs)
+        return
+    frozen_before = model.net[1].weight.detach().clone() if shape == "frozen" else None
+    model, trainer = fit([cb], tmp_path, model=model, checkpoints=False, **trainer_kwargs)
+    assert trainer.global_step == TOTAL_STEPS
+    case.verify(cb, model, trainer)
+    if shape.startswith("tied"):
+        assert model.out.weight is model.embed.weight, "the tie was broken"
+    if (
+        frozen_before is not None and case.name != "quantization"
+    ):  # QAT converts the frozen layer to integers too
+        assert torch.equal(model.net[1].weight, frozen_before), "a frozen layer changed"
+
+
+# -- bad input (property-based) ------------------------------------------------------------------------
+_PATTERNS = ["net.1", "net.3", "net.5", "net.*", "re:net\\.[13]", "re:(", "", "nope", "net.0"]
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from(
+        [
+            0,
+            1,
+            2,
+            3,
+            4,
+            8,
+            0.0,
+            0.5,
+            0.99,
+            1.0,
+            1.5,
+            "",
+            "cubic",
+            "linear",
+            "one_shot",
+            "structured",
+            "layer",
+            "per_tensor",
+            "power_of_two",
+            "sum",
+            "density",
+            "net.1",
+            "nope",
+        ]
+    ),
+    st.lists(st.sampled_from(_PATTERNS), max_size=3),
+    st.dictionaries(
+        st.sampled_from(_PATTERNS),
+        st.one_of(st.integers(-2, 9), st.floats(-1, 2), st.sampled_from(["net.1", "net.3"])),
+        max_size=2,
+    ),
+    st.text(max_size=4),
+)
+
+
+class _Steps(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.steps = trainer.global_step
+
+
+def _checkpoints_readable(root: Path) -> None:
+    for path in root.rglob("*.ckpt"):
+        torch.load(path, map_location="cpu", weights_only=False)  # raises on a half-written file
+    assert not [p for p in root.rglob("*") if p.suffix in (".tmp", ".part")]
+
+
+def _train_or_refuse(make: Any, run: Path) -> None:
+    """``make()`` builds (callbacks, model, trainer); it must train, or fail before the first optimizer step."""
+    steps = _Steps()
+    try:
+        cb = make()
+    except (ValueError, TypeError, SystemExit) as err:
+        assert not isinstance(err, SystemExit) or err.code not in (0, None)
+        event(f"refused when built ({type(err).__name__})")
+        return
+    try:
+        fit([cb, steps], run, max_epochs=2)
+    except (ValueError, TypeError) as err:
+        assert steps.steps == 0, f"refused after {steps.steps} steps: {err}"
+        event(f"refused before the first step ({type(err).__name__})")
+    else:
+        assert steps.steps > 0
+        event("trained")
+    _checkpoints_readable(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _params(CASES, "bad_arguments"))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_arguments_train_or_are_refused_before_the_first_step(
+    case: Case, workdir: Path, data: Any
+) -> None:
+    names = [n for n in inspect.signature(case.cls).parameters]
+    keys = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True), label="arguments")
+    overrides = {k: data.draw(VALUES, label=k) for k in keys}
+    with tempfile.TemporaryDirectory() as tmp:
+        _train_or_refuse(lambda: build(case, workdir, **overrides), Path(tmp))
+
+
+_EDITS = ("set", "delete", "unknown", "class_path")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _params(CASES, "bad_yaml"))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_recipe_edits_train_or_are_refused_before_the_first_step(
+    case: Case, workdir: Path, data: Any
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        recipe = _recipe(case, workdir, root=run)
+        init_args = recipe["trainer"]["callbacks"][0]["init_args"]
+        edit = data.draw(st.sampled_from(_EDITS), label="edit")
+        if edit == "set":
+            key = data.draw(st.sampled_from(list(inspect.signature(case.cls).parameters)), label="key")
+            init_args[key] = data.draw(
+                VALUES.filter(lambda v: not (isinstance(v, float) and math.isnan(v))), label="value"
+            )
+        elif edit == "delete" and init_args:
+            init_args.pop(data.draw(st.sampled_from(sorted(init_args)), label="key"))
+        elif edit == "unknown":
+            init_args[data.draw(st.sampled_from(["bogus", "finalsparsity", "bits_"]), label="key")] = 1
+        else:
+            recipe["trainer"]["callbacks"][0]["class_path"] = case.class_path + "X"
+        path = run / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+
+        def make() -> Any:
+            cli = run_cli(["--config", str(path)], run=False)
+            (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, case.cls)]
+            return cb
+
+        _train_or_refuse(make, run)
+
+
+# -- coverage of the list ------------------------------------------------------------------------------
+def test_every_callback_of_the_package_has_a_case() -> None:
+    """A callback module added to lightning_compress/callbacks/ fails here until it joins CASES."""
+    import importlib
+    import pkgutil
+
+    import lightning_compress.callbacks as package
+
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, Callback) and obj.__module__ == module.__name__:
+                if not name.startswith("_"):
+                    found.add(f"{module.__name__}.{name}")
+    assert found, "no callbacks found"
+    assert found <= {c.class_path for c in CASES}, sorted(found - {c.class_path for c in CASES})
+
+
+RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_prints_a_config_that_builds_the_same_callbacks(
+    recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--config", str(recipe), "--trainer.logger=false"]
+    first = run_cli(args, run=False).trainer.callbacks
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli([*args, "--print_config"], run=False)
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    again = run_cli(["--config", str(printed)], run=False).trainer.callbacks
+    ours = [(type(c), _public(c)) for c in first if type(c).__module__.startswith("lightning_compress")]
+    assert ours or "baseline" in recipe.stem or "teacher" in recipe.stem
+    theirs = [(type(c), _public(c)) for c in again if type(c).__module__.startswith("lightning_compress")]
+    assert [t for t, _ in ours] == [t for t, _ in theirs]
+    for (_, a), (_, b) in zip(ours, theirs, strict=True):
+        _same(a, b)
