@@ -443,6 +443,15 @@ def model_from_config(config: str | Path) -> nn.Module:
 
     Raises:
         ValueError: the file is not a YAML mapping.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "config.yaml")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("model: {class_path: lightning_compress.examples.DigitsMLP, init_args: {hidden_sizes: [8]}}")
+        >>> model = model_from_config(path)
+        >>> type(model).__name__, model.net[1].out_features
+        ('DigitsMLP', 8)
     """
     import yaml
 
