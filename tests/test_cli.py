@@ -107,6 +107,7 @@ def test_bad_config_is_an_error_before_training(tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "lightning_logs").exists()
 
 
+@pytest.mark.slow
 def test_deep_compression_recipe_and_export_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The recipe prunes, shares and writes its file when training ends; the file loads (strict) into a fresh
     DigitsMLP bit-exactly; `lightning-compress export` on the run's checkpoint writes the same bytes, from the
