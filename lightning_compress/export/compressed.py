@@ -486,9 +486,12 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="compressed file to write")
     parser.add_argument("--quiet", action="store_true", help="do not print the stage table")
     args = parser.parse_args(argv)
+    for flag, value in (("--ckpt", args.ckpt), ("--config", args.config)):
+        if value is not None and not Path(value).is_file():
+            parser.error(f"{flag} {value!r}: no such file")
     checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"`--ckpt` {args.ckpt!r} holds no 'state_dict': not a Lightning checkpoint")
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        parser.error(f"--ckpt {args.ckpt!r} holds no 'state_dict': not a Lightning checkpoint")
     target: nn.Module | Mapping[str, torch.Tensor] = checkpoint["state_dict"]
     if args.config is not None:
         target = model_from_config(args.config)

@@ -183,6 +183,13 @@ def test_export_command_from_checkpoint_and_config(
     assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "b.lcdc"), "--quiet"]) == 0
     _assert_same(load_compressed(tmp_path / "a.lcdc", DigitsMLP(hidden_sizes=[16])), model.state_dict())
     assert (tmp_path / "a.lcdc").read_bytes() == (tmp_path / "b.lcdc").read_bytes()
+    torch.save({"weights": model.state_dict()}, tmp_path / "plain.pt")
+    for bad in (["--ckpt", str(tmp_path / "missing.ckpt")], ["--ckpt", str(tmp_path / "plain.pt")]):
+        with pytest.raises(SystemExit) as exit_info:  # a usage error with a message, not a traceback
+            export_main([*bad, "--out", str(tmp_path / "x.lcdc")])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "not a Lightning checkpoint" in err
     config.write_text(config.read_text().replace("[16]", "[17]"))
     with pytest.raises(RuntimeError, match="size mismatch"):
         export_main(["--ckpt", str(ckpt), "--config", str(config), "--out", str(tmp_path / "c.lcdc")])
