@@ -92,8 +92,9 @@ class KnowledgeDistillation(Callback):
     Raises:
         ValueError: ``temperature <= 0``, ``alpha`` outside [0, 1], a bad schedule or teacher spec (in ``__init__``);
             a ``student_module`` or ``feature_pairs`` layer that does not exist, a checkpoint that does not fit the
-            teacher, manual optimization (in ``setup``); a selector that does not exist or outputs of different
-            shapes (at the first training step).
+            teacher, manual optimization (in ``setup``); a selector that does not exist, outputs of different
+            shapes or a teacher that cannot run on the student's inputs (at the first training step, before the
+            first optimizer step).
         TypeError: ``teacher`` is neither a mapping nor an ``nn.Module``.
 
     Example:
@@ -196,6 +197,7 @@ class KnowledgeDistillation(Callback):
         self._captured: tuple[tuple, dict, Any] | None = None
         self._wrapper: _DistillStep | None = None
         self._agree = [0, 0]
+        self._teacher_ran = False  # the first teacher call turns a shape error into a ValueError naming the cause
 
     # -- public helpers -----------------------------------------------------------------------------
     @property
@@ -377,9 +379,19 @@ class KnowledgeDistillation(Callback):
         try:
             with torch.no_grad():
                 out = teacher(*args, **kwargs)
+        except (RuntimeError, TypeError) as err:
+            if self._teacher_ran:  # it ran before: a genuine runtime error, not a configuration one
+                raise
+            student = f"`student_module`={self.student_module!r}" if self.student_module else "the LightningModule"
+            raise ValueError(
+                f"the teacher {type(teacher).__name__} cannot run on the inputs of {student} ({err}); the teacher "
+                "receives exactly the arguments of the student's forward call: set `student_module` to the "
+                "submodule whose inputs the teacher takes"
+            ) from err
         finally:
             if self._teacher_features is not None:
                 self._teacher_features.stop()
+        self._teacher_ran = True
         return select_output(out, self.teacher_output, "teacher_output")
 
     def distillation_loss(self, pl_module: pl.LightningModule, task_loss: torch.Tensor) -> torch.Tensor:

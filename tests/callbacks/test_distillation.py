@@ -453,3 +453,11 @@ def test_feature_hints_on_slimmed_layers_need_slimmable_listed_first(make_traine
     trainer = make_trainer(max_steps=2, callbacks=callbacks(kd_first=False))
     trainer.fit(_student())
     assert float(trainer.callback_metrics["distill/feature_loss"]) > 0
+
+
+def test_teacher_that_cannot_take_the_student_inputs_is_a_value_error(make_trainer) -> None:
+    """`student_module` names a layer whose inputs (32 wide) the teacher (16 inputs) cannot take."""
+    trainer = make_trainer(max_steps=2, callbacks=[KnowledgeDistillation(teacher=_teacher(), student_module="net.2")])
+    with pytest.raises(ValueError, match="cannot run on the inputs of `student_module`='net.2'"):
+        trainer.fit(_student())
+    assert trainer.global_step == 0
