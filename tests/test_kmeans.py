@@ -95,3 +95,23 @@ def test_cluster_gradient_matches_loop(reduce: str) -> None:
                 assert torch.isclose(out[i, j], expected, atol=1e-6)
     with pytest.raises(ValueError, match="`reduce`"):
         kmeans.cluster_gradient(grad, a, 3, "max")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_in_place_tying_matches_the_reference(reduce: str) -> None:
+    """tie_gradient_ / expand_ on the members' positions equal cluster_gradient / expand on the whole tensor."""
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(40, 30, generator=g)
+    weight[torch.rand(40, 30, generator=g) < 0.8] = 0.0
+    codebook, a = kmeans.share(weight, bits=3)
+    positions, labels = kmeans.members(a)
+    assert torch.equal(positions, torch.nonzero(a.reshape(-1) >= 0).reshape(-1))
+    grad = torch.randn(40, 30, generator=g)
+    reference = kmeans.cluster_gradient(grad, a, len(codebook), reduce)
+    tied = kmeans.tie_gradient_(grad.clone(), positions, labels, len(codebook), reduce)
+    torch.testing.assert_close(tied, reference, atol=1e-6, rtol=1e-6)
+    assert torch.equal(tied == 0, reference == 0)
+    out = torch.full((40, 30), 7.0)  # stale values everywhere: all overwritten
+    assert torch.equal(kmeans.expand_(out, codebook, positions, labels), kmeans.expand(codebook, a))
+    with pytest.raises(ValueError, match="`reduce`"):
+        kmeans.tie_gradient_(grad, positions, labels, len(codebook), "max")  # type: ignore[arg-type]

@@ -147,6 +147,9 @@ class WeightSharing(Callback):
         self._layer_bits: dict[str, int] = {}
         self._start: int | None = None
         self._rep: dict[str, torch.Tensor] = {}  # weight fqn -> flat index of one member per cluster
+        self._members: dict[
+            str, tuple[torch.Tensor, torch.Tensor]
+        ] = {}  # fqn -> flat positions, their labels
         self._hooks: list[Any] = []
         self._hooked_optimizers: list[int] = []
 
@@ -228,7 +231,7 @@ class WeightSharing(Callback):
                     )
                 self._assignments[fqn] = a.to(weight.device, torch.int64)
                 self._codebooks[fqn] = self._codebooks[fqn].to(weight.device, weight.dtype)
-                self._rep[fqn] = _representatives(self._assignments[fqn], len(self._codebooks[fqn]))
+                self._index(fqn)
             self._retie()
 
     def _check_pruning_order(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -280,11 +283,14 @@ class WeightSharing(Callback):
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         with torch.no_grad():
             for fqn, weight in self._weights.items():
-                if id(weight) in params and weight.grad is not None:
-                    a = self._assignments[fqn]
-                    weight.grad.copy_(
-                        kmeans.cluster_gradient(weight.grad, a, len(self._codebooks[fqn]), self.reduce)
-                    )
+                grad = weight.grad
+                if id(weight) not in params or grad is None:
+                    continue
+                k = len(self._codebooks[fqn])
+                if grad.is_contiguous():  # the usual case: touch only the members
+                    kmeans.tie_gradient_(grad, *self._members[fqn], k, self.reduce)
+                else:
+                    grad.copy_(kmeans.cluster_gradient(grad, self._assignments[fqn], k, self.reduce))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -325,8 +331,8 @@ class WeightSharing(Callback):
             weight = self._weights[fqn]
             self._codebooks[fqn] = codebook.to(weight.device, weight.dtype)
             self._assignments[fqn] = a.to(weight.device, torch.int64)
-            self._rep[fqn] = _representatives(self._assignments[fqn], len(codebook))
-            weight.copy_(kmeans.expand(self._codebooks[fqn], self._assignments[fqn]))
+            self._index(fqn)
+            self._tie(fqn, weight, self._codebooks[fqn])
             for optimizer in trainer.optimizers if trainer is not None else []:
                 optimizer.state.pop(weight, None)  # members start from the same (fresh) optimizer state
         self._shared_step = trainer.global_step if trainer is not None else 0
@@ -339,9 +345,20 @@ class WeightSharing(Callback):
         for fqn, weight in self._weights.items():
             if fqn not in self._assignments or (params is not None and id(weight) not in params):
                 continue
-            flat = weight.reshape(-1)
-            codebook = flat[self._rep[fqn]].clone()
+            codebook = weight.reshape(-1)[self._rep[fqn]].clone()
             self._codebooks[fqn] = codebook
+            self._tie(fqn, weight, codebook)
+
+    def _index(self, fqn: str) -> None:
+        """Derive the per-step lookups of ``fqn`` from its assignments: one member per cluster, all members."""
+        self._rep[fqn] = _representatives(self._assignments[fqn], len(self._codebooks[fqn]))
+        self._members[fqn] = kmeans.members(self._assignments[fqn])
+
+    def _tie(self, fqn: str, weight: torch.Tensor, codebook: torch.Tensor) -> None:
+        """Set ``weight`` to ``codebook`` expanded by the assignments (zeros where unassigned)."""
+        if weight.is_contiguous():
+            kmeans.expand_(weight, codebook, *self._members[fqn])
+        else:
             weight.copy_(kmeans.expand(codebook, self._assignments[fqn]))
 
     def _hook_optimizers(self, trainer: pl.Trainer) -> None:
