@@ -8,7 +8,7 @@ Thinning: DigitsCNN (conv 32-64, fc 128) and a 1024-wide MLP (64-1024-1024-10), 
 GradualPruning in ``structured`` mode (50% of the output units of every hidden layer, ranked by L1 norm in each
 layer, cubic ramp from epoch 1 to epoch 15, then fine-tuned at 50%), then ``export.thin``. Accuracy is on the test
 split (359 digits). Latency: the seed-0 dense and thinned models side by side in this process, eval mode,
-``torch.inference_mode()``, ``torch.set_num_threads(1)``, median of 7 alternating rounds, at batch 1 and 256.
+``torch.inference_mode()``, ``torch.set_num_threads(1)``, median of 15 alternating rounds, at batch 1 and 256.
 The FLOP reduction counts multiply-accumulates of the Linear/Conv layers on the same input.
 Target: latency speedup >= 0.8x the FLOP reduction; thinned accuracy within 1.5 points of dense.
 
@@ -112,7 +112,7 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @torch.inference_mode()
-def latency_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 7) -> tuple[float, float]:
+def latency_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int = 15) -> tuple[float, float]:
     """Median seconds per forward of ``a`` and of ``b`` on ``x``, measured in alternating rounds."""
     a.eval(), b.eval()
     reps = max(5, int(2000 / max(1, x.shape[0])))
