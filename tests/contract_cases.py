@@ -37,7 +37,19 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from lightning_compress.examples import DigitsMLP
 from lightning_compress.examples.digits import load_digits_tensors
 
-__all__ = ["CASES", "Case", "ContractDigits", "build", "case_by_name", "fit", "small_mlp"]
+__all__ = [
+    "CASES",
+    "RUNS",
+    "Case",
+    "ContractDigits",
+    "build",
+    "callbacks_for",
+    "case_by_name",
+    "composed",
+    "fit",
+    "small_mlp",
+    "state_of",
+]
 
 STEPS_PER_EPOCH = 4
 EPOCHS = 4
@@ -423,3 +435,38 @@ def case_by_name(name: str) -> Case:
 def build(case: Case, workdir: Path, **overrides: Any) -> Any:
     """Construct the case's callback from its ``args`` (updated with ``overrides``)."""
     return case.cls(**{**case.args(workdir), **overrides})
+
+
+# -- runs: one per case, and all methods in one Trainer ---------------------------------------------------
+COMPOSED = "composed"
+COMPOSED_ORDER = ["low_rank", "pruning", "weight_sharing", "quantization", "distillation", "monitor"]
+RUNS = [c.name for c in CASES] + [COMPOSED]
+
+
+def composed(workdir: Path) -> list[Callback]:
+    """Every method in one Trainer on the contract MLP, each on layers it may share with the others: net.3
+    factorized at step 0 (its factors and net.5 fake-quantized from step 2), net.1 and net.5 pruned over steps
+    2-10, net.1 shared at step 11, the teacher distilled through logits and a net.1 feature hint."""
+    return [
+        build(case_by_name("low_rank"), workdir, start_step=0, targets=["net.3"]),
+        build(case_by_name("pruning"), workdir, targets=["net.1", "net.5"]),
+        build(case_by_name("weight_sharing"), workdir, targets=["net.1"], start_step=11),
+        build(case_by_name("quantization"), workdir, targets=["net.5", "net.3.down", "net.3.up"]),
+        build(case_by_name("distillation"), workdir),
+        build(case_by_name("monitor"), workdir),
+    ]
+
+
+def callbacks_for(run: str, workdir: Path) -> list[Callback]:
+    """The callbacks of run ``run`` (a case name or :data:`COMPOSED`)."""
+    return composed(workdir) if run == COMPOSED else [build(case_by_name(run), workdir)]
+
+
+def state_of(run: str, callbacks: list[Callback], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The compression state of every callback of run ``run``."""
+    names = COMPOSED_ORDER if run == COMPOSED else [run]
+    return {
+        f"{name}/{k}": v
+        for name, cb in zip(names, callbacks, strict=True)
+        for k, v in case_by_name(name).read_state(cb, model).items()
+    }

@@ -1,7 +1,7 @@
 """DDP half of the contract: every case fits once under ``strategy="ddp"`` (2 CPU processes, gloo).
 
 Run as ``python -m tests.contract_ddp WORKDIR``; Lightning starts the second process by running the same command.
-For each case and rank it writes ``WORKDIR/<case>-rank<r>.pt`` (the case's compression state and the model's
+For each run (every case, then all of them in one Trainer) and rank it writes ``WORKDIR/<run>-rank<r>.pt`` (the case's compression state and the model's
 ``state_dict``) and ``WORKDIR/<case>-rank<r>.json`` (every ``log_metrics`` call the rank's logger received: a
 recording logger that, unlike Lightning's own loggers, is not silenced off rank zero, so that a callback logging
 from every rank would show up).
@@ -49,15 +49,15 @@ class RecordingLogger(Logger):
 
 def main(workdir: Path) -> None:
     """Fit every case under DDP, one after the other in the same two processes, and write what each rank has."""
-    from tests.contract_cases import BATCH, CASES, ContractDigits, build, fit
+    from tests.contract_cases import BATCH, RUNS, ContractDigits, callbacks_for, fit, state_of
 
     torch.set_num_threads(1)
-    for case in CASES:
+    for run in RUNS:
         logger = RecordingLogger()
-        callback = build(case, workdir)
+        callbacks = callbacks_for(run, workdir)
         model, trainer = fit(
-            [callback],
-            workdir / f"run-{case.name}",
+            callbacks,
+            workdir / f"run-{run}",
             devices=2,
             strategy="ddp",
             logger=logger,
@@ -66,10 +66,10 @@ def main(workdir: Path) -> None:
             data=ContractDigits(batch_size=BATCH // 2),
         )  # each rank: half of every global batch
         rank = trainer.global_rank
-        state = {k: v.detach().cpu() for k, v in case.read_state(callback, model).items()}
+        state = {k: v.detach().cpu() for k, v in state_of(run, callbacks, model).items()}
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"state": state, "model": weights}, workdir / f"{case.name}-rank{rank}.pt")
-        (workdir / f"{case.name}-rank{rank}.json").write_text(json.dumps(logger.calls))
+        torch.save({"state": state, "model": weights}, workdir / f"{run}-rank{rank}.pt")
+        (workdir / f"{run}-rank{rank}.json").write_text(json.dumps(logger.calls))
 
 
 if __name__ == "__main__":

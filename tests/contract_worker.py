@@ -1,7 +1,7 @@
 """Crash half of the contract's crash-and-resume check: fits that are killed with SIGKILL.
 
 Run as ``python -m tests.contract_worker WORKDIR CASE:STEP [CASE:STEP ...]``. For each job a child process is
-forked (one import of torch and Lightning for all jobs); the child runs the contract fit of ``CASE`` with its
+forked (one import of torch and Lightning for all jobs); the child runs the contract fit of ``CASE`` (a case name, or ``composed``) with its
 epoch-end checkpoints in ``WORKDIR/CASE-STEP/ckpt`` and kills itself with SIGKILL at the end of optimizer step
 ``STEP``. The parent records how each child ended in ``WORKDIR/crashes.json``: ``{"CASE:STEP": signal}``.
 
@@ -28,11 +28,10 @@ def parse_job(job: str) -> tuple[str, int]:
 def _crash(workdir: Path, name: str, step: int) -> None:
     import torch
 
-    from tests.contract_cases import KillAt, build, case_by_name, fit
+    from tests.contract_cases import KillAt, callbacks_for, fit
 
     torch.set_num_threads(1)
-    case = case_by_name(name)
-    fit([build(case, workdir), KillAt(step)], workdir / f"{name}-{step}")
+    fit([*callbacks_for(name, workdir), KillAt(step)], workdir / f"{name}-{step}")
 
 
 def main(argv: list[str]) -> int:

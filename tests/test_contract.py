@@ -46,14 +46,19 @@ from lightning_compress import claims
 from lightning_compress.cli import run_cli
 from tests.contract_cases import (
     CASES,
+    COMPOSED,
+    COMPOSED_ORDER,
+    RUNS,
     STEPS_PER_EPOCH,
     Case,
     FrozenMLP,
     MultiInputNet,
     TiedNet,
     build,
+    callbacks_for,
     case_by_name,
     fit,
+    state_of,
     teacher_checkpoint,
 )
 from tests.helpers import REPO_ROOT
@@ -197,8 +202,8 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def crashed(workdir: Path) -> dict[str, Any]:
-    """Every case killed with SIGKILL at every crash step, in one worker subprocess (a forked child per fit)."""
-    jobs = [f"{c.name}:{s}" for c in CASES for s in CRASH_STEPS]
+    """Every run killed with SIGKILL at every crash step, in one worker subprocess (a forked child per fit)."""
+    jobs = [f"{run}:{s}" for run in RUNS for s in CRASH_STEPS]
     proc = subprocess.run(
         [sys.executable, "-m", "tests.contract_worker", str(workdir), *jobs],
         cwd=REPO_ROOT,
@@ -215,42 +220,47 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _run_params(check: str) -> list[Any]:
+    return [*_params(CASES, check), pytest.param(COMPOSED, id=COMPOSED)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", _params(CASES, "crash"))
+@pytest.mark.parametrize("run", _run_params("crash"))
 def test_sigkill_then_resume_equals_uninterrupted_run(
-    case: Case, workdir: Path, crashed: dict[str, Any]
+    run: Any, workdir: Path, crashed: dict[str, Any]
 ) -> None:
-    straight_cb = build(case, workdir)
-    straight, _ = fit([straight_cb], workdir / f"{case.name}-straight")
-    expected_state = case.read_state(straight_cb, straight)
-    assert expected_state, "the case reads no state"
+    name = run if isinstance(run, str) else run.name
+    straight_cbs = callbacks_for(name, workdir)
+    straight, straight_trainer = fit(straight_cbs, workdir / f"{name}-straight")
+    for case_name, cb in zip(COMPOSED_ORDER if name == COMPOSED else [name], straight_cbs, strict=True):
+        case_by_name(case_name).verify(cb, straight, straight_trainer)  # every target reached
+    expected_state = state_of(name, straight_cbs, straight)
+    assert expected_state, "the run reads no state"
     for step in CRASH_STEPS:
-        assert crashed[f"{case.name}:{step}"] == signal.SIGKILL, (
-            f"step {step}: {crashed[f'{case.name}:{step}']}"
-        )
-        run = workdir / f"{case.name}-{step}"
+        assert crashed[f"{name}:{step}"] == signal.SIGKILL, f"step {step}: {crashed[f'{name}:{step}']}"
+        out = workdir / f"{name}-{step}"
         saved_steps = [s for s in range(STEPS_PER_EPOCH, step + 1, STEPS_PER_EPOCH)]
         files = {f"epoch={s // STEPS_PER_EPOCH - 1}-step={s}.ckpt" for s in saved_steps}
-        found = {p.name for p in (run / "ckpt").glob("*")} if (run / "ckpt").exists() else set()
+        found = {p.name for p in (out / "ckpt").glob("*")} if (out / "ckpt").exists() else set()
         assert found == (files | {"last.ckpt"} if files else set()), (step, found)  # nothing half-written
         before = {}
-        for name in found:  # everything written before the crash loads, at the step its name says
-            ckpt = torch.load(run / "ckpt" / name, map_location="cpu", weights_only=False)
-            assert ckpt["global_step"] == (
-                max(saved_steps) if name == "last.ckpt" else int(name[:-5].split("=")[-1])
-            )
-            assert any(k.startswith(type(straight_cb).__name__) for k in ckpt["callbacks"]), list(
-                ckpt["callbacks"]
-            )
-            before[name] = _sha(run / "ckpt" / name)
+        for file in found:  # everything written before the crash loads, at the step its name says
+            ckpt = torch.load(out / "ckpt" / file, map_location="cpu", weights_only=False)
+            written = max(saved_steps) if file == "last.ckpt" else int(file[:-5].split("=")[-1])
+            assert ckpt["global_step"] == written
+            for cb in straight_cbs:
+                assert any(k.startswith(type(cb).__name__) for k in ckpt["callbacks"]), list(
+                    ckpt["callbacks"]
+                )
+            before[file] = _sha(out / "ckpt" / file)
 
-        cb = build(case, workdir)
-        model, trainer = fit([cb], run, ckpt_path="last")
+        callbacks = callbacks_for(name, workdir)
+        model, trainer = fit(callbacks, out, ckpt_path="last")
         assert trainer.global_step == TOTAL_STEPS
-        for name, digest in before.items():
-            if name != "last.ckpt":
-                assert _sha(run / "ckpt" / name) == digest, f"{name} changed by the resumed run"
-        _same(case.read_state(cb, model), expected_state, f"state after crash at {step}")
+        for file, digest in before.items():
+            if file != "last.ckpt":
+                assert _sha(out / "ckpt" / file) == digest, f"{file} changed by the resumed run"
+        _same(state_of(name, callbacks, model), expected_state, f"state after crash at {step}")
         _same(model.state_dict(), straight.state_dict(), f"weights after crash at {step}")
 
 
@@ -273,13 +283,14 @@ def ddp_runs(workdir: Path) -> Path:
 
 @pytest.mark.ddp
 @pytest.mark.slow
-@pytest.mark.parametrize("case", _params(CASES, "ddp"))
-def test_ddp_state_identical_on_both_ranks_and_logged_once(case: Case, ddp_runs: Path) -> None:
-    r0, r1 = (torch.load(ddp_runs / f"{case.name}-rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["state"], "the case reads no state"
+@pytest.mark.parametrize("run", _run_params("ddp"))
+def test_ddp_state_identical_on_both_ranks_and_logged_once(run: Any, ddp_runs: Path) -> None:
+    name = run if isinstance(run, str) else run.name
+    r0, r1 = (torch.load(ddp_runs / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["state"], "the run reads no state"
     _same(r0["state"], r1["state"])
     _same(r0["model"], r1["model"])
-    calls = [json.loads((ddp_runs / f"{case.name}-rank{r}.json").read_text()) for r in (0, 1)]
+    calls = [json.loads((ddp_runs / f"{name}-rank{r}.json").read_text()) for r in (0, 1)]
     direct = ("compression/", "lowrank/")  # keys the callbacks hand to the loggers themselves
     assert not [keys for _, keys in calls[1] if any(k.startswith(direct) for k in keys)], "logged from rank 1"
     seen: set[tuple[int, str]] = set()
@@ -287,7 +298,7 @@ def test_ddp_state_identical_on_both_ranks_and_logged_once(case: Case, ddp_runs:
         for key in keys:
             assert (step, key) not in seen, f"{key} logged twice at step {step}"
             seen.add((step, key))
-    if case.name == "monitor":
+    if name in ("monitor", COMPOSED):
         assert any(k == "compression/sparsity" for _, keys in calls[0] for k in keys)
 
 
@@ -327,9 +338,6 @@ def _all_five(workdir: Path, order: list[str], teacher: str | None = None) -> li
         "monitor": build(case_by_name("monitor"), workdir),
     }
     return [made[n] for n in order]
-
-
-ORDER = ["low_rank", "pruning", "weight_sharing", "quantization", "distillation", "monitor"]
 
 
 def _composed_fit(callbacks: list[Callback], run: Path, seed: int = 0) -> tuple[Any, Any]:
@@ -373,7 +381,7 @@ def test_all_callbacks_in_one_trainer_reach_their_targets_in_any_order_that_is_a
     dense_acc = float(dense.callback_metrics["val/acc"])
     results = []
     for order in (
-        ORDER,
+        COMPOSED_ORDER,
         ["monitor", "distillation", "low_rank", "quantization", "weight_sharing", "pruning"],
     ):
         callbacks = _all_five(workdir, order, teacher=str(tmp_path / "teacher.pt"))
