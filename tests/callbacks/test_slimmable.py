@@ -161,6 +161,8 @@ def test_resume_from_model_checkpoint_matches_a_straight_run(make_trainer, tmp_p
     )
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_ddp_two_processes_agree(tmp_path: Path) -> None:
     run_python(
         """
