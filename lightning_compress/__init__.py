@@ -12,9 +12,13 @@ from lightning_compress.callbacks import (
     KnowledgeDistillation,
     LowRankFactorization,
     QuantizationAwareTraining,
+    SlimmableTraining,
+    WeightSharing,
+    load_bn_stats,
     load_factorized_checkpoint,
     load_quantized_checkpoint,
 )
+from lightning_compress.export import load_compressed, save_compressed
 from lightning_compress.export.quantized import convert as convert_quantized
 from lightning_compress.schedules import Schedule
 from lightning_compress.stats import model_stats
@@ -29,10 +33,15 @@ __all__ = [
     "LowRankFactorization",
     "QuantizationAwareTraining",
     "Schedule",
+    "SlimmableTraining",
+    "WeightSharing",
     "__version__",
     "convert_quantized",
+    "load_bn_stats",
+    "load_compressed",
     "load_factorized_checkpoint",
     "load_quantized_checkpoint",
     "model_stats",
+    "save_compressed",
     "select_modules",
 ]

@@ -5,6 +5,8 @@ from lightning_compress.callbacks.low_rank import LowRankFactorization, load_fac
 from lightning_compress.callbacks.monitor import CompressionMonitor
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining, load_quantized_checkpoint
+from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_stats
+from lightning_compress.callbacks.weight_sharing import WeightSharing
 
 __all__ = [
     "CompressionMonitor",
@@ -12,6 +14,9 @@ __all__ = [
     "KnowledgeDistillation",
     "LowRankFactorization",
     "QuantizationAwareTraining",
+    "SlimmableTraining",
+    "WeightSharing",
+    "load_bn_stats",
     "load_factorized_checkpoint",
     "load_quantized_checkpoint",
 ]

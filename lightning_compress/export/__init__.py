@@ -1,3 +1,21 @@
-"""Exporters: physically smaller or integer models, and compressed artefacts written to disk."""
+"""Exporters: physically smaller or integer models, and compressed artefacts written to disk.
 
-__all__: list[str] = []
+- :func:`thin`: remove the units that structured pruning zeroed (a physically smaller model);
+- :func:`slice_width`: one width of a network trained by ``SlimmableTraining``;
+- :func:`scale`: a narrower / shallower student of the same architecture (compound scaling);
+- :func:`convert_quantized`: the integer model of a quantization-aware-trained one;
+- :func:`save_compressed` / :func:`load_compressed`: the Huffman-coded Deep Compression file.
+
+Example:
+    >>> from lightning_compress import export
+    >>> sorted(export.__all__)[:3]
+    ['convert_quantized', 'load_compressed', 'save_compressed']
+"""
+
+from lightning_compress.export.compressed import load_compressed, save_compressed
+from lightning_compress.export.quantized import convert as convert_quantized
+from lightning_compress.export.scale import scale
+from lightning_compress.export.slim import slice_width
+from lightning_compress.export.thin import thin
+
+__all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin"]
