@@ -114,23 +114,35 @@ def kmeans_1d(
     if max_iter < 1:
         raise ValueError(f"`max_iter` must be >= 1, got {max_iter}")
     v = values.detach().reshape(-1)
-    x = v.double()
+    # sorted once, every cluster is a run of the sorted values: an iteration is a binary search per centroid and
+    # two lookups in the prefix sums, O(k log n) instead of O(n)
+    xs, order = torch.sort(v.double())
+    csum = torch.cat([xs.new_zeros(1), torch.cumsum(xs, 0)])
     centroids = init_centroids(v, k, init, generator).double()
-    labels = assign(x, centroids)
+    bounds = _run_bounds(xs, centroids)
     for _ in range(max_iter):
-        sums = torch.zeros(len(centroids), dtype=torch.float64).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=len(centroids))
+        counts = bounds[1:] - bounds[:-1]
         keep = counts > 0
-        centroids = (sums[keep] / counts[keep]).sort().values
-        new = assign(x, centroids)
-        if len(centroids) == len(sums) and torch.equal(new, labels):
+        centroids = ((csum[bounds[1:]] - csum[bounds[:-1]])[keep] / counts[keep]).sort().values
+        new = _run_bounds(xs, centroids)
+        if len(centroids) == len(counts) and torch.equal(new, bounds):
             break
-        labels = new
+        bounds = new
     # final compaction: a centroid may have lost all its members in the last assignment
-    counts = torch.bincount(labels, minlength=len(centroids))
+    counts = bounds[1:] - bounds[:-1]
     keep = counts > 0
     remap = torch.cumsum(keep.long(), 0) - 1
-    return centroids[keep].to(v.dtype), remap[labels]
+    labels = torch.empty(len(xs), dtype=torch.int64)
+    labels[order] = torch.repeat_interleave(remap, counts)
+    return centroids[keep].to(v.dtype), labels
+
+
+def _run_bounds(sorted_values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Where each centroid's run of ``sorted_values`` starts (as :func:`assign` assigns), plus the end."""
+    mid = (centroids[1:] + centroids[:-1]) / 2
+    inner = torch.searchsorted(sorted_values, mid, right=True)  # values <= mid go to the lower centroid
+    n = torch.tensor([len(sorted_values)], dtype=torch.int64)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), inner, n])
 
 
 def share(
