@@ -141,6 +141,8 @@ class KnowledgeDistillation(Callback):
             )
         if teacher_checkpoint is not None and not isinstance(teacher_checkpoint, str):
             raise TypeError(f"`teacher_checkpoint` must be a path string or None, got {teacher_checkpoint!r}")
+        if teacher_checkpoint == "":
+            raise ValueError("`teacher_checkpoint` must be a file path or None, got ''")
         for name, value in (("temperature", temperature), ("final_temperature", final_temperature)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
