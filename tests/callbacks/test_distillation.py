@@ -247,6 +247,7 @@ def test_errors_before_the_first_update(make_trainer, kwargs, error, match) -> N
         (dict(final_alpha=2), ValueError, r"`final_alpha` must be in \[0, 1\], got 2"),
         (dict(teacher="resnet"), TypeError, "`teacher` must be a"),
         (dict(teacher={"class_path": "nope.Model"}), ValueError, "cannot import 'nope.Model'"),
+        (dict(teacher_checkpoint=""), ValueError, "`teacher_checkpoint` must be a file path or None, got ''"),
         (dict(feature_pairs={"a": 1}), ValueError, "`feature_pairs` must map student layer names"),
         (dict(feature_weight=-1), ValueError, "`feature_weight` must be a number >= 0"),
         (dict(student_output=""), ValueError, "`student_output` must be a non-empty"),
