@@ -595,23 +595,31 @@ def _checkpoints_readable(root: Path) -> None:
 
 
 def _train_or_refuse(make: Any, run: Path) -> None:
-    """``make()`` builds (callbacks, model, trainer); it must train, or fail before the first optimizer step."""
+    """``make()`` builds the callback; it must train, or be refused before the first optimizer step.
+
+    Runs with ``run`` as the working directory: a random relative path (e.g. an ``export_path``) lands there.
+    """
     steps = _Steps()
+    home = os.getcwd()
+    os.chdir(run)
     try:
-        cb = make()
-    except (ValueError, TypeError, SystemExit) as err:
-        assert not isinstance(err, SystemExit) or err.code not in (0, None)
-        event(f"refused when built ({type(err).__name__})")
-        return
-    try:
-        fit([cb, steps], run, max_epochs=2)
-    except (ValueError, TypeError) as err:
-        assert steps.steps == 0, f"refused after {steps.steps} steps: {err}"
-        event(f"refused before the first step ({type(err).__name__})")
-    else:
-        assert steps.steps > 0
-        event("trained")
-    _checkpoints_readable(run)
+        try:
+            cb = make()
+        except (ValueError, TypeError, SystemExit) as err:
+            assert not isinstance(err, SystemExit) or err.code not in (0, None)
+            event(f"refused when built ({type(err).__name__})")
+            return
+        try:
+            fit([cb, steps], run, max_epochs=2)
+        except (ValueError, TypeError, FileNotFoundError) as err:  # the last: a path that names no file
+            assert steps.steps == 0, f"refused after {steps.steps} steps: {err}"
+            event(f"refused before the first step ({type(err).__name__})")
+        else:
+            assert steps.steps > 0
+            event("trained")
+        _checkpoints_readable(run)
+    finally:
+        os.chdir(home)
 
 
 @pytest.mark.slow
