@@ -684,7 +684,7 @@ def test_random_plausible_settings_train_or_are_refused_before_the_first_step(
     import typing
 
     hints = typing.get_type_hints(case.cls.__init__)
-    strategies = {n: s for n in inspect.signature(case.cls).parameters if (s := _plausible(hints.get(n)))}
+    strategies = {n: s for n in inspect.signature(case.cls).parameters if (s := _plausible(hints.get(n))) is not None}
     keys = data.draw(st.lists(st.sampled_from(sorted(strategies)), min_size=1, max_size=4, unique=True))
     overrides = {k: data.draw(strategies[k], label=k) for k in keys}
     with tempfile.TemporaryDirectory() as tmp:
