@@ -15,6 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims, masks
+from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
 
@@ -142,8 +143,7 @@ class GradualPruning(Callback):
         self._window: tuple[int, int] | None = None
         self._model_layer_numel = 0
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # fqn -> 0/1 weight, bias factors
-        self._hooks: list[Any] = []
-        self._hooked_optimizers: list[int] = []
+        self._step_hooks = AfterOptimizerStep(self._apply_masks)
 
     @property
     @override
@@ -220,11 +220,11 @@ class GradualPruning(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._hook_optimizers(trainer)
+        self._step_hooks.attach(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._hook_optimizers(trainer)  # no-op unless the optimizers were rebuilt (e.g. by another callback)
+        self._step_hooks.attach(trainer)  # no-op unless the optimizers were rebuilt (e.g. by another callback)
         step = trainer.global_step
         if self._due(step):
             self.update_masks(step)
@@ -249,8 +249,7 @@ class GradualPruning(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for handle in self._hooks:
-            handle.remove()
+        self._step_hooks.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()  # drop references to the model and trainer; masks and step stay
 
@@ -316,24 +315,6 @@ class GradualPruning(Callback):
             bias = self._biases.get(fqn)
             if bias_keep is not None and (params is None or id(bias) in params):
                 bias.mul_(bias_keep)
-
-    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
-        optimizers = list(trainer.optimizers)
-        if [id(o) for o in optimizers] == self._hooked_optimizers:
-            return
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        for optimizer in optimizers:
-            params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            self._hooks.append(optimizer.register_step_post_hook(self._post_step_hook(params)))
-        self._hooked_optimizers = [id(o) for o in optimizers]
-
-    def _post_step_hook(self, params: set[int]) -> Any:
-        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self._apply_masks(params)
-
-        return hook
 
     # -- reporting ----------------------------------------------------------------------------------
     @property

@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims, kmeans
+from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.export.compressed import CompressionReport, save_compressed
 from lightning_compress.schedules import resolve_window, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
@@ -150,8 +151,7 @@ class WeightSharing(Callback):
         self._members: dict[
             str, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # fqn -> flat positions, their labels
-        self._hooks: list[Any] = []
-        self._hooked_optimizers: list[int] = []
+        self._step_hooks = AfterOptimizerStep(self._retie_if_shared)
 
     @property
     @override
@@ -263,13 +263,13 @@ class WeightSharing(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._hook_optimizers(trainer)
+        self._step_hooks.attach(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._hook_optimizers(trainer)  # no-op unless the optimizers were rebuilt
+        self._step_hooks.attach(trainer)  # no-op unless the optimizers were rebuilt
         if not self.shared and self._start is not None and trainer.global_step >= self._start:
             # before the forward: the first tied step's gradient is taken at the shared weights
             self.cluster(trainer)
@@ -311,8 +311,7 @@ class WeightSharing(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for handle in self._hooks:
-            handle.remove()
+        self._step_hooks.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()
 
@@ -361,24 +360,9 @@ class WeightSharing(Callback):
         else:
             weight.copy_(kmeans.expand(codebook, self._assignments[fqn]))
 
-    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
-        optimizers = list(trainer.optimizers)
-        if [id(o) for o in optimizers] == self._hooked_optimizers:
-            return
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        for optimizer in optimizers:
-            params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            self._hooks.append(optimizer.register_step_post_hook(self._post_step_hook(params)))
-        self._hooked_optimizers = [id(o) for o in optimizers]
-
-    def _post_step_hook(self, params: set[int]) -> Any:
-        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            if self.shared:
-                self._retie(params)
-
-        return hook
+    def _retie_if_shared(self, params: set[int]) -> None:
+        if self.shared:
+            self._retie(params)
 
     # -- reporting ----------------------------------------------------------------------------------
     def compression_bits(self, pl_module: pl.LightningModule) -> dict[str, int]:
