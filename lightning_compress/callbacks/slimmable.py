@@ -68,8 +68,8 @@ class SlimmableTraining(Callback):
 
     Raises:
         ValueError: a width outside (0, 1], no 1.0 among the widths, fewer than two widths, a negative
-            ``num_random`` or a non-positive ``temperature``; in ``setup``, a model with no hidden layer to slim
-            or a forward that cannot be traced.
+            ``num_random`` or a non-positive ``temperature``; in ``setup``, a model with no hidden layer to slim,
+            a forward that cannot be traced, or manual optimization (``automatic_optimization = False``).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -162,6 +162,12 @@ class SlimmableTraining(Callback):
         if stage != "fit":
             return
         self._reset_runtime()
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "SlimmableTraining needs automatic optimization: it sums the losses of every width into the loss "
+                f"`training_step` returns; {type(pl_module).__name__} sets `automatic_optimization = False`, "
+                "so only the full width would train"
+            )
         cg = analyze(pl_module)
         if not cg.free_groups():
             reasons = {names[0]: cg.pin_reason(g) for g, names in cg.groups().items()}

@@ -242,6 +242,28 @@ def test_setup_errors(make_trainer) -> None:
         slice_width(SmallCNN(), 0.5)
 
 
+def test_manual_optimization_is_refused_before_the_first_step(make_trainer) -> None:
+    """Manual optimization returns no loss to sum the widths into: it must not silently train only width 1."""
+
+    class Manual(SmallCNN):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            optimizer = self.optimizers()
+            x, y = batch
+            optimizer.zero_grad()
+            self.manual_backward(F.cross_entropy(self(x), y))
+            optimizer.step()
+
+    model = Manual()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="SlimmableTraining needs automatic optimization"):
+        make_trainer(callbacks=[SlimmableTraining(widths=[0.5, 1.0])], max_epochs=1).fit(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any step
+
+
 @pytest.mark.parametrize("slim_first", [True, False])
 def test_composes_with_knowledge_distillation_in_either_order(make_trainer, slim_first: bool) -> None:
     seed_everything(0)
