@@ -286,7 +286,15 @@ def _producer(cg: ChannelGraph, name: str, module: nn.Module, x: _Info | None, w
     if x is not None:
         total = sum(s for _, s in x.segments)
         expected = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-        if isinstance(module, nn.Linear) and x.flat and total and expected % total == 0:
+        # a flattened (N, C, *spatial) tensor holds each channel `spatial` times in a row; a flattened Linear
+        # output (N, *, C) interleaves them (t * C + c), which the plan cannot express unless there is one position
+        if (
+            isinstance(module, nn.Linear)
+            and x.flat
+            and total
+            and expected % total == 0
+            and (x.conv or expected == total)
+        ):
             cg.consumers[name] = Consumer(x.segments, expected // total)
         elif not x.flat and total == expected and x.conv == (not isinstance(module, nn.Linear)):
             cg.consumers[name] = Consumer(x.segments)

@@ -71,3 +71,29 @@ def test_bn_stats_are_installed_and_checked() -> None:
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"`width` must be a fraction in \(0, 1\]"):
             slice_width(net, bad)
+
+
+def test_flattened_per_position_linear_keeps_the_units_it_drops_out_of_the_consumer() -> None:
+    """A Linear over (N, T, C) flattens channels-last (t * C + c): its slice must drop the right inputs."""
+
+    class PerPosition(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(3 * 6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.flatten(F.relu(self.a(x)), 1))
+
+    torch.manual_seed(0)
+    net = PerPosition()
+    x = torch.randn(5, 3, 4)
+    small = slice_width(net, 0.5)
+    kept = small.a.out_features
+    # reference: the full model with the dropped units silenced (ReLU(0) = 0 feeds nothing into `b`)
+    reference = PerPosition()
+    reference.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        reference.a.weight[kept:] = 0.0
+        reference.a.bias[kept:] = 0.0
+    torch.testing.assert_close(small(x), reference(x))
