@@ -22,6 +22,7 @@ from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining, load_quantized_checkpoint
 from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_stats
 from lightning_compress.callbacks.weight_sharing import WeightSharing
+from lightning_compress.cli import run_cli
 from lightning_compress.examples import DigitsCNN, DigitsDataModule, DigitsMLP
 from lightning_compress.export.compressed import load_compressed
 from lightning_compress.export.quantized import convert
@@ -206,3 +207,49 @@ def test_slimmable_checkpoint_exports_each_width_as_trained(tmp_path: Path) -> N
         # and it is the sub-network whose accuracy the callback logged as val/acc@<width> at the last validation
         accuracy = float((_predict(small, x_val).argmax(-1) == y_val).float().mean())
         assert accuracy == pytest.approx(slim.val_accuracy[width], abs=1e-6)
+
+
+# -- bugs found walking the README (expected to fail until fixed) ---------------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="QuantizationAwareTraining(convert_on_fit_end=True) converts the model in place at fit end, so "
+    "trainer.test(model, ckpt_path='last'/'best') then loads the checkpoint's fake-quant state_dict into the "
+    "integer model: RuntimeError missing net.1.weight_int8/qparams, unexpected net.1.weight, ...weight_quant.*",
+)
+def test_qat_converted_at_fit_end_can_still_be_tested_from_its_checkpoint(tmp_path: Path) -> None:
+    seed_everything(0)
+    trained = DigitsMLP(hidden_sizes=HIDDEN)
+    qat = QuantizationAwareTraining(**QAT_RECIPES["int8"], start_step=2, convert_on_fit_end=True)
+    trainer, last = _fit(tmp_path, trained, [qat])
+    data = _data()
+    data.setup("test")
+    x, y = data.test_set.tensors
+    integer = convert(load_quantized_checkpoint(DigitsMLP(hidden_sizes=HIDDEN), last))
+    expected = float((_predict(integer, x).argmax(-1) == y).float().mean())
+    (result,) = trainer.test(trained, datamodule=data, ckpt_path="last", verbose=False)  # the Lightning idiom
+    assert result["test/acc"] == pytest.approx(expected, abs=1e-6)
+
+
+class UserModel(LightningModule):
+    """A user's module whose hyperparameters share names with DigitsMLP's (``lr``, ``dropout``)."""
+
+    def __init__(self, lr: float = 0.5, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(dropout), torch.nn.Linear(64, 10))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli.py sets the default model class_path to DigitsMLP; jsonargparse keeps that class's init_args "
+    "defaults when --model swaps the class, so a user model's own `lr`/`dropout` defaults are silently replaced "
+    "by DigitsMLP's (lr=0.001, dropout=0.0); the DigitsCNN recipes likewise train at lr=0.001, not its 0.002",
+)
+def test_cli_model_swap_keeps_the_user_models_own_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["--model", f"{__name__}.UserModel", "--trainer.logger=false"], run=False)
+    assert isinstance(cli.model, UserModel)
+    assert (cli.model.hparams.lr, cli.model.hparams.dropout) == (0.5, 0.25)
