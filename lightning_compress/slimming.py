@@ -104,11 +104,22 @@ def forward_at(
 
 
 def fresh_stats(module: nn.Module, channels: int) -> dict[str, torch.Tensor]:
-    """New running statistics for ``channels`` channels of BatchNorm ``module`` (mean 0, variance 1)."""
-    device = module.weight.device if module.weight is not None else None
+    """New running statistics for ``channels`` channels of BatchNorm ``module`` (mean 0, variance 1).
+
+    They take the device and dtype of the module's own running statistics (``float64`` or ``bfloat16`` under a
+    true-precision Trainer), not the default dtype of wherever they are first needed.
+
+    Example:
+        >>> stats = fresh_stats(nn.BatchNorm1d(8).double(), 4)
+        >>> stats["running_var"].tolist(), stats["running_mean"].dtype
+        ([1.0, 1.0, 1.0, 1.0], torch.float64)
+    """
+    like = module.running_mean if module.running_mean is not None else module.weight
+    device = like.device if like is not None else None
+    dtype = like.dtype if like is not None else None
     return {
-        "running_mean": torch.zeros(channels, device=device),
-        "running_var": torch.ones(channels, device=device),
+        "running_mean": torch.zeros(channels, device=device, dtype=dtype),
+        "running_var": torch.ones(channels, device=device, dtype=dtype),
         "num_batches_tracked": torch.zeros((), dtype=torch.long, device=device),
     }
 

@@ -207,8 +207,15 @@ class SlimmableTraining(Callback):
                         f"SlimmableTraining: statistics of {name!r} at width {key} have "
                         f"{stats['running_mean'].numel()} channels, expected {expected}"
                     )
-                device = module.weight.device if module.weight is not None else pl_module.device
-                per_module[name] = {k: v.to(device) for k, v in stats.items()}
+                # the module's own statistics give the device and (under a true-precision Trainer) the dtype
+                like = module.running_mean if module.running_mean is not None else module.weight
+                device = like.device if like is not None else pl_module.device
+                per_module[name] = {
+                    k: v.to(device, like.dtype)
+                    if like is not None and v.is_floating_point()
+                    else v.to(device)
+                    for k, v in stats.items()
+                }
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -242,6 +242,29 @@ def test_setup_errors(make_trainer) -> None:
         slice_width(SmallCNN(), 0.5)
 
 
+@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
+def test_true_precision_keeps_private_statistics_in_the_model_dtype(
+    make_trainer, precision: str, dtype: torch.dtype
+) -> None:
+    seed_everything(0)
+    model = SmallCNN()
+    slim = SlimmableTraining(widths=[0.5, 1.0])
+    make_trainer(
+        callbacks=[slim],
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,  # the Trainer's default sanity check evaluates the widths before any training
+        precision=precision,
+    ).fit(model)
+    assert set(slim.val_accuracy) == {0.5, 1.0}  # every width was evaluated in this precision
+    stats = slim.bn_stats(0.5)
+    assert {s["running_mean"].dtype for s in stats.values()} == {dtype}
+    x = model.val_dataloader().dataset.tensors[0][:4].to(dtype)
+    small = slice_width(model, 0.5, bn_stats=stats)
+    assert small.eval()(x).dtype == dtype
+
+
 def test_manual_optimization_is_refused_before_the_first_step(make_trainer) -> None:
     """Manual optimization returns no loss to sum the widths into: it must not silently train only width 1."""
 
