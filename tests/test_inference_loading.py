@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.low_rank import LowRankFactorization, load_factorized_checkpoint
@@ -28,6 +29,7 @@ from lightning_compress.export.compressed import load_compressed
 from lightning_compress.export.quantized import convert
 from lightning_compress.export.slim import slice_width
 from lightning_compress.lowrank import is_factorized
+from tests.helpers import REPO_ROOT
 
 HIDDEN = [32, 16]  # DigitsMLP 64-32-16-10: Linear layers net.1, net.3, net.5
 
@@ -207,6 +209,35 @@ def test_slimmable_checkpoint_exports_each_width_as_trained(tmp_path: Path) -> N
         # and it is the sub-network whose accuracy the callback logged as val/acc@<width> at the last validation
         accuracy = float((_predict(small, x_val).argmax(-1) == y_val).float().mean())
         assert accuracy == pytest.approx(slim.val_accuracy[width], abs=1e-6)
+
+
+# -- TensorBoard after the gradual pruning recipe ------------------------------------------------------------------
+def test_gradual_pruning_recipe_event_files_hold_sparsity_target_and_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README "What you see in TensorBoard": the recipe, run by the CLI (3 batches per epoch), logs the actual
+    sparsity beside the schedule's target, and val/acc, to the event files under lightning_logs/."""
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO_ROOT / "recipes" / "digits_gradual_pruning.yaml"
+    fast = [
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+    ]
+    cli = run_cli(["fit", "--config", str(recipe), *fast])
+    assert cli.trainer.global_step == 90
+    (run_dir,) = (tmp_path / "lightning_logs").glob("version_*")
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"compression/sparsity", "compression/target/sparsity", "val/acc"} <= tags
+    actual = {e.step: e.value for e in events.Scalars("compression/sparsity")}
+    target = {e.step: e.value for e in events.Scalars("compression/target/sparsity")}
+    assert actual.keys() == target.keys() and len(actual) >= 10
+    for step in actual:  # every layer weight is pruned here, so actual and scheduled agree at every point
+        assert actual[step] == pytest.approx(target[step], abs=2e-3), step
+    assert actual[min(actual)] == 0.0 and actual[max(actual)] == pytest.approx(0.95, abs=1e-4)
+    assert len(events.Scalars("val/acc")) == 30  # one per epoch
 
 
 # -- bugs found walking the README (expected to fail until fixed) ---------------------------------------------------
