@@ -49,6 +49,7 @@ from lightning_compress.export._common import (
     output_scale,
     resolve_example,
     run_eval,
+    tensors,
 )
 from lightning_compress.graph import ChannelGraph, analyze, index_plan, slice_modules
 
@@ -143,7 +144,8 @@ def thin(
         strict: raise if a layer has dead units that cannot be removed (they reach an operation that cannot be
             sliced); with ``False`` they are kept and logged.
         atol: largest difference allowed between the outputs of the thinned and original model, relative to
-            the largest output magnitude (at least 1).
+            the largest output magnitude (at least 1); for a bf16/fp16 model at least 16 steps of its precision
+            (16 x its machine epsilon), as the folded biases are rounded to it.
 
     Returns:
         the thinned model (a copy, same classes, smaller ``weight``/``bias``/``BatchNorm`` tensors).
@@ -212,12 +214,22 @@ def thin(
 
     reference, result = run_eval(model, example_input), run_eval(copy, example_input)
     diff = max_difference(reference, result)
-    if not diff <= atol * max(1.0, output_scale(reference)):
+    # folded biases round at the model's own precision: allow a few of its steps (bf16/fp16), never less than atol
+    rounding = 16 * _coarsest_eps(model, reference)
+    if not diff <= max(atol, rounding) * max(1.0, output_scale(reference)):
         raise RuntimeError(
             f"thin: the thinned {type(model).__name__} differs from the original by {diff:.3g} on "
             "example_input; refusing to return it (please report this model)"
         )
     return copy
+
+
+def _coarsest_eps(model: nn.Module, output: Any) -> float:
+    """Machine epsilon of the least precise floating dtype among ``model``'s tensors and ``output``."""
+    dtypes = {
+        t.dtype for t in [*model.parameters(), *model.buffers(), *tensors(output)] if t.is_floating_point()
+    }
+    return max((torch.finfo(d).eps for d in dtypes), default=0.0)
 
 
 def _offset(cg: ChannelGraph, segments: tuple[tuple[int, int], ...], group: int) -> int:

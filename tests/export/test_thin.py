@@ -197,3 +197,28 @@ def test_nothing_dead_gives_an_equal_copy() -> None:
     copy = thin(model, x)
     assert copy is not model and copy.net[1].out_features == 8
     torch.testing.assert_close(copy(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_thinned_to_their_own_precision(dtype: torch.dtype) -> None:
+    """A bf16/fp16 model's folded biases round at its precision: the check must allow that, not refuse."""
+    torch.manual_seed(0)
+    model = ResidualCNN(8)
+    _randomize_bn(model)
+    with torch.no_grad():
+        model.stem[0].weight[:2] = 0.0
+        model.conv2.weight[:2] = 0.0  # dead on both sides of the residual add: removable
+        model.conv1.weight[4:6] = 0.0
+    x = torch.rand(16, 1, 8, 8)
+    full_precision = thin(model.eval(), x)
+    model = model.to(dtype).eval()
+    x = x.to(dtype)
+    with torch.no_grad():
+        small = thin(model, x).eval()
+        reference, result = model(x), small(x)
+    assert small.conv1.weight.dtype == dtype
+    shapes = (small.stem[0].out_channels, small.conv1.out_channels)
+    assert shapes == (full_precision.stem[0].out_channels, full_precision.conv1.out_channels)
+    assert max(shapes) < 8  # dead units removed (a padded conv may keep one to carry their constants)
+    eps = torch.finfo(dtype).eps
+    assert (result - reference).abs().max() <= 2 * eps * max(1.0, float(reference.abs().max()))
