@@ -47,7 +47,8 @@ def slice_width(
         bn_stats: BatchNorm name -> that width's ``running_mean``/``running_var`` (``num_batches_tracked``
             optional); required when a BatchNorm is slimmed and ``width < 1`` unless ``calibration`` is given.
         calibration: batches (tensors, or tuples whose first item is the input) over which to recompute the
-            BatchNorm statistics of the sliced model (cumulative average, in training mode, without gradients).
+            statistics of the sliced model's BatchNorms that follow a traced layer (cumulative average, in training
+            mode, without gradients); other BatchNorms (e.g. on the input) keep theirs.
 
     Raises:
         ValueError: ``width`` outside (0, 1], missing or mis-shaped ``bn_stats``, or a model that cannot be traced.
@@ -90,8 +91,12 @@ def _calibrate(model: nn.Module, norms: list[nn.Module], batches: Iterable[Any])
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
+    recomputed = {id(m) for m in norms}
     was_training = model.training
     model.train()
+    for m in model.modules():  # BatchNorms the graph does not slice (e.g. on the input) keep their statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in recomputed:
+            m.eval()
     try:
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -97,3 +97,19 @@ def test_flattened_per_position_linear_keeps_the_units_it_drops_out_of_the_consu
         reference.a.weight[kept:] = 0.0
         reference.a.bias[kept:] = 0.0
     torch.testing.assert_close(small(x), reference(x))
+
+
+def test_calibration_leaves_the_statistics_of_unsliced_batchnorms_alone() -> None:
+    """An input BatchNorm is not slimmed (SlimmableTraining runs it on its own buffers at every width)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].running_mean.copy_(torch.randn(6))
+        net[0].running_var.copy_(torch.rand(6) + 0.5)
+    batches = [torch.randn(32, 6) * 3 + 5 for _ in range(3)]
+    small = slice_width(net, 0.5, calibration=batches)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(small[0], key), getattr(net[0], key)), key
+    with torch.no_grad():
+        hidden = torch.cat([small[1](small[0].eval()(b)) for b in batches])
+    torch.testing.assert_close(small[2].running_mean, hidden.mean(dim=0), atol=1e-5, rtol=1e-5)
