@@ -115,6 +115,7 @@ class SlimmableTraining(Callback):
     def _reset_runtime(self) -> None:
         self._plans: dict[float, dict[str, WidthIndex]] = {}
         self._modules: dict[str, nn.Module] = {}
+        self._private_norms: set[str] = set()  # BatchNorms with private statistics at every width < 1
         self._module: pl.LightningModule | None = None
         self._wrapper: Any = None
         self._previous: Any = None
@@ -179,6 +180,11 @@ class SlimmableTraining(Callback):
         modules = dict(pl_module.named_modules())
         self._modules = {n: modules[n] for plan in self._plans.values() for n in plan}
         names = [f"{n}.{p}" for n, m in self._modules.items() for p, _ in m.named_parameters(recurse=False)]
+        # a BatchNorm that keeps its channels may still sit behind a slimmed layer (its group is pinned further
+        # on): it gets private statistics too, so that only the full width updates the module's own buffers
+        self._private_norms = {n for n in cg.followers if modules[n].track_running_stats}
+        for name in self._private_norms:
+            self._modules.setdefault(name, modules[name])
         claims.claim(pl_module, names, "slim", self._owner)
         self._module = pl_module
         for name, module in self._modules.items():  # an instance attribute: teardown removes it
@@ -196,12 +202,12 @@ class SlimmableTraining(Callback):
             plan = self._plans.get(float(key))
             for name, stats in per_module.items():
                 module = self._modules.get(name)
-                if plan is None or module is None or name not in plan:
+                if plan is None or module is None or (name not in plan and name not in self._private_norms):
                     raise ValueError(
                         f"SlimmableTraining: the checkpoint has statistics for BatchNorm {name!r} at "
                         f"width {key}, which this model does not slim there"
                     )
-                expected = channel_count(plan[name].outputs, module.num_features)
+                expected = channel_count(plan[name].outputs if name in plan else None, module.num_features)
                 if stats["running_mean"].shape != (expected,):
                     raise ValueError(
                         f"SlimmableTraining: statistics of {name!r} at width {key} have "
@@ -243,7 +249,9 @@ class SlimmableTraining(Callback):
                 return original(x, *args, **kwargs)
             index = self._plans[width].get(name)
             if index is None:
-                return original(x, *args, **kwargs)
+                if name not in self._private_norms:
+                    return original(x, *args, **kwargs)
+                index = WidthIndex()  # all channels, this width's own statistics
             stats = None
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 per_width = self._stats.setdefault(_key(width), {})

@@ -46,6 +46,7 @@ def slice_width(
         width: the width to export.
         bn_stats: BatchNorm name -> that width's ``running_mean``/``running_var`` (``num_batches_tracked``
             optional); required when a BatchNorm is slimmed and ``width < 1`` unless ``calibration`` is given.
+            BatchNorms that keep their channels take their statistics from it too when it has them.
         calibration: batches (tensors, or tuples whose first item is the input) over which to recompute the
             statistics of the sliced model's BatchNorms that follow a traced layer (cumulative average, in training
             mode, without gradients); other BatchNorms (e.g. on the input) keep theirs.
@@ -61,16 +62,21 @@ def slice_width(
     slice_modules(out, plan)
     modules = dict(out.named_modules())
     norms = [n for n in cg.followers if n in plan and modules[n].track_running_stats]
+    # BatchNorms that keep their channels but sit behind a slimmed layer: SlimmableTraining keeps their statistics
+    # per width too; installed when given (statistics saved without them leave the module's own)
+    unsliced = (
+        [n for n in cg.followers if n not in plan and modules[n].track_running_stats] if width < 1.0 else []
+    )
     if calibration is not None:
         _calibrate(out, [modules[n] for n in cg.followers], calibration)
-    elif norms:
+    elif norms or (unsliced and bn_stats is not None):
         if bn_stats is None:
             raise ValueError(
                 f"`bn_stats` is required at width {width}: BatchNorm layers {norms} are slimmed and "
                 "need this width's own statistics (SlimmableTraining.bn_stats(width)), or give "
                 "`calibration` batches"
             )
-        for name in norms:
+        for name in norms + [n for n in unsliced if n in bn_stats]:
             stats = bn_stats.get(name)
             module = modules[name]
             if stats is None or stats["running_mean"].shape != (module.num_features,):

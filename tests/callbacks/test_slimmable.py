@@ -242,6 +242,49 @@ def test_setup_errors(make_trainer) -> None:
         slice_width(SmallCNN(), 0.5)
 
 
+class MeanHeadCNN(SmallCNN):
+    """conv-BN-ReLU x2 and a `mean` over positions (an op the graph cannot slice): the last BN keeps its width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x).mean((2, 3)))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights fixed: BN statistics are all that change
+
+
+def test_unsliced_batchnorm_fed_by_a_sliced_layer_keeps_private_statistics(make_trainer) -> None:
+    """net.4 keeps its 16 channels, but at width 0.5 it sees net.3 with half its inputs: its statistics differ."""
+    seed_everything(0)
+    alone = MeanHeadCNN()
+    model = MeanHeadCNN()
+    model.load_state_dict(alone.state_dict())
+    make_trainer(max_epochs=1, limit_val_batches=0).fit(alone)  # full width only
+    slim = SlimmableTraining(widths=[0.5, 1.0], distill=False)
+    make_trainer(callbacks=[slim], max_epochs=1).fit(model)
+    # width 1 runs on the module's own buffers, which only the full-width passes may update
+    for key in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(model.net[4], key), getattr(alone.net[4], key))
+    stats = slim.bn_stats(0.5)
+    assert stats["net.4"]["running_mean"].shape == (16,)
+    small = slice_width(model, 0.5, bn_stats=stats)
+    assert small.net[4].num_features == 16 and torch.equal(
+        small.net[4].running_var, stats["net.4"]["running_var"]
+    )
+    assert _val_accuracy(small, model.val_dataloader()) == pytest.approx(slim.val_accuracy[0.5], abs=1e-9)
+
+
 @pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
 def test_true_precision_keeps_private_statistics_in_the_model_dtype(
     make_trainer, precision: str, dtype: torch.dtype
