@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -271,16 +271,26 @@ class UserModel(LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(dropout), torch.nn.Linear(64, 10))
 
 
+class UserData(LightningDataModule):
+    """A user's data module whose ``batch_size`` shares its name with DigitsDataModule's."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="cli.py sets the default model class_path to DigitsMLP; jsonargparse keeps that class's init_args "
     "defaults when --model swaps the class, so a user model's own `lr`/`dropout` defaults are silently replaced "
-    "by DigitsMLP's (lr=0.001, dropout=0.0); the DigitsCNN recipes likewise train at lr=0.001, not its 0.002",
+    "by DigitsMLP's (lr=0.001, dropout=0.0), a user data module's `batch_size` by DigitsDataModule's (64); the "
+    "DigitsCNN recipes likewise train at lr=0.001, not DigitsCNN's default 0.002",
 )
-def test_cli_model_swap_keeps_the_user_models_own_defaults(
+def test_cli_model_and_data_swap_keep_the_users_own_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = run_cli(["--model", f"{__name__}.UserModel", "--trainer.logger=false"], run=False)
-    assert isinstance(cli.model, UserModel)
-    assert (cli.model.hparams.lr, cli.model.hparams.dropout) == (0.5, 0.25)
+    args = ["--model", f"{__name__}.UserModel", "--data", f"{__name__}.UserData", "--trainer.logger=false"]
+    cli = run_cli(args, run=False)
+    assert isinstance(cli.model, UserModel) and isinstance(cli.datamodule, UserData)
+    assert (cli.model.hparams.lr, cli.model.hparams.dropout, cli.datamodule.batch_size) == (0.5, 0.25, 16)
