@@ -80,6 +80,7 @@ FORMAT_VERSION = 1
 _PREAMBLE = struct.Struct("<4sBIII")
 _MAX_CODEBOOK = 256
 _MAX_REL_BITS = 12
+_RAW_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # itemsize -> same-size integer
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,10 @@ def _encode_tensor(name: str, t: torch.Tensor) -> tuple[list[Any], bytes, Tensor
     else:
         rel_bits = _best_rel_bits(gaps, coded=True)
     parts.append(bytes([rel_bits]) + huffman.encode_stream(_rel_entries(gaps, rel_bits), 1 << rel_bits))
-    codebook, labels = torch.unique(values, sorted=True, return_inverse=True)
+    # distinct values by their bits (torch.unique has no float8 kernels; bits also keep NaN payloads apart)
+    bits = values.contiguous().view(_RAW_INT[values.element_size()])
+    codebook, labels = torch.unique(bits, sorted=True, return_inverse=True)
+    codebook = codebook.view(values.dtype)
     shared = 0 < len(codebook) <= _MAX_CODEBOOK and 2 * len(codebook) <= nnz
     if shared:
         parts.append(

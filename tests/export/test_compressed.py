@@ -76,6 +76,26 @@ def test_round_trip_of_mixed_tensors(tmp_path: Path) -> None:
     _assert_same(load_compressed(path), state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_round_trip_of_float8_tensors(tmp_path: Path, dtype: torch.dtype) -> None:
+    """One-byte floats: shared (few values), sparse and dense tensors come back bit-exact."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.tensor([-0.5, 0.25, 1.0])
+    kept = torch.rand(64, 32, generator=g) > 0.7  # pruned entries are +0.0 (-0.0 reloads as +0.0, documented)
+    state = {
+        "shared": torch.where(kept, levels[torch.randint(0, 3, (64, 32), generator=g)], 0.0).to(dtype),
+        "dense": torch.randn(16, 16, generator=g).to(dtype),
+        "empty": torch.zeros(0, 3).to(dtype),
+    }
+    path = tmp_path / "fp8.lcdc"
+    report = save_compressed(state, path, verbose=False)
+    assert report.tensors[0].codebook == 3
+    loaded = load_compressed(path)
+    for name, value in state.items():
+        assert loaded[name].dtype == dtype and loaded[name].shape == value.shape, name
+        assert torch.equal(loaded[name].view(torch.uint8), value.view(torch.uint8)), name
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
 def test_relative_indices_with_fillers(bits: int) -> None:
     rng = np.random.default_rng(bits)
