@@ -179,25 +179,27 @@ def thin(
 
     users = [n for n, c in cg.consumers.items() if any(cg.root(g) in removable for g, _ in c.segments)]
     inputs = _consumer_inputs(model, users, example_input)
-    consts: dict[
-        tuple[str, int], torch.Tensor
-    ] = {}  # (consumer, group) -> constants of the removable channels
+    # (consumer, group, offset of its segment) -> constants of the removable channels; a group may reach one
+    # consumer in several segments (``cat([h, 2 * h])``), each folded on its own
+    consts: dict[tuple[str, int, int], torch.Tensor] = {}
     for name in users:
         consumer = cg.consumers[name]
-        for g, _ in consumer.segments:
+        offset = 0
+        for g, size in consumer.segments:
             root = cg.root(g)
             if root in removable:
-                offset = _offset(cg, consumer.segments, g)
                 channels = [offset + j for j in removable[root]]
-                consts[(name, g)] = _constants(name, modules[name], inputs[name], channels, consumer.spatial)
+                values = _constants(name, modules[name], inputs[name], channels, consumer.spatial)
+                consts[(name, g, offset)] = values
+            offset += size
 
     keepers = _choose_keepers(cg, modules, removable, consts)
     copy = copy_model(model)
     new_modules = dict(copy.named_modules())
-    for (name, g), values in consts.items():
+    for (name, g, offset), values in consts.items():
         _fold(
             new_modules[name],
-            _offset(cg, cg.consumers[name].segments, g),
+            offset,
             removable[cg.root(g)],
             values,
             keepers.get(cg.root(g)),
@@ -232,24 +234,15 @@ def _coarsest_eps(model: nn.Module, output: Any) -> float:
     return max((torch.finfo(d).eps for d in dtypes), default=0.0)
 
 
-def _offset(cg: ChannelGraph, segments: tuple[tuple[int, int], ...], group: int) -> int:
-    offset = 0
-    for g, size in segments:
-        if g == group:
-            return offset
-        offset += size
-    raise KeyError(group)
-
-
 def _choose_keepers(
     cg: ChannelGraph,
     modules: dict[str, nn.Module],
     removable: dict[int, list[int]],
-    consts: dict[tuple[str, int], torch.Tensor],
+    consts: dict[tuple[str, int, int], torch.Tensor],
 ) -> dict[int, int]:
     """For groups whose constants reach a zero-padded conv: the dead channel to keep and merge the others into."""
     needs: dict[int, list[tuple[str, torch.Tensor]]] = {}
-    for (name, g), values in consts.items():
+    for (name, g, _), values in consts.items():
         module = modules[name]
         if _is_padded(module) and float(values.abs().max()) > 1e-7 * max(1.0, float(values.abs().max())):
             needs.setdefault(cg.root(g), []).append((name, values.abs()))

@@ -222,3 +222,26 @@ def test_half_precision_models_are_thinned_to_their_own_precision(dtype: torch.d
     assert max(shapes) < 8  # dead units removed (a padded conv may keep one to carry their constants)
     eps = torch.finfo(dtype).eps
     assert (result - reference).abs().max() <= 2 * eps * max(1.0, float(reference.abs().max()))
+
+
+def test_a_group_concatenated_twice_into_one_consumer_folds_both_copies() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            return self.b(torch.cat([h, h * 2], dim=-1))
+
+    torch.manual_seed(0)
+    model = Twice()
+    with torch.no_grad():
+        model.a.weight[:2] = 0.0
+        model.a.bias[:2] = 1.0  # the dead units feed a constant 1 (and 2) into `b`
+    x = torch.randn(8, 4)
+    small = thin(model, x)
+    assert (small.a.out_features, small.b.in_features) == (4, 8)
+    other = torch.randn(5, 4) * 3
+    torch.testing.assert_close(small(other), model(other))
