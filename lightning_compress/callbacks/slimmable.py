@@ -378,7 +378,7 @@ class SlimmableTraining(Callback):
         cpu = trainer.strategy.broadcast(cpu, src=0)
         for key, per_module in cpu.items():
             for name, stats in per_module.items():
-                device = self._modules[name].weight.device
+                device = self._modules[name].running_mean.device  # a BatchNorm(affine=False) has no weight
                 self._stats.setdefault(key, {})[name] = {s: t.to(device) for s, t in stats.items()}
 
     # -- checkpointing -------------------------------------------------------------------------------
