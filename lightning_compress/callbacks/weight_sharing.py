@@ -79,7 +79,8 @@ class WeightSharing(Callback):
 
     Raises:
         ValueError: bits outside [1, 8], an unknown ``init``/``reduce``, a bad window, a pattern that matches no
-            layer, a start after the run's end, or a GradualPruning on the same weights ending after the start.
+            layer, a start after the run's end, a GradualPruning on the same weights ending after the start, or
+            an ``export_path`` that is a directory.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -178,6 +179,11 @@ class WeightSharing(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.export_path is not None and Path(self.export_path).is_dir():
+            raise ValueError(
+                f"`export_path` {self.export_path!r} is a directory; give the file to write, e.g. "
+                f"{str(Path(self.export_path) / 'model.lcdc')!r}"
+            )
         self._reset_runtime()
         modules = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
         overrides = dict(self.layer_bits or {})

@@ -294,6 +294,10 @@ def test_bad_arguments_raise_in_init(kwargs: dict[str, Any], message: str) -> No
             lambda: [WeightSharing(start_step=8), GradualPruning(final_sparsity=0.9, start_epoch=0)],
             "until step 8",
         ),  # default end: half the run; equal is too early
+        (
+            lambda: [WeightSharing(start_step=2, export_path=".", verbose=False)],
+            r"`export_path` '\.' is a directory",
+        ),  # found before training, not when writing the file at its end
     ],
 )
 def test_bad_configuration_fails_before_the_first_step(callbacks, message: str, make_trainer) -> None:
