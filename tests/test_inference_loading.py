@@ -241,13 +241,6 @@ def test_gradual_pruning_recipe_event_files_hold_sparsity_target_and_accuracy(
 
 
 # -- bugs found walking the README (expected to fail until fixed) ---------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="QuantizationAwareTraining(convert_on_fit_end=True) converts the model in place at fit end, so "
-    "trainer.test(model, ckpt_path='last'/'best') then loads the checkpoint's fake-quant state_dict into the "
-    "integer model: RuntimeError missing net.1.weight_int8/qparams, unexpected net.1.weight, ...weight_quant.*",
-)
 def test_qat_converted_at_fit_end_can_still_be_tested_from_its_checkpoint(tmp_path: Path) -> None:
     seed_everything(0)
     trained = DigitsMLP(hidden_sizes=HIDDEN)

@@ -310,3 +310,36 @@ def test_tied_weights_are_skipped_by_default_and_refused_when_named(make_trainer
     assert isinstance(model.net[0], PackedLinear)
     with pytest.raises(ValueError, match=r"tied to \['embed'\].*leave them out with `exclude`"):
         make_trainer(max_steps=2, callbacks=[QuantizationAwareTraining(targets=["net.2"])]).fit(_Tied())
+
+
+def test_converted_cnn_with_folded_bn_still_tests_from_a_fake_quant_checkpoint(tmp_path: Path, make_trainer) -> None:
+    """After convert_on_fit_end, trainer.test(ckpt_path="last") loads the fake-quant checkpoint into the integer
+    model: the prepared layers and the folded BatchNorm come back for the load and are converted again."""
+    from lightning_compress.examples import DigitsCNN, DigitsDataModule
+    from lightning_compress.export.quantized import Int8Conv2d
+
+    dm = DigitsDataModule(batch_size=64, train_subset=256)
+    seed_everything(0)
+    model = DigitsCNN(channels=[4, 8], hidden=16)
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, freeze_bn_step=4, convert_on_fit_end=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    trainer = make_trainer(max_epochs=3, callbacks=[qat, ckpt], enable_checkpointing=True, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert isinstance(model.net[0], Int8Conv2d)
+    with torch.no_grad():  # perturb the in-memory integer model: the test must run the checkpoint's model
+        for p in model.parameters():
+            p.mul_(0.5)
+    fresh = convert(load_quantized_checkpoint(DigitsCNN(channels=[4, 8], hidden=16), tmp_path / "ckpt" / "last.ckpt"))
+    dm.setup("test")
+    expected = _accuracy(fresh, dm)
+    (result,) = trainer.test(model, datamodule=dm, ckpt_path="last", verbose=False)
+    assert isinstance(model.net[0], Int8Conv2d)  # converted again after the load
+    assert result["test/acc"] == pytest.approx(expected, abs=1e-6)
+    x = next(iter(dm.test_dataloader()))[0]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), fresh(x))
+    clone = pickle.loads(pickle.dumps(model))  # the whole integer model pickles, without the float layers kept
+    with torch.no_grad():
+        assert torch.equal(clone.eval()(x), fresh(x))
+    assert len(pickle.dumps(model)) < len(pickle.dumps(load_quantized_checkpoint(
+        DigitsCNN(channels=[4, 8], hidden=16), tmp_path / "ckpt" / "last.ckpt")))
