@@ -194,23 +194,27 @@ def thin(
             offset += size
 
     keepers = _choose_keepers(cg, modules, removable, consts)
+    # a layer whose every unit is dead keeps one (it cannot have none): that one stays, so it is not folded
+    survivors = {
+        root: channels[0]
+        for root, channels in removable.items()
+        if len(channels) == cg.sizes[root] and root not in keepers
+    }
     copy = copy_model(model)
     new_modules = dict(copy.named_modules())
     for (name, g, offset), values in consts.items():
-        _fold(
-            new_modules[name],
-            offset,
-            removable[cg.root(g)],
-            values,
-            keepers.get(cg.root(g)),
-            cg.consumers[name].spatial,
-            name,
-        )
+        root = cg.root(g)
+        keeper = keepers.get(root)
+        if keeper is None and not _is_padded(new_modules[name]):
+            keeper = survivors.get(
+                root
+            )  # (a padded conv folds nothing without a keeper: its constants are 0)
+        _fold(new_modules[name], offset, removable[root], values, keeper, cg.consumers[name].spatial, name)
 
     keep: dict[int, torch.Tensor] = {}
     for root, channels in removable.items():
-        drop = set(channels) - ({keepers[root]} if root in keepers else set())
-        kept = [i for i in range(cg.sizes[root]) if i not in drop] or [channels[0]]
+        stays = keepers.get(root, survivors.get(root))
+        kept = [i for i in range(cg.sizes[root]) if i not in set(channels) or i == stays]
         keep[root] = torch.tensor(kept)
     slice_modules(copy, index_plan(cg, keep))
 

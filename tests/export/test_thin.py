@@ -245,3 +245,16 @@ def test_a_group_concatenated_twice_into_one_consumer_folds_both_copies() -> Non
     assert (small.a.out_features, small.b.in_features) == (4, 8)
     other = torch.randn(5, 4) * 3
     torch.testing.assert_close(small(other), model(other))
+
+
+def test_a_layer_with_every_unit_dead_keeps_one_and_stays_exact() -> None:
+    """Global structured pruning can zero a whole layer: one unit must stay, and its constant is not folded twice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[2].weight.zero_()  # its biases still feed constants into the last layer
+    x = torch.randn(8, 4)
+    small = thin(model, x)
+    assert (small[2].out_features, small[4].in_features) == (1, 1)
+    other = torch.randn(5, 4) * 3
+    torch.testing.assert_close(small(other), model(other))
