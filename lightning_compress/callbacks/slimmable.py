@@ -50,8 +50,10 @@ class SlimmableTraining(Callback):
     ``state_dict`` is the ordinary full model), every other width has its own running mean/variance, kept in
     the callback's state (saved in checkpoints, broadcast from rank 0 under DDP at each validation start).
 
-    At each validation the callback evaluates every width on the validation batches and logs ``val/acc@<w>``
-    (e.g. ``val/acc@0.5``): batches must be ``(inputs, targets, ...)`` and ``model(inputs)`` class logits.
+    At each validation during ``fit`` the callback evaluates every width on the validation batches and logs
+    ``val/acc@<w>`` (e.g. ``val/acc@0.5``): batches must be ``(inputs, targets, ...)`` and ``model(inputs)`` class
+    logits. ``Trainer.validate``/``test`` run the full width only (the model's own forward); evaluate a smaller
+    width by exporting it with :func:`~lightning_compress.export.slim.slice_width`.
 
     Export a width with :func:`lightning_compress.export.slim.slice_width` and :meth:`bn_stats`. Limits: a
     forward that ``torch.fx`` cannot trace is refused; layers behind operations that cannot be sliced
@@ -63,7 +65,7 @@ class SlimmableTraining(Callback):
             there are; with all of them every width trains every step, as in the original slimmable networks).
         distill: in-place distillation: smaller widths learn the full width's predictions instead of the labels.
         temperature: softening temperature of the distillation.
-        log_accuracy: evaluate and log ``val/acc@<w>`` for every width at each validation.
+        log_accuracy: evaluate and log ``val/acc@<w>`` for every width at each validation during ``fit``.
         seed: seed of the random widths.
 
     Raises:
