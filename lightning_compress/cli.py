@@ -54,6 +54,24 @@ class LightningCompressCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse; when ``--model``/``--data`` (or a config) names another class than the digits example, parse
+        again without the example as default, so that the example's init-arg defaults (``lr``, ``batch_size``,
+        ...) do not leak into a user's class that has arguments of the same names."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        swapped = {
+            key: None
+            for key, default in (("model", DEFAULT_MODEL), ("data", DEFAULT_DATA))
+            if (config.get(key) or {}).get("class_path", default) != default
+        }
+        if not swapped:
+            return
+        parsers = list(getattr(self, "_subcommand_parsers", {}).values()) or [parser]
+        for sub in parsers:
+            sub.set_defaults(swapped)
+        super().parse_arguments(parser, args)
+
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.interrupted:

@@ -272,13 +272,6 @@ class UserData(LightningDataModule):
         self.batch_size = batch_size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py sets the default model class_path to DigitsMLP; jsonargparse keeps that class's init_args "
-    "defaults when --model swaps the class, so a user model's own `lr`/`dropout` defaults are silently replaced "
-    "by DigitsMLP's (lr=0.001, dropout=0.0), a user data module's `batch_size` by DigitsDataModule's (64); the "
-    "DigitsCNN recipes likewise train at lr=0.001, not DigitsCNN's default 0.002",
-)
 def test_cli_model_and_data_swap_keep_the_users_own_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
