@@ -5,7 +5,7 @@
 
 Setting (the two recipes, read from their YAML so the numbers are theirs): the teacher is the digits MLP at
 64-1200-1200-10 with dropout 0.2 (``recipes/digits_teacher.yaml``: full training split of 1,168 digits, 30 epochs);
-the student is a 64-128-10 MLP (1/250 of the teacher's parameters) that sees only the first 100 digits of the
+the student is a 64-128-10 MLP (1/159 of the teacher's parameters) that sees only the first 100 digits of the
 training split, 200 epochs, Adam (``recipes/digits_distillation.yaml``: temperature 4, alpha 0.9). Each seed ``s``
 draws its own split (``split_seed=s``, so also its own 100 digits and test set of 359), teacher and student
 initialisation; within a seed every student row starts from the same weights and sees the same batches, so rows
