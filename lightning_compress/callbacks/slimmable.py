@@ -262,6 +262,7 @@ class SlimmableTraining(Callback):
                 stats = per_width[name]
             return forward_at(module, x, index, stats)
 
+        forward.lightning_compress_patch = True  # type: ignore[attr-defined]  # copy_model drops it from copies
         return forward
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -303,6 +304,7 @@ class SlimmableTraining(Callback):
             return total
 
         training_step.active = True  # type: ignore[attr-defined]
+        training_step.lightning_compress_patch = True  # type: ignore[attr-defined]  # copy_model drops it
         training_step.__wrapped__ = inspect.unwrap(original)  # type: ignore[attr-defined]  # for `is_overridden`
         return training_step
 

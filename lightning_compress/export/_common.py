@@ -10,10 +10,24 @@ from torch import nn
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that shares (does not copy) an attached Lightning ``Trainer``."""
+    """A deep copy of ``model`` that shares (does not copy) an attached Lightning ``Trainer``.
+
+    Methods a callback patched onto the instances during fit (``SlimmableTraining``'s width-aware ``forward``,
+    marked ``lightning_compress_patch``) are left out of the copy: deep copy keeps functions as they are, so the
+    copy's layers would run the original layers' weights. The copy runs its own classes' methods.
+    """
     trainer = getattr(model, "_trainer", None)
     memo = {} if trainer is None else {id(trainer): trainer}
-    return copy.deepcopy(model, memo)
+    out = copy.deepcopy(model, memo)
+    for module in out.modules():
+        patched = [
+            k
+            for k, v in vars(module).items()
+            if callable(v) and getattr(v, "lightning_compress_patch", None) is True
+        ]
+        for key in patched:
+            delattr(module, key)
+    return out
 
 
 def resolve_example(model: nn.Module, example_input: Any, argument: str = "example_input") -> Any:

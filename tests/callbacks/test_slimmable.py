@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import LightningModule, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -308,6 +308,27 @@ def test_true_precision_keeps_private_statistics_in_the_model_dtype(
     x = model.val_dataloader().dataset.tensors[0][:4].to(dtype)
     small = slice_width(model, 0.5, bn_stats=stats)
     assert small.eval()(x).dtype == dtype
+
+
+def test_a_width_exported_during_fit_runs_its_own_layers(make_trainer) -> None:
+    """Until teardown the layers' forward is the callback's; a copy made then must not call the original's."""
+    seed_everything(0)
+    slim = SlimmableTraining(widths=[0.5, 1.0])
+    exported: dict[str, nn.Module] = {}
+
+    class ExportAtFitEnd(Callback):
+        def on_fit_end(
+            self, trainer: Any, pl_module: LightningModule
+        ) -> None:  # before SlimmableTraining.teardown
+            exported["small"] = slice_width(pl_module, 0.5, bn_stats=slim.bn_stats(0.5))
+
+    model = SmallCNN()
+    make_trainer(callbacks=[slim, ExportAtFitEnd()], max_epochs=1).fit(model)
+    small = exported["small"].eval()
+    assert all("forward" not in m.__dict__ for m in small.modules())
+    x = model.val_dataloader().dataset.tensors[0]
+    after = slice_width(model, 0.5, bn_stats=slim.bn_stats(0.5)).eval()
+    torch.testing.assert_close(small(x), after(x))
 
 
 def test_manual_optimization_is_refused_before_the_first_step(make_trainer) -> None:
