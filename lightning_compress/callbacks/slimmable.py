@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -231,7 +232,7 @@ class SlimmableTraining(Callback):
             return
         for module in self._modules.values():
             module.__dict__.pop("forward", None)
-        if pl_module.__dict__.get("training_step") is self._wrapper:
+        if self._wrapper is not None and pl_module.__dict__.get("training_step") is self._wrapper:
             if self._previous is None:
                 del pl_module.training_step
             else:
@@ -242,6 +243,14 @@ class SlimmableTraining(Callback):
             handle.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning does not call `teardown` when fit raises: give the model back as it was all the same
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.teardown(trainer, pl_module, "fit")
 
     # -- the slimmed forward -------------------------------------------------------------------------
     def _forward_for(self, name: str, module: nn.Module, original: Any) -> Any:

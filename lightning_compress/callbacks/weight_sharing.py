@@ -11,6 +11,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -320,6 +321,14 @@ class WeightSharing(Callback):
         self._step_hooks.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning does not call `teardown` when fit raises: release the weights all the same
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.teardown(trainer, pl_module, "fit")
 
     # -- clustering and tying -----------------------------------------------------------------------
     @torch.no_grad()

@@ -331,6 +331,28 @@ def test_a_width_exported_during_fit_runs_its_own_layers(make_trainer) -> None:
     torch.testing.assert_close(small(x), after(x))
 
 
+class _FailsAtFitStart(Callback):
+    def on_fit_start(self, trainer: Any, pl_module: LightningModule) -> None:
+        raise RuntimeError("another callback failed")
+
+
+def test_a_failed_fit_leaves_the_model_as_it_was(make_trainer) -> None:
+    """Lightning skips `teardown` when fit raises: the patched forwards, training_step and claims must go anyway."""
+    from lightning_compress import claims
+
+    model = SmallCNN()
+    with pytest.raises(RuntimeError, match="another callback failed"):
+        make_trainer(callbacks=[SlimmableTraining(widths=[0.5, 1.0]), _FailsAtFitStart()], max_epochs=1).fit(
+            model
+        )
+    assert "training_step" not in model.__dict__
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert claims.claims(model) == {}
+    slim = SlimmableTraining(widths=[0.5, 1.0])  # the user fixes the run and fits the same model again
+    make_trainer(callbacks=[slim], max_epochs=1, limit_train_batches=2).fit(model)
+    assert set(slim.val_accuracy) == {0.5, 1.0}
+
+
 def test_manual_optimization_is_refused_before_the_first_step(make_trainer) -> None:
     """Manual optimization returns no loss to sum the widths into: it must not silently train only width 1."""
 

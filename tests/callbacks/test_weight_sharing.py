@@ -315,3 +315,22 @@ def test_pruning_of_other_layers_does_not_block(make_trainer) -> None:
     sharing = WeightSharing(bits=2, targets=["net.0"], start_step=4)
     make_trainer(callbacks=[pruning, sharing], max_epochs=2).fit(TinyModule())
     assert set(sharing.codebooks) == {"net.0.weight"}
+
+
+def test_a_failed_fit_releases_the_weights(make_trainer) -> None:
+    """Lightning skips `teardown` when fit raises: the claims must be released so that the model can be refit."""
+    from lightning_compress import claims
+
+    class FailsAtFitStart(Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            raise RuntimeError("another callback failed")
+
+    model = TinyModule()
+    with pytest.raises(RuntimeError, match="another callback failed"):
+        make_trainer(callbacks=[WeightSharing(bits=2, start_step=1, verbose=False), FailsAtFitStart()]).fit(
+            model
+        )
+    assert claims.claims(model) == {}
+    sharing = WeightSharing(bits=2, start_step=1, verbose=False)
+    make_trainer(callbacks=[sharing], max_epochs=1, limit_train_batches=3).fit(model)
+    assert sharing.shared and all(len(cb) <= 4 for cb in sharing.codebooks.values())
