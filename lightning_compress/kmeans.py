@@ -78,8 +78,10 @@ def init_centroids(
         q = (torch.arange(k, dtype=torch.float32) + 0.5) / k
         sample = v if v.numel() <= 1 << 24 else v[torch.randperm(v.numel(), generator=generator)[: 1 << 24]]
         return torch.quantile(sample, q).sort().values
-    pick = torch.randperm(v.numel(), generator=generator)[: min(k, v.numel())]
-    return v[pick].sort().values
+    # repeated values (low precision, weights shared before) must not be drawn twice
+    distinct = torch.unique(v)
+    pick = torch.randperm(distinct.numel(), generator=generator)[: min(k, distinct.numel())]
+    return distinct[pick].sort().values
 
 
 def assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

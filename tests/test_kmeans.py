@@ -53,6 +53,17 @@ def test_inits() -> None:
         kmeans.init_centroids(torch.zeros(0), 2)
 
 
+def test_random_init_draws_distinct_values_when_weights_repeat() -> None:
+    """Low-precision or already-shared weights repeat values: Forgy must still draw distinct ones."""
+    x = torch.tensor([1.0] * 20 + [2.0, 3.0])
+    for seed in range(5):
+        c = kmeans.init_centroids(x, 3, "random", torch.Generator().manual_seed(seed))
+        assert c.tolist() == [1.0, 2.0, 3.0]
+        centroids, labels = kmeans.kmeans_1d(x, 3, "random", generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(centroids[labels], x)  # three values, three exact clusters
+    assert kmeans.init_centroids(x, 8, "random").tolist() == [1.0, 2.0, 3.0]  # at most the distinct values
+
+
 @pytest.mark.parametrize("init", kmeans.INITS)
 def test_share_keeps_zeros_and_bounds_codebook(init: str) -> None:
     g = torch.Generator().manual_seed(0)
