@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -413,11 +415,21 @@ class SlimmableTraining(Callback):
         }
 
 
-def load_bn_stats(checkpoint_path: str | Path, width: float) -> dict[str, dict[str, torch.Tensor]]:
+def load_bn_stats(
+    checkpoint_path: str | Path, width: float, *, weights_only: bool = True
+) -> dict[str, dict[str, torch.Tensor]]:
     """A width's private BatchNorm statistics from a checkpoint written with :class:`SlimmableTraining`.
 
+    Args:
+        checkpoint_path: the Lightning checkpoint.
+        width: one of the trained widths.
+        weights_only: passed to ``torch.load``; a checkpoint whose hyperparameters hold other objects (a
+            ``Path``, a module) needs ``False`` (as ``LightningModule.load_from_checkpoint`` does): only for
+            checkpoints you trust.
+
     Raises:
-        ValueError: the checkpoint holds no SlimmableTraining state, or none for ``width``.
+        ValueError: the checkpoint holds no SlimmableTraining state, or none for ``width``, or objects that
+            ``weights_only=True`` refuses to load.
 
     Example:
         >>> import tempfile, torch
@@ -426,7 +438,15 @@ def load_bn_stats(checkpoint_path: str | Path, width: float) -> dict[str, dict[s
         >>> load_bn_stats(path, 0.5)
         {}
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" (e.g. {found.group(1)})" if found else ""
+        raise ValueError(
+            f"`checkpoint_path`: {checkpoint_path} holds objects that torch.load(weights_only=True) refuses"
+            f"{what}; if you trust this checkpoint, pass weights_only=False"
+        ) from None
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("SlimmableTraining")]
     if not states:
         raise ValueError(f"`checkpoint_path`: {checkpoint_path} holds no SlimmableTraining state")

@@ -353,6 +353,32 @@ def test_a_failed_fit_leaves_the_model_as_it_was(make_trainer) -> None:
     assert set(slim.val_accuracy) == {0.5, 1.0}
 
 
+def test_load_bn_stats_from_a_checkpoint_with_non_tensor_hyperparameters(
+    make_trainer, tmp_path: Path
+) -> None:
+    """A Path in the hyperparameters makes torch.load(weights_only=True) refuse the file: say so, allow opting out."""
+
+    class WithPath(SmallCNN):
+        def __init__(self, root: Path = Path("data")) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    slim = SlimmableTraining(widths=[0.5, 1.0])
+    make_trainer(
+        callbacks=[slim, checkpoint],
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+    ).fit(WithPath())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    with pytest.raises(ValueError, match="weights_only=False"):
+        load_bn_stats(last, 0.5)
+    stats = load_bn_stats(last, 0.5, weights_only=False)
+    assert torch.equal(stats["net.1"]["running_mean"], slim.bn_stats(0.5)["net.1"]["running_mean"])
+
+
 def test_manual_optimization_is_refused_before_the_first_step(make_trainer) -> None:
     """Manual optimization returns no loss to sum the widths into: it must not silently train only width 1."""
 
