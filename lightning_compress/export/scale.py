@@ -151,7 +151,9 @@ def repeated_blocks(container: nn.Module) -> list[tuple[int, int, int]]:
         >>> repeated_blocks(seq)
         [(1, 2, 2)]
     """
-    children = list(container.children())
+    children = _entries(container)
+    if any(c is None for c in children):
+        return []
     sigs = [_signature(c) for c in children]
     n, i, runs = len(children), 0, []
     while i < n:
@@ -172,11 +174,25 @@ def repeated_blocks(container: nn.Module) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _entries(container: nn.Module) -> list[Any]:
+    """The container's entries by position (one module reused at several positions appears at each of them)."""
+    return list(container._modules.values())
+
+
 def _drop_blocks(model: nn.Module, depth: float, example_input: Any) -> None:
     containers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Sequential, nn.ModuleList)]
     shapes: dict[int, list[tuple[Any, Any]]] = {}
+    inputs: dict[int, list[Any]] = {}  # Sequential -> the inputs of its calls
     handles = []
     for _, container in containers:
+        # a Sequential's forward runs its entries in order: its call is replayed position by position below
+        if type(container) is nn.Sequential:
+
+            def seq_pre(module: nn.Module, args: Any) -> None:
+                inputs.setdefault(id(module), []).append(args[0] if args else None)
+
+            handles.append(container.register_forward_pre_hook(seq_pre))
+            continue
         for child in container.children():
 
             def pre(module: nn.Module, args: Any) -> None:
@@ -193,17 +209,48 @@ def _drop_blocks(model: nn.Module, depth: float, example_input: Any) -> None:
         for h in handles:
             h.remove()
     for _, container in containers:
-        children = list(container.children())
+        children = _entries(container)
+        at = _sequential_shapes(model, container, inputs) if type(container) is nn.Sequential else None
         drop: list[int] = []
         for start, length, repeats in repeated_blocks(container):
             keep = max(1, math.ceil(depth * repeats - 1e-9))
             for b in range(keep, repeats):
-                first, last = children[start + b * length], children[start + (b + 1) * length - 1]
-                ins, outs = shapes.get(id(first), []), shapes.get(id(last), [])
-                if len(ins) == 1 and len(outs) == 1 and ins[0][0] is not None and ins[0][0] == outs[0][1]:
+                i, j = start + b * length, start + (b + 1) * length - 1
+                if at is not None:  # shapes at these positions of the Sequential's one call
+                    ok = at[i][0] is not None and at[i][0] == at[j][1]
+                else:  # ModuleList: from the modules' own calls, when each was called once
+                    ins, outs = shapes.get(id(children[i]), []), shapes.get(id(children[j]), [])
+                    ok = (
+                        len(ins) == 1 and len(outs) == 1 and ins[0][0] is not None and ins[0][0] == outs[0][1]
+                    )
+                if ok:
                     drop += range(start + b * length, start + (b + 1) * length)
         for index in sorted(drop, reverse=True):
             del container[index]
+
+
+@torch.no_grad()
+def _sequential_shapes(
+    model: nn.Module, container: nn.Module, inputs: dict[int, list[Any]]
+) -> list[tuple[Any, Any]] | None:
+    """(input shape, output shape) at each position of a Sequential called once, by replaying its entries in eval
+    mode; ``None`` if it was not called exactly once with a tensor (then nothing in it is dropped)."""
+    calls = inputs.get(id(container), [])
+    if len(calls) != 1 or not isinstance(calls[0], torch.Tensor):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        h, out = calls[0], []
+        for entry in _entries(container):
+            before = _shape(h)
+            h = entry(h)
+            out.append((before, _shape(h)))
+            if not isinstance(h, torch.Tensor):
+                break
+        return out if len(out) == len(container) else None
+    finally:
+        model.train(was_training)
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:

@@ -78,6 +78,22 @@ def test_shape_changing_repeats_are_kept() -> None:
     assert len(small) == len(net)
 
 
+def test_depth_with_one_activation_module_reused_at_every_position() -> None:
+    """`act = nn.ReLU()` used at four positions: blocks are positions, not distinct modules."""
+    torch.manual_seed(0)
+    linears = [nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)]
+    act = nn.ReLU()
+    shared = nn.Sequential(*[m for lin in linears[:-1] for m in (lin, act)], linears[-1])
+    separate = nn.Sequential(*[m for lin in linears[:-1] for m in (lin, nn.ReLU())], linears[-1])
+    assert repeated_blocks(shared) == repeated_blocks(separate) == [(1, 2, 3)]
+    x = torch.randn(2, 4)
+    small_shared = scale(shared, depth=0.5, example_input=x)
+    small_separate = scale(separate, depth=0.5, example_input=x)
+    assert [type(m) for m in small_shared] == [type(m) for m in small_separate]
+    assert [type(m).__name__ for m in small_shared] == ["Linear", "ReLU"] * 3 + ["Linear"]
+    torch.testing.assert_close(small_shared(x), small_separate(x))
+
+
 def test_indexed_module_list_is_an_error() -> None:
     class Indexed(nn.Module):
         def __init__(self) -> None:
