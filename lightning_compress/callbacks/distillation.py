@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
@@ -326,6 +327,12 @@ class KnowledgeDistillation(Callback):
                 "`training_step` at several widths: list SlimmableTraining before KnowledgeDistillation (the "
                 "full width is then distilled) or pair layers that keep their width"
             )
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` when fit raises: release the model all the same
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.teardown(trainer, pl_module, "fit")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

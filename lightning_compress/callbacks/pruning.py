@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -244,6 +245,12 @@ class GradualPruning(Callback):
                 bias = self._biases.get(fqn)
                 if bias_keep is not None and id(bias) in params and bias.grad is not None:
                     bias.grad.mul_(bias_keep)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` when fit raises: release the model all the same
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.teardown(trainer, pl_module, "fit")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
