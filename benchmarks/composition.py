@@ -65,17 +65,35 @@ OUT = ROOT / "benchmarks" / "results" / "composition.json"
 TEACHER = yaml.safe_load((ROOT / "recipes/digits_teacher.yaml").read_text())
 KD_RECIPE = yaml.safe_load((ROOT / "recipes/digits_distillation.yaml").read_text())
 KD_ARGS = {k: KD_RECIPE["trainer"]["callbacks"][0]["init_args"][k] for k in ("temperature", "alpha")}
-EPOCHS, LR, BATCH, SPARSITY = 30, 3e-3, 64, 0.9
+EPOCHS, LR, SPARSITY = 30, 3e-3, 0.9  # schedules below are in epochs of a 30-epoch run (scaled to others)
 ROWS: dict[str, tuple[str, ...]] = {  # row -> its callbacks, in list order
     "dense": (),
+    "dense + KD": ("KD",),
     "GP 90%": ("GP",),
+    "GP 90% + KD": ("GP", "KD"),
     "QAT W8A8": ("QAT",),
     "GP 90% + QAT W8A8": ("GP", "QAT"),
     "GP 90% + QAT W8A8 + KD": ("GP", "QAT", "KD"),
     "GP 90% + WS 4-bit": ("GP", "WS"),
     "GP 90% + WS 4-bit + KD": ("GP", "WS", "KD"),
 }
-KD_PAIRS = {"GP 90% + QAT W8A8 + KD": "GP 90% + QAT W8A8", "GP 90% + WS 4-bit + KD": "GP 90% + WS 4-bit"}
+KD_PAIRS = {
+    "dense + KD": "dense",
+    "GP 90% + KD": "GP 90%",
+    "GP 90% + QAT W8A8 + KD": "GP 90% + QAT W8A8",
+    "GP 90% + WS 4-bit + KD": "GP 90% + WS 4-bit",
+}
+ORDER_CHECK = "GP 90% + QAT W8A8 + KD"
+SETTINGS: dict[str, dict[str, Any]] = {
+    "full": {"epochs": EPOCHS, "batch_size": 64, "train_subset": None, "rows": list(ROWS)},
+    # the distillation benchmark's small-data setting, where KD's own target was measured
+    "100 digits": {
+        "epochs": 200,
+        "batch_size": 32,
+        "train_subset": 100,
+        "rows": [r for r in ROWS if r in KD_PAIRS or r in KD_PAIRS.values()],
+    },
+}
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -84,21 +102,42 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 def _callback(kind: str, scale: float, teacher: nn.Module) -> Callback:
     """One callback with its benchmark's settings; epoch points multiplied by ``scale`` (1 in the full run)."""
     if kind == "GP":
-        return GradualPruning(final_sparsity=SPARSITY, start_epoch=2 * scale, end_epoch=20 * scale, update_every=5,
-                              schedule="cubic", scope="global")
+        return GradualPruning(
+            final_sparsity=SPARSITY,
+            start_epoch=2 * scale,
+            end_epoch=20 * scale,
+            update_every=5,
+            schedule="cubic",
+            scope="global",
+        )
     if kind == "QAT":
-        return QuantizationAwareTraining(weight_bits=8, activation_bits=8, granularity="per_tensor", symmetric=True,
-                                         start_epoch=10 * scale, freeze_observers_epoch=25 * scale,
-                                         convert_on_fit_end=False)
+        return QuantizationAwareTraining(
+            weight_bits=8,
+            activation_bits=8,
+            granularity="per_tensor",
+            symmetric=True,
+            start_epoch=10 * scale,
+            freeze_observers_epoch=25 * scale,
+            convert_on_fit_end=False,
+        )
     if kind == "WS":
         return WeightSharing(bits=4, init="density", start_epoch=21 * scale, verbose=False)
     return KnowledgeDistillation(teacher=teacher, **KD_ARGS)
 
 
 def _trainer(epochs: int, callbacks: list[Callback]) -> Trainer:
-    return Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   limit_val_batches=0, callbacks=callbacks)
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
 
 
 def _accuracy(model: nn.Module, dm: DigitsDataModule) -> float:
@@ -123,7 +162,11 @@ def _artefacts(model: nn.Module, path: Path) -> dict[str, Any]:
     back = load_compressed(path)
     state = model.state_dict()
     exact = set(back) == set(state) and all(torch.equal(back[k], v) for k, v in state.items())
-    return {"torch_save_bytes": serialized_size(model), "lcdc_bytes": report.file_bytes, "lcdc_bit_exact": exact}
+    return {
+        "torch_save_bytes": serialized_size(model),
+        "lcdc_bytes": report.file_bytes,
+        "lcdc_bit_exact": exact,
+    }
 
 
 def train_teacher(seed: int, epochs: int) -> tuple[DigitsMLP, float]:
@@ -134,15 +177,16 @@ def train_teacher(seed: int, epochs: int) -> tuple[DigitsMLP, float]:
     return teacher, _accuracy(teacher, dm)
 
 
-def train_row(kinds: tuple[str, ...], seed: int, epochs: int, teacher: nn.Module, workdir: Path,
-              name: str) -> tuple[dict[str, Any], DigitsMLP]:
-    scale = epochs / EPOCHS
+def train_row(
+    kinds: tuple[str, ...], seed: int, setting: dict[str, Any], teacher: nn.Module, path: Path
+) -> tuple[dict[str, Any], DigitsMLP]:
+    """Train one student row of ``setting`` (epochs, batch size, training subset); measure it and its artefacts."""
     seed_everything(1000 + seed, verbose=False)
     model = DigitsMLP(hidden_sizes=[300, 100], lr=LR)
-    dm = DigitsDataModule(batch_size=BATCH)
-    callbacks = [_callback(k, scale, teacher) for k in kinds]
+    dm = DigitsDataModule(batch_size=setting["batch_size"], train_subset=setting["train_subset"])
+    callbacks = [_callback(k, setting["epochs"] / EPOCHS, teacher) for k in kinds]
     t0 = time.perf_counter()
-    _trainer(epochs, callbacks).fit(model, datamodule=dm)
+    _trainer(setting["epochs"], callbacks).fit(model, datamodule=dm)
     out: dict[str, Any] = {"fit_s": time.perf_counter() - t0, "acc": _accuracy(model, dm)}
     zeros, total = _zeros(model)
     out.update(zeros=zeros, weights=total, sparsity=zeros / total)
@@ -155,26 +199,37 @@ def train_row(kinds: tuple[str, ...], seed: int, epochs: int, teacher: nn.Module
         out["max_distinct_nonzero"] = max(
             len(torch.unique(m.weight[m.weight != 0])) for m in model.modules() if isinstance(m, nn.Linear)
         )
-    out.update(_artefacts(final, workdir / f"{name.replace(' ', '_').replace('%', '')}_{seed}.lcdc"))
+    out.update(_artefacts(final, path))
     return out, model
 
 
-def run_seed(seed: int, epochs: int, workdir: Path, order_check: bool) -> dict[str, Any]:
-    teacher, teacher_acc = train_teacher(seed, epochs)
+def run_seed(
+    seed: int, settings: dict[str, dict[str, Any]], workdir: Path, order_check: bool
+) -> dict[str, Any]:
+    """Every row of every setting for one seed (one teacher, trained on the full split, for all of them)."""
+    teacher, teacher_acc = train_teacher(seed, settings["full"]["epochs"])
     out: dict[str, Any] = {"teacher": {"acc": teacher_acc}}
-    models = {}
-    for name, kinds in ROWS.items():
-        out[name], models[name] = train_row(kinds, seed, epochs, teacher, workdir, name)
-        r = out[name]
-        extra = f", int8 {r['int_acc']:.2f}" if "int_acc" in r else ""
-        print(f"seed {seed} {name}: {r['acc']:.2f}{extra}, sparsity {r['sparsity']:.4f}, "
-              f"{r['lcdc_bytes']:,} B file ({r['fit_s']:.0f} s)", flush=True)
-    if order_check:
-        name = "GP 90% + QAT W8A8 + KD"
-        _, reversed_model = train_row(tuple(reversed(ROWS[name])), seed, epochs, teacher, workdir, "reversed")
-        a, b = models[name].state_dict(), reversed_model.state_dict()
-        out["reversed order identical"] = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-        print(f"seed {seed} {name}, list reversed: weights identical {out['reversed order identical']}", flush=True)
+    for label, setting in settings.items():
+        res: dict[str, Any] = {}
+        models = {}
+        for name in setting["rows"]:
+            path = workdir / f"{label}_{name}_{seed}.lcdc".replace(" ", "_").replace("%", "")
+            res[name], models[name] = train_row(ROWS[name], seed, setting, teacher, path)
+            r = res[name]
+            extra = f", int8 {r['int_acc']:.2f}" if "int_acc" in r else ""
+            print(
+                f"seed {seed} [{label}] {name}: {r['acc']:.2f}{extra}, sparsity {r['sparsity']:.4f}, "
+                f"{r['lcdc_bytes']:,} B file ({r['fit_s']:.0f} s)",
+                flush=True,
+            )
+        if order_check and label == "full":
+            _, rev = train_row(
+                tuple(reversed(ROWS[ORDER_CHECK])), seed, setting, teacher, workdir / "rev.lcdc"
+            )
+            a, b = models[ORDER_CHECK].state_dict(), rev.state_dict()
+            res["reversed order identical"] = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+            print(f"seed {seed} {ORDER_CHECK}, list reversed: identical {res['reversed order identical']}")
+        out[label] = res
     return out
 
 
@@ -187,80 +242,136 @@ def _mean(runs: list[dict[str, Any]], row: str, key: str) -> float:
     return statistics.mean(r[row][key] for r in runs)
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Print the tables; return the per-row values, KD differences and target checks."""
-    dense_bytes = _mean(runs, "dense", "torch_save_bytes")
-    table: dict[str, Any] = {}
-    print("\n| model | test acc (%) | converted int8 acc (%) | weight sparsity | torch.save bytes (ratio) "
-          "| compressed file bytes (ratio) |")
+def _table(runs: list[dict[str, Any]], rows: list[str], dense_bytes: float) -> dict[str, Any]:
+    """Print one setting's accuracy/size table; return its per-row values over seeds."""
+    print(
+        "| model | test acc (%) | converted int8 acc (%) | weight sparsity | torch.save bytes (ratio) "
+        "| compressed file bytes (ratio) |"
+    )
     print("|---|---|---|---|---|---|")
-    print(f"| teacher 64-1200-1200-10 | {_ms([r['teacher']['acc'] for r in runs])} | | | | |")
-    for row in ROWS:
+    table: dict[str, Any] = {}
+    for row in rows:
         acc = [r[row]["acc"] for r in runs]
         intacc = [r[row]["int_acc"] for r in runs] if "int_acc" in runs[0][row] else None
-        sp = _mean(runs, row, "sparsity")
-        sp_s = f"{sp:.2%}" + (f" ({_mean(runs, row, 'int_sparsity'):.2%} int8 codes)" if intacc else "")
+        sp = f"{_mean(runs, row, 'sparsity'):.2%}"
+        if intacc:
+            sp += f" ({_mean(runs, row, 'int_sparsity'):.2%} of the int8 codes)"
         ts, lc = _mean(runs, row, "torch_save_bytes"), _mean(runs, row, "lcdc_bytes")
-        print(f"| {row} | {_ms(acc)} | {_ms(intacc) if intacc else '—'} | {sp_s} | {ts:,.0f} "
-              f"({dense_bytes / ts:.2f}x) | {lc:,.0f} ({dense_bytes / lc:.1f}x) |")
+        print(
+            f"| {row} | {_ms(acc)} | {_ms(intacc) if intacc else '—'} | {sp} | {ts:,.0f} "
+            f"({dense_bytes / ts:.2f}x) | {lc:,.0f} ({dense_bytes / lc:.1f}x) |"
+        )
         table[row] = {k: [r[row][k] for r in runs] for k in runs[0][row]}
-        table[row]["ratio_torch_save"] = dense_bytes / ts
-        table[row]["ratio_file"] = dense_bytes / lc
+        table[row].update(ratio_torch_save=dense_bytes / ts, ratio_file=dense_bytes / lc)
+    return table
 
+
+def _kd_gains(runs: list[dict[str, Any]], rows: list[str]) -> dict[str, Any]:
+    """Per-seed accuracy difference of each KD row to the same row without KD (the integer model for QAT rows)."""
+    print("| KD gain (same composition with − without KD) | per seed (points) | mean ± sd | mean / sd |")
+    print("|---|---|---|---|")
     diffs: dict[str, Any] = {}
-    print("\n| KD gain | per-seed difference (points), mean ± sd | mean / sd |")
-    print("|---|---|---|")
     for with_kd, without in KD_PAIRS.items():
+        if with_kd not in rows:
+            continue
         key = "int_acc" if "int_acc" in runs[0][with_kd] else "acc"
         d = [r[with_kd][key] - r[without][key] for r in runs]
         sd = statistics.stdev(d) if len(d) > 1 else 0.0
-        ratio = statistics.mean(d) / sd if sd else float("inf")
-        diffs[with_kd] = {"vs": without, "on": key, "diffs": d, "mean": statistics.mean(d), "sd": sd,
-                          "target_met": len(d) > 1 and statistics.mean(d) > 2 * sd}
-        print(f"| {with_kd} − {without} | {_ms(d)} | {ratio:.1f} |")
+        mean = statistics.mean(d)
+        diffs[with_kd] = {"vs": without, "on": key, "diffs": d, "mean": mean, "sd": sd}
+        diffs[with_kd]["target_met"] = len(d) > 1 and mean > 2 * sd
+        per_seed = ", ".join(f"{x:+.2f}" for x in d)
+        print(f"| {with_kd} | {per_seed} | {_ms(d)} | {mean / sd if sd else float('nan'):.1f} |")
+    return diffs
 
-    gp_rows = [row for row, kinds in ROWS.items() if "GP" in kinds]
-    qat_rows = [row for row, kinds in ROWS.items() if "QAT" in kinds]
-    want = round(SPARSITY * runs[0]["dense"]["weights"])
-    int_vs_float = _mean(runs, "GP 90% + QAT W8A8", "int_acc") - _mean(runs, "GP 90%", "acc")
+
+def summarize(runs: list[dict[str, Any]], settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Print the tables; return the per-row values, KD differences and target checks."""
+    full = [r["full"] for r in runs]
+    dense_bytes = _mean(full, "dense", "torch_save_bytes")
+    tables: dict[str, Any] = {}
+    diffs: dict[str, Any] = {}
+    for label, setting in settings.items():
+        sruns = [r[label] for r in runs]
+        print(
+            f"\n{label}: {setting['train_subset'] or 'all 1,168'} training digits, {setting['epochs']} epochs, "
+            f"batch {setting['batch_size']}, {len(runs)} seed(s); teacher {_ms([r['teacher']['acc'] for r in runs])} %"
+            "; ratios vs the dense row's fp32 torch.save bytes\n"
+        )
+        tables[label] = _table(sruns, setting["rows"], dense_bytes)
+        print()
+        diffs[label] = _kd_gains(sruns, setting["rows"])
+
+    every = [(r[label], row) for r in runs for label, s in settings.items() for row in s["rows"]]
+    want = round(SPARSITY * full[0]["dense"]["weights"])
+    gp_vs = _mean(full, "GP 90% + QAT W8A8", "int_acc") - _mean(full, "GP 90%", "acc")
     targets = {
-        f"GradualPruning: exactly {want:,} of {runs[0]['dense']['weights']:,} weights zero (90%) in every GP row "
-        "and seed": all(r[row]["zeros"] == want for r in runs for row in gp_rows),
-        "GradualPruning: the pruned zeros stay zero in the int8 codes": all(
-            r[row]["int_sparsity"] >= r[row]["sparsity"] for r in runs for row in gp_rows if row in qat_rows),
-        "QAT: converted within 0.3 points of fake-quant (every QAT row)": all(
-            abs(_mean(runs, row, "int_acc") - _mean(runs, row, "acc")) <= 0.3 for row in qat_rows),
-        f"QAT: GP+QAT int8 within 0.3 points of GP fp32 ({int_vs_float:+.2f})": int_vs_float >= -0.3,
-        "QAT: int8 artefact <= 0.27x fp32 bytes (every QAT row, torch.save)": all(
-            _mean(runs, row, "torch_save_bytes") <= 0.27 * dense_bytes for row in qat_rows),
-        "WeightSharing: at most 16 distinct non-zero values per layer": all(
-            r[row]["max_distinct_nonzero"] <= 16 for r in runs for row in ROWS if "WS" in ROWS[row]),
-        "every compressed file reads back bit-exact": all(r[row]["lcdc_bit_exact"] for r in runs for row in ROWS),
-        **{f"KD: {k} beats {v['vs']} by > 2 sd": v["target_met"] for k, v in diffs.items()},
+        f"GP: exactly {want:,} of {full[0]['dense']['weights']:,} weights zero (90%) in every GP row": all(
+            res[row]["zeros"] == want for res, row in every if "GP" in ROWS[row]
+        ),
+        "GP: the pruned zeros stay zero in the int8 codes": all(
+            res[row]["int_sparsity"] >= res[row]["sparsity"] for res, row in every if "QAT" in ROWS[row]
+        ),
+        "QAT: converted within 0.3 points of fake-quant (every QAT row, mean)": all(
+            abs(_mean([r[label] for r in runs], row, "int_acc") - _mean([r[label] for r in runs], row, "acc"))
+            <= 0.3
+            for label, s in settings.items()
+            for row in s["rows"]
+            if "QAT" in ROWS[row]
+        ),
+        f"QAT: GP+QAT int8 within 0.3 points of GP fp32 ({gp_vs:+.2f})": gp_vs >= -0.3,
+        "QAT: int8 torch.save artefact <= 0.27x dense fp32 (every QAT row)": all(
+            res[row]["torch_save_bytes"] <= 0.27 * dense_bytes for res, row in every if "QAT" in ROWS[row]
+        ),
+        "WS: at most 16 distinct non-zero values per layer": all(
+            res[row]["max_distinct_nonzero"] <= 16 for res, row in every if "WS" in ROWS[row]
+        ),
+        "every compressed file reads back bit-exact": all(res[row]["lcdc_bit_exact"] for res, row in every),
     }
-    if "reversed order identical" in runs[0]:
-        targets["list order: GP+QAT+KD reversed gives identical weights (seed 0)"] = runs[0]["reversed order identical"]
+    for label, d in diffs.items():
+        targets.update({f"KD [{label}]: {k} − {v['vs']} > 2 sd": v["target_met"] for k, v in d.items()})
+    if "reversed order identical" in full[0]:
+        targets[f"{ORDER_CHECK} with the list reversed: identical weights (seed 0)"] = full[0][
+            "reversed order identical"
+        ]
     print("\n" + "\n".join(f"- {k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
-    return {"rows": table, "kd_differences": diffs, "targets": targets, "dense_torch_save_bytes": dense_bytes}
+    return {
+        "tables": tables,
+        "kd_differences": diffs,
+        "targets": targets,
+        "dense_torch_save_bytes": dense_bytes,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 10 epochs (schedules scaled), not saved")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 seed, a third of the epochs, not saved")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the machine is shared
     seeds = list(range(1 if args.quick else args.seeds))
-    epochs = 10 if args.quick else EPOCHS
+    settings = {
+        k: {**v, "epochs": v["epochs"] // 3 if args.quick else v["epochs"]} for k, v in SETTINGS.items()
+    }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [run_seed(s, epochs, Path(tmp), order_check=s == 0) for s in seeds]
+        runs = [run_seed(s, settings, Path(tmp), order_check=s == 0) for s in seeds]
     wall = time.perf_counter() - t0
-    print(f"\nDigitsMLP 64-300-100-10, {epochs} epochs, {len(seeds)} seed(s); ratios vs the dense row's fp32 "
-          f"torch.save bytes; {wall:.0f} s")
-    summary = summarize(runs)
-    result = {"seeds": seeds, "epochs": epochs, "lr": LR, "batch_size": BATCH, "rows_callbacks": ROWS,
-              "kd_args": KD_ARGS, "teacher_recipe": TEACHER, "runs": runs, **summary, "wall_s": wall}
+    summary = summarize(runs, settings)
+    print(f"\n{wall:.0f} s")
+    result = {
+        "seeds": seeds,
+        "lr": LR,
+        "settings": settings,
+        "rows_callbacks": ROWS,
+        "kd_args": KD_ARGS,
+        "teacher_recipe": TEACHER,
+        "runs": runs,
+        **summary,
+        "wall_s": wall,
+    }
     if args.quick:
         print("(--quick: not saved)")
         return
