@@ -1,11 +1,17 @@
 """Pruning + quantization + distillation (+ weight sharing) in one Trainer, at full size: does each keep its target?
 
-    python benchmarks/composition.py            # 3 seeds, 30 epochs (a few minutes on 2 busy cores)
-    python benchmarks/composition.py --quick    # 1 seed, 10 epochs (every schedule scaled by 1/3), not saved
+    python benchmarks/composition.py            # 3 seeds (a few minutes on 2 busy cores)
+    python benchmarks/composition.py --quick    # 1 seed, a third of the epochs (schedules scaled), not saved
 
-Setting: DigitsMLP 64-300-100-10 on the bundled digits (split seed 0: 1,168 training, 359 test digits), 30 epochs,
-batch 64, Adam lr 3e-3 for every row, dense included (the pruning benchmark's rate: sparse nets need it), one
-thread. Each callback with its own benchmark's settings:
+Settings: DigitsMLP 64-300-100-10 on the bundled digits (split seed 0: 359 test digits), Adam lr 3e-3 for every
+row, dense included (the pruning benchmark's rate: sparse nets need it), one thread.
+
+- **full**: all 1,168 training digits, 30 epochs, batch 64 (the pruning and quantization benchmarks' setting);
+- **100 digits**: the first 100 training digits, 200 epochs, batch 32 (the distillation benchmark's small-data
+  setting, where KD's own target was measured), only the rows needed for the KD comparisons.
+
+Each callback with its own benchmark's settings (epochs below are those of the 30-epoch run; the 200-epoch
+setting and ``--quick`` scale every schedule point by the same factor):
 
 - GradualPruning (``benchmarks/pruning.py``): 90 %, one global magnitude ranking over all Linear weights, cubic
   ramp from epoch 2 to 20, masks every 5 steps;
@@ -18,6 +24,9 @@ thread. Each callback with its own benchmark's settings:
 - WeightSharing (``recipes/digits_deep_compression.yaml``): 4-bit codebooks, density init, shared at epoch 21
   (pruning's last mask update is at the start of epoch 20) — it cannot share a weight QAT quantizes (refused,
   see the README's "Composing methods"), so it composes with pruning and distillation: Deep Compression + KD.
+
+Rows: dense; GP 90% alone; QAT W8A8 alone; GP + QAT; GP + QAT + KD; GP + WS (Deep Compression); GP + WS + KD;
+and, to tell a composition failure from KD's own effect, KD on the dense and on the pruned student (GP + KD).
 
 The callbacks are listed as "Composing methods" says (GradualPruning, then QuantizationAwareTraining or
 WeightSharing, then KnowledgeDistillation; no order is required among these). For seed 0 the GP + QAT + KD run is
