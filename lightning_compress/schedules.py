@@ -133,6 +133,10 @@ def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
         # before the train loop starts (e.g. in `on_fit_start`) the train dataloader is not loaded yet;
         # the trainer's public `estimated_stepping_batches` loads it
         _ = trainer.estimated_stepping_batches
+        if trainer.train_dataloader is None:
+            # with max_epochs=-1 (e.g. `Trainer(max_steps=N)`) the estimate is max_steps and nothing is loaded;
+            # load the train dataloader as the estimate itself does otherwise
+            trainer.fit_loop.setup_data()
         batches = trainer.num_training_batches
     if batches == float("inf") or batches <= 0:
         raise ValueError(

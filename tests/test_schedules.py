@@ -85,3 +85,22 @@ def test_resolve_window_uses_real_trainer(tiny_module, make_trainer) -> None:
     make_trainer(max_epochs=4, accumulate_grad_batches=2, callbacks=[Probe()]).fit(tiny_module)
     assert windows["epochs"] == (2, 6)
     assert windows["steps"] == (3, 7)
+
+
+def test_epochs_to_steps_when_the_run_is_given_in_max_steps(tiny_module, make_trainer) -> None:
+    # Trainer(max_steps=N) sets max_epochs=-1: Lightning's estimated_stepping_batches then returns max_steps without
+    # loading the train dataloader, so the epoch length was unknown in on_fit_start ("the train dataloader has no
+    # length") although the loader has 8 batches
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_compress.schedules import epochs_to_steps
+
+    seen = {}
+
+    class Probe(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["window"] = resolve_window(trainer, None, None, 0.5, 2.0)
+            seen["steps"] = epochs_to_steps(1.5, trainer)
+
+    make_trainer(max_epochs=None, max_steps=20, accumulate_grad_batches=2, callbacks=[Probe()]).fit(tiny_module)
+    assert seen == {"window": (2, 8), "steps": 6}
