@@ -102,5 +102,6 @@ def test_epochs_to_steps_when_the_run_is_given_in_max_steps(tiny_module, make_tr
             seen["window"] = resolve_window(trainer, None, None, 0.5, 2.0)
             seen["steps"] = epochs_to_steps(1.5, trainer)
 
-    make_trainer(max_epochs=None, max_steps=20, accumulate_grad_batches=2, callbacks=[Probe()]).fit(tiny_module)
+    trainer = make_trainer(max_epochs=None, max_steps=20, accumulate_grad_batches=2, callbacks=[Probe()])
+    trainer.fit(tiny_module)
     assert seen == {"window": (2, 8), "steps": 6}
