@@ -97,9 +97,12 @@ def layer_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> list
     ``bits`` maps a parameter's fully-qualified name (``"fc1.weight"``) to its storage bit width
     (default: the tensor's own element size).
     """
-    bits = bits or {}
+    return _layer_stats(_layer_weights(model), bits or {})
+
+
+def _layer_stats(weights: list[tuple[str, str, torch.Tensor]], bits: Mapping[str, int]) -> list[LayerStats]:
     out = []
-    for name, fqn, w in _layer_weights(model):
+    for name, fqn, w in weights:
         with torch.no_grad():
             nz = int(torch.count_nonzero(w.detach()).item())
         out.append(LayerStats(name, w.numel(), nz, int(bits.get(fqn, w.element_size() * 8))))
@@ -107,21 +110,29 @@ def layer_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> list
 
 
 def model_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> ModelStats:
-    """Counts for the whole model: see :class:`ModelStats`. ``bits`` as in :func:`layer_stats`."""
+    """Counts for the whole model: see :class:`ModelStats`. ``bits`` as in :func:`layer_stats`.
+
+    Layer weights count whether they are parameters or not: a layer converted to integers keeps its weight codes
+    (and bias) in buffers, exposed as ``weight``/``bias`` properties, and is counted as the layer it stands for.
+    """
     bits = bits or {}
-    layers = layer_stats(model, bits)
-    layer_ids = {id(w) for _, _, w in _layer_weights(model)}
-    total = nonzero = 0
-    compressed = 0
-    for layer in layers:
-        compressed += weight_storage_bytes(layer.numel, layer.nonzero, layer.bits)
-    seen: set[int] = set()
-    for fqn, p in model.named_parameters():
+    # one call: a property returns a new tensor each time, and the ids below must stay valid
+    weights = _layer_weights(model)
+    layers = _layer_stats(weights, bits)
+    total = sum(layer.numel for layer in layers)
+    nonzero = sum(layer.nonzero for layer in layers)
+    compressed = sum(weight_storage_bytes(layer.numel, layer.nonzero, layer.bits) for layer in layers)
+    seen = {id(w) for _, _, w in weights}
+    extra: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+    for name, fqn, w in weights:  # the bias of a layer whose weight is not a parameter is not one either
+        bias = getattr(model.get_submodule(name), "bias", None) if not isinstance(w, nn.Parameter) else None
+        if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
+            extra.append((fqn.removesuffix("weight") + "bias", bias))
+    for fqn, p in extra:
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
         nonzero += int(torch.count_nonzero(p.detach()).item())
-        if id(p) not in layer_ids:
-            compressed += math.ceil(p.numel() * int(bits.get(fqn, p.element_size() * 8)) / 8)
+        compressed += math.ceil(p.numel() * int(bits.get(fqn, p.element_size() * 8)) / 8)
     return ModelStats(tuple(layers), total, nonzero, total * 4, compressed)

@@ -195,3 +195,23 @@ def test_each_scalar_logged_once_per_step(make_trainer, tiny_module) -> None:
     make_trainer(max_epochs=2, logger=calls, callbacks=[monitor]).fit(tiny_module)  # validation at steps 8 and 16
     assert (8, "compression/sparsity") in calls.keys and (16, "compression/sparsity") in calls.keys
     assert len(calls.keys) == len(set(calls.keys))
+
+
+def test_counts_a_model_converted_to_integers_at_fit_end(tiny_module, make_trainer, capsys) -> None:
+    # the converted layers hold their weights (int8 codes) and biases in buffers, read through `weight`/`bias`
+    # properties: the model had no parameters left, and the final table said "0 B dense fp32 (0.00x)"
+    from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+
+    dense_params = sum(p.numel() for p in tiny_module.parameters())  # 16*32 + 32 + 32*4 + 4 = 676
+    monitor = CompressionMonitor(log_every_n_steps=0, histograms=False)
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8)
+    make_trainer(callbacks=[qat, monitor]).fit(tiny_module)
+    assert type(tiny_module.net[0]).__name__ == "Int8Linear"
+    stats = monitor.last_stats
+    assert stats.total_params == dense_params
+    assert stats.dense_fp32_bytes == 4 * dense_params
+    weights = [tiny_module.net[0].weight, tiny_module.net[2].weight]
+    expected = sum(weight_storage_bytes(w.numel(), int(torch.count_nonzero(w)), 8) for w in weights) + 4 * (32 + 4)
+    assert stats.compressed_bytes == expected
+    assert stats.compression_ratio > 3.0
+    assert "(0.00x)" not in capsys.readouterr().out
