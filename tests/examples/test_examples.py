@@ -59,3 +59,18 @@ def test_model_errors() -> None:
         DigitsCNN(channels=[8])
     with pytest.raises(ValueError, match="`optimizer`"):
         DigitsMLP(optimizer="lbfgs")
+
+
+def test_examples_carry_an_example_input_so_thin_needs_no_argument() -> None:
+    from lightning_compress.export import thin
+
+    mlp = DigitsMLP(hidden_sizes=[32, 16])
+    assert mlp.example_input_array.shape == (4, 1, 8, 8)
+    with torch.no_grad():
+        mlp.net[1].weight[:8] = 0  # 8 dead units of the first hidden layer
+        mlp.net[1].bias[:8] = 0
+    small = thin(mlp)
+    assert small.net[1].out_features == 24 and small.net[3].in_features == 24
+    x = torch.rand(5, 1, 8, 8)
+    assert torch.allclose(small(x), mlp(x), atol=1e-5)
+    assert DigitsCNN(channels=[4, 8], hidden=16)(DigitsCNN().example_input_array).shape == (4, 10)
