@@ -68,7 +68,9 @@ class GradualPruning(Callback):
 
     Raises:
         ValueError: a sparsity outside [0, 1), a window that ends before it starts or after the run,
-            a pattern that matches no layer, ``structured`` mode on a layer type it cannot handle.
+            a pattern that matches no layer, ``structured`` mode on a layer type it cannot handle, or a
+            ``structured`` sparsity that would prune every output unit of a layer ranked on its own (``layer``
+            scope or ``layer_sparsity``; the ``global`` ranking always keeps one unit per layer).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -183,10 +185,14 @@ class GradualPruning(Callback):
             bias = getattr(module, "bias", None)
             if self.mode == "structured" and self.prune_bias and isinstance(bias, nn.Parameter):
                 self._biases[fqn] = bias
-            layer_final = next((v for p, v in overrides.items() if match(p, module_name)), None)
+            pattern = next((p for p in overrides if match(p, module_name)), None)
+            layer_final = None if pattern is None else overrides[pattern]
             self._final[fqn] = self.final_sparsity if layer_final is None else float(layer_final)
             if layer_final is None and self.scope == "global":
                 self._pooled.append(fqn)
+            elif self.mode == "structured":  # ranked on its own: no global keep-one-unit rule
+                argument = "final_sparsity" if pattern is None else f"layer_sparsity[{pattern!r}]"
+                _check_keeps_a_unit(argument, self._final[fqn], module_name, weight.shape[0])
         if not self._weights:
             raise ValueError(f"GradualPruning: every targeted layer has frozen weights: {list(modules)}")
         claimed = list(self._weights) + [names[id(b)] for b in self._biases.values()]
@@ -364,6 +370,15 @@ class GradualPruning(Callback):
 def _is_layer(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() >= 2
+
+
+def _check_keeps_a_unit(argument: str, sparsity: float, layer: str, units: int) -> None:
+    if masks.num_to_prune(sparsity, units) >= units:
+        raise ValueError(
+            f"`{argument}`={sparsity} in structured mode would prune all {units} output units of {layer!r} "
+            f"(round({sparsity} * {units}) = {units}), cutting the network there; at most {(units - 1) / units:g} "
+            "keeps one: lower it, leave the layer out with `exclude`, or give it its own `layer_sparsity`"
+        )
 
 
 def _check_sparsity(name: str, value: Any, upper: float) -> None:

@@ -304,3 +304,28 @@ def test_two_pruning_callbacks_on_one_layer_refused(make_trainer) -> None:
     trainer = make_trainer(callbacks=[GradualPruning(targets=["net.0"]), GradualPruning(targets=["re:net\\.[02]"])])
     with pytest.raises(ValueError, match=r"GradualPruning#\d+ wants to prune 'net.0.weight', which GradualPruning#\d+"):
         trainer.fit(TinyModule())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "layer"),
+    [
+        ({"final_sparsity": 0.9, "scope": "layer"}, "net.2"),  # round(0.9 * 4) = 4 of net.2's 4 output units
+        ({"final_sparsity": 0.5, "layer_sparsity": {"net.2": 0.9}}, "net.2"),  # overrides are ranked on their own
+    ],
+)
+def test_structured_pruning_that_would_remove_every_unit_of_a_layer_is_refused(
+    kwargs: dict[str, Any], layer: str, tiny_module, make_trainer
+) -> None:
+    # layer-wise structured masks prune round(s * units) units: at 90% every unit of a 4-unit classifier went,
+    # the model's output became a constant (the global ranking keeps a unit per layer; the layer-wise one did not)
+    before = {k: v.clone() for k, v in tiny_module.state_dict().items()}
+    trainer = make_trainer(callbacks=[GradualPruning(mode="structured", end_step=4, **kwargs)])
+    with pytest.raises(ValueError, match=rf"would prune all 4 output units of {layer!r}"):
+        trainer.fit(tiny_module)
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in tiny_module.state_dict().items())
+    # at most 3 of 4 units (0.75) is accepted, and one unit survives
+    seed_everything(0)
+    ok = GradualPruning(mode="structured", scope="layer", final_sparsity=0.75, end_step=4)
+    make_trainer(callbacks=[ok]).fit(TinyModule())
+    assert int(ok.masks["net.2.weight"][:, 0].sum()) == 1
