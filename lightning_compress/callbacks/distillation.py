@@ -236,7 +236,7 @@ class KnowledgeDistillation(Callback):
         student = self._named(pl_module, self.student_module, "student_module")
         teacher = self.load_teacher()
         self._student_hook = student.register_forward_hook(self._record_student, with_kwargs=True)
-        if self.feature_pairs:
+        if self.feature_pairs and stage == "fit":  # validation measures agreement only: no features, no projections
             s_layers = {s: self._named(pl_module, s, "feature_pairs") for s in self.feature_pairs}
             t_layers = {s: self._named(teacher, t, "feature_pairs", teacher=True) for s, t in self.feature_pairs.items()}
             self._build_projections(s_layers, t_layers)

@@ -462,3 +462,20 @@ def test_teacher_that_cannot_take_the_student_inputs_is_a_value_error(make_train
     with pytest.raises(ValueError, match="cannot run on the inputs of `student_module`='net.2'"):
         trainer.fit(_student())
     assert trainer.global_step == 0
+
+
+def test_validate_after_fit_with_feature_pairs_on_a_layer_converted_to_integers(make_trainer) -> None:
+    # validation only measures agreement, yet `setup("validate")` built the feature projections: after QAT had
+    # converted the paired layer at fit end, `trainer.validate(model)` failed ("cannot tell the output width of a
+    # Int8Linear layer")
+    from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+
+    teacher, student = _teacher(hidden=48), _student()
+    kd = KnowledgeDistillation(teacher=teacher, alpha=0.5, feature_pairs={"net.0": "net.0"})
+    trainer = make_trainer(max_steps=4, callbacks=[kd, QuantizationAwareTraining(weight_bits=8, activation_bits=8)])
+    trainer.fit(student)
+    assert type(student.net[0]).__name__ == "Int8Linear"
+    trained = kd._projections["net__0"].weight.detach().clone()
+    metrics = trainer.validate(student, verbose=False)[0]
+    assert 0.0 <= metrics["distill/agreement"] <= 1.0
+    assert torch.equal(kd._projections["net__0"].weight, trained)  # validation leaves the projection alone
