@@ -201,6 +201,7 @@ class KnowledgeDistillation(Callback):
         self._wrapper: _DistillStep | None = None
         self._agree = [0, 0]
         self._teacher_ran = False  # the first teacher call turns a shape error into a ValueError naming the cause
+        self._dtype_from_inputs = False  # a student without float parameters (an integer model): follow its inputs
 
     # -- public helpers -----------------------------------------------------------------------------
     @property
@@ -298,6 +299,7 @@ class KnowledgeDistillation(Callback):
         ref = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
         device = ref.device if ref is not None else pl_module.device
         dtype = ref.dtype if ref is not None else torch.float32
+        self._dtype_from_inputs = ref is None
         self.load_teacher().to(device=device, dtype=dtype)
         self._projections.to(device=device, dtype=dtype)
 
@@ -383,6 +385,8 @@ class KnowledgeDistillation(Callback):
 
     def _run_teacher(self, args: tuple, kwargs: dict) -> torch.Tensor:
         teacher = self.load_teacher()
+        if self._dtype_from_inputs:  # e.g. the student was converted to integers: its inputs tell the precision
+            _follow_input_dtype(teacher, (args, kwargs))
         if self._teacher_features is not None:
             self._teacher_features.start()
         try:
@@ -527,6 +531,23 @@ class KnowledgeDistillation(Callback):
                 self._projections.load_state_dict(projections)
         else:
             self._pending_projections = projections
+
+
+def _follow_input_dtype(teacher: nn.Module, inputs: Any) -> None:
+    """Cast ``teacher`` to the dtype of the first floating-point tensor in ``inputs`` (nested tuples/lists/dicts)."""
+    stack = [inputs]
+    while stack:
+        x = stack.pop(0)
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                current = next((p.dtype for p in teacher.parameters() if p.is_floating_point()), x.dtype)
+                if current != x.dtype:
+                    teacher.to(dtype=x.dtype)
+                return
+        elif isinstance(x, (tuple, list)):
+            stack.extend(x)
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
 
 
 def _key(layer: str) -> str:

@@ -479,3 +479,19 @@ def test_validate_after_fit_with_feature_pairs_on_a_layer_converted_to_integers(
     metrics = trainer.validate(student, verbose=False)[0]
     assert 0.0 <= metrics["distill/agreement"] <= 1.0
     assert torch.equal(kd._projections["net__0"].weight, trained)  # validation leaves the projection alone
+
+
+def test_validate_a_student_converted_to_integers_in_true_half_precision(make_trainer) -> None:
+    # the converted student has no float parameter left to take the dtype from: the teacher went back to float32
+    # while Lightning fed bfloat16 inputs ("mat1 and mat2 must have the same dtype")
+    from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+
+    teacher, student = _teacher(), _student()
+    kd = KnowledgeDistillation(teacher=teacher, alpha=0.5)
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8)
+    trainer = make_trainer(max_steps=2, precision="bf16-true", callbacks=[kd, qat])
+    trainer.fit(student)
+    assert type(student.net[0]).__name__ == "Int8Linear" and not list(student.parameters())
+    metrics = trainer.validate(student, verbose=False)[0]
+    assert 0.0 <= metrics["distill/agreement"] <= 1.0
+    assert teacher.net[0].weight.dtype == torch.bfloat16
