@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -41,7 +42,8 @@ class GradualPruning(Callback):
     hook on each optimizer), so momentum cannot revive them, and a
     checkpoint's ``state_dict`` loads with ``strict=True`` into the unmodified module.
 
-    The masks and the schedule position are in the callback's state: resuming from a checkpoint continues exactly.
+    The masks and the schedule position are in the callback's state: resuming from a checkpoint continues exactly,
+    and fitting the same model again keeps its masks; the same callback given another model starts over.
     Under DDP every rank computes the same masks from its (synchronized) weights.
 
     Args:
@@ -137,6 +139,12 @@ class GradualPruning(Callback):
         self._reset_runtime()
         self._masks: dict[str, torch.Tensor] = {}  # weight fqn -> keep mask (bool); empty until the first update
         self._last_update_step = -1
+        self._model_ref: weakref.ref | None = None  # the model the masks were computed for
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_model_ref"] = None  # a weak reference does not pickle
+        return state
 
     def _reset_runtime(self) -> None:
         self._weights: dict[str, nn.Parameter] = {}  # weight fqn -> parameter
@@ -161,6 +169,11 @@ class GradualPruning(Callback):
         if stage != "fit":
             return
         self._reset_runtime()
+        if self._model_ref is not None and self._model_ref() is not pl_module:
+            # a callback reused for another model: that model's masks come from its own weights (or from the
+            # checkpoint it resumes, whose state Lightning loads after `setup`), not from the previous model's
+            self._masks, self._last_update_step = {}, -1
+        self._model_ref = weakref.ref(pl_module)
         types = _STRUCTURED_TYPES if self.mode == "structured" else _UNSTRUCTURED_TYPES
         modules = select_modules(pl_module, self.targets, self.exclude, types=types)
         names = {id(p): n for n, p in pl_module.named_parameters(remove_duplicate=False)}

@@ -329,3 +329,25 @@ def test_structured_pruning_that_would_remove_every_unit_of_a_layer_is_refused(
     ok = GradualPruning(mode="structured", scope="layer", final_sparsity=0.75, end_step=4)
     make_trainer(callbacks=[ok]).fit(TinyModule())
     assert int(ok.masks["net.2.weight"][:, 0].sum()) == 1
+
+
+def test_a_callback_reused_for_another_model_prunes_that_model_from_its_own_weights(make_trainer) -> None:
+    # the masks (and last update step) of the first fit stayed in the callback: a second, different model was
+    # given the first model's masks and, past the end of the window, never got masks of its own
+    def fit(model: TinyModule, pruning: GradualPruning) -> None:
+        make_trainer(callbacks=[pruning], max_epochs=2).fit(model)
+
+    reused = GradualPruning(final_sparsity=0.6, start_step=0, end_step=6, update_every=2, scope="layer")
+    seed_everything(0)
+    fit(TinyModule(), reused)
+    seed_everything(1)
+    second = TinyModule()
+    fit(second, reused)
+    fresh = GradualPruning(final_sparsity=0.6, start_step=0, end_step=6, update_every=2, scope="layer")
+    seed_everything(1)
+    reference = TinyModule()
+    fit(reference, fresh)
+    for name, mask in fresh.masks.items():
+        assert torch.equal(reused.masks[name], mask), name
+    for a, b in zip(second.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
