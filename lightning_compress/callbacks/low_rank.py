@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,12 @@ class LowRankFactorization(Callback):
         self._step: int | None = None
         self._layers: dict[str, dict[str, Any]] = {}  # layer -> rank, full_rank, kept_energy, params before/after
         self._skipped: dict[str, str] = {}  # layer -> why it was left dense
+        self._model_ref: weakref.ref | None = None  # the model that state describes
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_model_ref"] = None  # a weak reference does not pickle
+        return state
 
     @property
     @override
@@ -185,6 +192,10 @@ class LowRankFactorization(Callback):
     # -- setup -------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._model_ref is not None and self._model_ref() is not pl_module:
+            # a callback reused for another model starts over (a checkpoint it resumes loads its state after setup)
+            self._done, self._step, self._layers, self._skipped, self._names = False, None, {}, {}, []
+        self._model_ref = weakref.ref(pl_module)
         if self._hook is None:
             self._hook = pl_module.register_load_state_dict_pre_hook(_rebuild_before_load)
         if stage != "fit":

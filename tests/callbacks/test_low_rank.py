@@ -342,3 +342,15 @@ def test_tied_weights_are_skipped_by_default_and_refused_when_named(make_trainer
     assert list(lowrank.layers) == ["net.0"] and model.net[2].weight is model.embed.weight
     with pytest.raises(ValueError, match=r"'net.2' cannot be factorized: its weight is tied to \['embed'\]"):
         make_trainer(max_steps=3, callbacks=[LowRankFactorization(rank_ratio=0.25, targets=["net.2"])]).fit(_Tied())
+
+
+def test_a_callback_reused_for_another_model_factorizes_that_model(make_trainer: Any) -> None:
+    # the first fit's state (factorized, layers, ranks) stayed in the callback: a second, fresh model failed in
+    # setup with "the state says ['net.0', 'net.2'] are factorized, the model's are not"
+    lowrank = LowRankFactorization(rank_ratio=0.25, start_step=2)
+    make_trainer(callbacks=[lowrank], max_epochs=1).fit(TinyModule())
+    seed_everything(1)
+    second = TinyModule()
+    make_trainer(callbacks=[lowrank], max_epochs=1).fit(second)
+    assert isinstance(second.net[0], LowRankLinear) and second.net[0].rank == 4  # 0.25 of rank 16
+    assert lowrank.factorized and set(lowrank.layers) == {"net.0", "net.2"}
