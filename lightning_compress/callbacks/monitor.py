@@ -120,6 +120,11 @@ class CompressionMonitor(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new run logs from its first step (a resumed one gets the step back from its state)
+            self._last_logged_step = -1
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

@@ -215,3 +215,20 @@ def test_counts_a_model_converted_to_integers_at_fit_end(tiny_module, make_train
     assert stats.compressed_bytes == expected
     assert stats.compression_ratio > 3.0
     assert "(0.00x)" not in capsys.readouterr().out
+
+
+def test_a_monitor_reused_in_a_new_run_logs_from_its_first_step(make_trainer, tmp_path: Path) -> None:
+    # the step of the previous run's last log stayed: a new run whose first log fell on that step (8 here) logged
+    # no scalars there, so its only validation wrote nothing to its fresh logger
+    from tests.conftest import TinyModule
+
+    monitor = CompressionMonitor(log_every_n_steps=0, histograms=False, print_table=False)
+    steps = []
+    for run in ("first", "second"):
+        logger = CSVLogger(str(tmp_path), name=run)
+        make_trainer(max_epochs=1, logger=logger, callbacks=[monitor]).fit(TinyModule())
+        lines = Path(logger.log_dir, "metrics.csv").read_text().splitlines()
+        column = lines[0].split(",").index("compression/sparsity")
+        step = lines[0].split(",").index("step")
+        steps.append([int(r.split(",")[step]) for r in lines[1:] if r.split(",")[column]])
+    assert steps[0] == steps[1] == [8]  # the validation at the end of the epoch: 8 optimizer steps
