@@ -72,7 +72,8 @@ class QuantizationAwareTraining(Callback):
         exclude: layer patterns to leave in float.
         convert_on_fit_end: convert the LightningModule in place when fit ends (a following ``test`` runs the
             integer model; ``trainer.test(model, ckpt_path="last")`` loads that fake-quantized checkpoint and runs
-            its integer model).
+            its integer model). A run stopped before quantization started (e.g. by ``EarlyStopping``) stays in
+            float, with a warning.
 
     Raises:
         ValueError: bits out of range, an unknown scheme/granularity, power-of-two with an asymmetric grid, LSQ
@@ -237,6 +238,13 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.convert_on_fit_end or self._converted:
+            return
+        start = self._steps.get("start") or 0
+        if trainer.global_step <= start:  # stopped early (EarlyStopping, max_time, ...): nothing was quantized
+            rank_zero_warn(
+                f"QuantizationAwareTraining: training stopped at optimizer step {trainer.global_step} before "
+                f"quantization started (at step {start}); the model stays in float, prepared but not converted"
+            )
             return
         prepared = {n: m for n, m in pl_module.named_modules() if is_qat_module(m)}
         bns = {m.__dict__["_bn_name"]: pl_module.get_submodule(m.__dict__["_bn_name"])

@@ -343,3 +343,19 @@ def test_converted_cnn_with_folded_bn_still_tests_from_a_fake_quant_checkpoint(t
         assert torch.equal(clone.eval()(x), fresh(x))
     assert len(pickle.dumps(model)) < len(pickle.dumps(load_quantized_checkpoint(
         DigitsCNN(channels=[4, 8], hidden=16), tmp_path / "ckpt" / "last.ckpt")))
+
+
+def test_a_run_stopped_before_quantization_starts_ends_in_float(make_trainer, tiny_module: TinyModule) -> None:
+    # e.g. EarlyStopping before `start_step`: convert_on_fit_end then raised "layer 'net.0' has no observed input
+    # range" after training had finished, failing the whole fit
+    class StopAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            trainer.should_stop = trainer.global_step >= 2
+
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_step=5)
+    trainer = make_trainer(max_epochs=2, callbacks=[qat, StopAt()])
+    with pytest.warns(UserWarning, match=r"stopped at optimizer step 2 before quantization started \(at step 5\)"):
+        trainer.fit(tiny_module)
+    assert trainer.global_step == 2
+    assert type(tiny_module.net[0]).__name__ == "QATLinear"  # prepared, not converted: it never quantized
+    assert qat.converted_bytes is None
