@@ -195,8 +195,8 @@ class Int8Linear(_Int8Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _int8_linear_2d(self, x.reshape(-1, x.shape[-1]))
-        return y.reshape(*lead, y.shape[-1])
+        y = _int8_linear_2d(self, x.reshape(-1, x.shape[-1]).float())
+        return y.reshape(*lead, y.shape[-1]).to(x.dtype)  # the input's dtype, as the float layer (e.g. bf16-true)
 
     def extra_repr(self) -> str:
         o, i = self.weight_int8.shape
@@ -222,9 +222,9 @@ class Int8Conv2d(_Int8Base):
         n, _, h, w = x.shape
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*k*k, L)
+        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*k*k, L)
         y = _int8_linear_2d(self, cols.transpose(1, 2).reshape(n * ho * wo, -1))
-        return y.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo)
+        return y.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo).to(x.dtype)
 
 
 class _PackedBase(_FloatParams):
@@ -255,6 +255,12 @@ class _PackedBase(_FloatParams):
             return x
         return qf.fake_quantize_uniform(x, self.input_scale, self.input_zero_point, 0, 255)
 
+    def _float_args(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Input, weight and bias in one dtype: the input's, at least float32 (a bf16 input is computed in float32)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return self._input(x.to(dtype)).to(dtype), self.weight.to(dtype), bias
+
     def extra_repr(self) -> str:
         return f"{self.kind}, bits={self.bits}, weight_shape={self.weight_shape}"
 
@@ -263,7 +269,7 @@ class PackedLinear(_PackedBase):
     """A ``Linear`` whose weight is stored as packed integer codes (see :func:`convert`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._input(x), self.weight, self.bias)
+        return F.linear(*self._float_args(x)).to(x.dtype)
 
 
 class PackedConv(_PackedBase):
@@ -278,11 +284,11 @@ class PackedConv(_PackedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
-        x, w = self._input(x), self.weight
+        xq, w, b = self._float_args(x)
         if self.padding_mode != "zeros":
-            x = F.pad(x, self.reversed_padding, mode=self.padding_mode)
-            return op(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        return op(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            xq = F.pad(xq, self.reversed_padding, mode=self.padding_mode)
+            return op(xq, w, b, self.stride, 0, self.dilation, self.groups).to(x.dtype)
+        return op(xq, w, b, self.stride, self.padding, self.dilation, self.groups).to(x.dtype)
 
 
 def _int8_conv_ok(m: nn.Module) -> bool:

@@ -359,3 +359,23 @@ def test_a_run_stopped_before_quantization_starts_ends_in_float(make_trainer, ti
     assert trainer.global_step == 2
     assert type(tiny_module.net[0]).__name__ == "QATLinear"  # prepared, not converted: it never quantized
     assert qat.converted_bytes is None
+
+
+@pytest.mark.parametrize(("bits", "layer"), [(8, "Int8Linear"), (4, "PackedLinear")])
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_converted_layers_keep_the_dtype_of_a_true_precision_run(
+    make_trainer, bits: int, layer: str, precision: str
+) -> None:
+    # converted layers computed and returned float32 whatever their input: next to a layer left in float (here
+    # the excluded classifier) a bf16-true model failed to validate ("mat1 and mat2 must have the same dtype")
+    seed_everything(0)
+    model = TinyModule()
+    qat = QuantizationAwareTraining(weight_bits=bits, activation_bits=8, exclude=["net.2"])
+    trainer = make_trainer(max_steps=3, precision=precision, callbacks=[qat])
+    trainer.fit(model)
+    assert type(model.net[0]).__name__ == layer and type(model.net[2]) is nn.Linear
+    dtype = model.net[2].weight.dtype
+    x = torch.randn(5, 16, dtype=dtype)
+    assert model.net[0](x).dtype == dtype
+    metrics = trainer.validate(model, verbose=False)[0]
+    assert 0.0 <= metrics["val/acc"] <= 1.0
