@@ -114,7 +114,7 @@ def select_modules(
     Args:
         model: the model to search.
         targets: patterns of layers to include; ``None`` means every layer of an allowed type.
-        exclude: patterns of layers to leave out.
+        exclude: patterns of layers to leave out; a pattern naming a container leaves out the layers inside it.
         types: allowed module types; a targeted layer of another type is an error.
         targets_argument: argument name used in error messages for ``targets``.
         exclude_argument: argument name used in error messages for ``exclude``.
@@ -156,7 +156,8 @@ def select_modules(
         unmatched = [p for p in exclude if not any(match(p, n) for n, _ in named)]
         if unmatched:
             raise ValueError(_no_match_message(exclude_argument, unmatched, candidates, type_names))
-        chosen = {n: m for n, m in chosen.items() if not any(match(p, n) for p in exclude)}
+        # a pattern naming a container (e.g. "encoder") leaves out every layer inside it
+        chosen = {n: m for n, m in chosen.items() if not any(match(p, a) for p in exclude for a in _self_and_parents(n))}
 
     if not chosen:
         raise ValueError(
@@ -164,6 +165,12 @@ def select_modules(
             f"allowed types {type_names}; layers of those types: {list(candidates) or 'none'}"
         )
     return chosen
+
+
+def _self_and_parents(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _no_match_message(argument: str, unmatched: list[str], candidates: dict[str, nn.Module], types: list[str]) -> str:

@@ -59,3 +59,14 @@ def test_types() -> None:
     with pytest.raises(ValueError, match="not an nn.Module class"):
         resolve_types(["torch.Tensor"])
     assert match("a.b", "a.b") and not match("a", "a.b")
+
+
+def test_excluding_a_container_leaves_out_every_layer_inside_it() -> None:
+    # exclude=["encoder"] matched the container itself (not a layer), passed the "matches nothing" check and
+    # left its layers in: nothing was excluded, silently
+    net = Net()
+    assert list(select_modules(net, exclude=["encoder"])) == ["conv", "head"]
+    assert list(select_modules(net, exclude=["re:enc.*"])) == ["conv", "head"]
+    assert list(select_modules(net, exclude=["encoder.fc1"])) == ["encoder.fc2", "conv", "head"]
+    with pytest.raises(ValueError, match="no layer left to act on"):
+        select_modules(net, targets=["encoder.*"], types=["Linear"], exclude=["encoder"])
