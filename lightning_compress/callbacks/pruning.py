@@ -62,6 +62,7 @@ class GradualPruning(Callback):
         scope: ``global`` (one ranking across all targeted layers, so layers end with different sparsities)
             or ``layer`` (every layer pruned to the scheduled sparsity).
         targets: layers to prune (names, globs or ``"re:"`` regexes); ``None``: every Linear/Conv layer.
+            ``Embedding`` layers are pruned (``unstructured`` mode) only when named here.
             Layers with frozen weights are skipped with a warning unless ``targets`` is given.
         exclude: layers to leave dense.
         layer_sparsity: per-layer final sparsity by pattern, e.g. ``{"net.5": 0.5}``; such layers are ranked on
@@ -175,6 +176,8 @@ class GradualPruning(Callback):
             self._masks, self._last_update_step = {}, -1
         self._model_ref = weakref.ref(pl_module)
         types = _STRUCTURED_TYPES if self.mode == "structured" else _UNSTRUCTURED_TYPES
+        if self.targets is None:  # by default Linear/Conv layers only; an Embedding is pruned when named
+            types = tuple(t for t in types if t != "Embedding")
         modules = select_modules(pl_module, self.targets, self.exclude, types=types)
         names = {id(p): n for n, p in pl_module.named_parameters(remove_duplicate=False)}
         overrides = dict(self.layer_sparsity or {})

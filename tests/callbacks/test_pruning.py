@@ -351,3 +351,16 @@ def test_a_callback_reused_for_another_model_prunes_that_model_from_its_own_weig
         assert torch.equal(reused.masks[name], mask), name
     for a, b in zip(second.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_default_targets_are_linear_and_conv_layers_embeddings_only_when_named(make_trainer) -> None:
+    # the docstring says `targets=None` prunes every Linear/Conv layer, but embeddings were pruned too (and in the
+    # global ranking their N(0, 1) rows outweighed the classifier's small weights)
+    seed_everything(0)
+    default = GradualPruning(final_sparsity=0.5, start_step=0, end_step=2)
+    make_trainer(callbacks=[default], max_steps=3).fit(WithEmbedding())
+    assert set(default.masks) == {"net.0.weight", "net.2.weight"}
+    seed_everything(0)
+    named = GradualPruning(final_sparsity=0.5, start_step=0, end_step=2, targets=["emb", "net.*"])
+    make_trainer(callbacks=[named], max_steps=3).fit(WithEmbedding())
+    assert set(named.masks) == {"emb.weight", "net.0.weight", "net.2.weight"}
