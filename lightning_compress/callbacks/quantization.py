@@ -16,7 +16,14 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
-from lightning_compress.export.quantized import convert, serialized_size
+from lightning_compress.export.quantized import (
+    Int8Conv2d,
+    Int8Linear,
+    PackedConv,
+    PackedLinear,
+    convert,
+    serialized_size,
+)
 from lightning_compress.quant.modules import (
     ActivationFakeQuantize,
     QuantConfig,
@@ -145,6 +152,10 @@ class QuantizationAwareTraining(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._model_ref is None or self._model_ref() is not pl_module:
+            if _is_converted(pl_module):  # e.g. `trainer.validate(convert_quantized(model))`: nothing to prepare
+                self._model_ref = weakref.ref(pl_module)
+                self._converted = True
+                return
             chosen = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
             chosen = self._drop_tied(pl_module, chosen)
             self._layers = list(chosen)
@@ -296,6 +307,13 @@ class QuantizationAwareTraining(Callback):
             self._layers = list(layers or [])
             self._bn_pairs = dict(state_dict.get("bn_pairs", {}))
             self._converted = bool(state_dict.get("converted", False))
+
+
+def _is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` holds integer layers made by ``convert`` and no fake-quantized one."""
+    modules = list(model.modules())
+    integer = (Int8Linear, Int8Conv2d, PackedLinear, PackedConv)
+    return any(isinstance(m, integer) for m in modules) and not any(is_qat_module(m) for m in modules)
 
 
 def _check_point(step: int | None, epoch: float | None, what: str) -> None:

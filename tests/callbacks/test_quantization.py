@@ -379,3 +379,18 @@ def test_converted_layers_keep_the_dtype_of_a_true_precision_run(
     assert model.net[0](x).dtype == dtype
     metrics = trainer.validate(model, verbose=False)[0]
     assert 0.0 <= metrics["val/acc"] <= 1.0
+
+
+def test_the_fits_trainer_validates_a_copy_converted_by_hand(make_trainer, tiny_module: TinyModule) -> None:
+    # with convert_on_fit_end=False, trainer.validate(convert(model)) failed in the callback's setup: it looked for
+    # layers to prepare in the integer copy ("no layer left to act on ... layers of those types: none")
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, convert_on_fit_end=False)
+    trainer = make_trainer(max_steps=4, callbacks=[qat])
+    trainer.fit(tiny_module)
+    fake_quant = trainer.validate(tiny_module, verbose=False)[0]["val/acc"]
+    integer = convert(tiny_module)
+    assert type(integer.net[0]) is Int8Linear
+    assert trainer.validate(integer, verbose=False)[0]["val/acc"] == pytest.approx(fake_quant, abs=0.02)
+    assert qat.compression_bits(integer) == {"net.0.weight": 8, "net.2.weight": 8}
+    # and the fake-quantized model is still the callback's to validate
+    assert trainer.validate(tiny_module, verbose=False)[0]["val/acc"] == pytest.approx(fake_quant)
