@@ -219,6 +219,8 @@ class Int8Conv2d(_Int8Base):
         return self._dequantized().reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         n, _, h, w = x.shape
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1

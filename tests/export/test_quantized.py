@@ -176,3 +176,14 @@ def test_convert_errors() -> None:
     prepare_qat(net, ["0"], QuantConfig())
     with pytest.raises(ValueError, match="layer '0' has no observed input range"):
         convert(net)
+
+
+def test_int8_conv_takes_an_unbatched_image_as_nn_conv2d_does() -> None:
+    # nn.Conv2d accepts (C, H, W); its int8 conversion unpacked four sizes from the shape and failed
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    net = _prepared(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1)), ["0"], x, weight_bits=8, activation_bits=8)
+    int_net = convert(net)
+    assert type(int_net[0]) is Int8Conv2d
+    torch.testing.assert_close(int_net(x[0]), int_net(x[:1])[0])
+    torch.testing.assert_close(int_net(x[0]), net(x[0]), atol=1e-5, rtol=0)
