@@ -8,12 +8,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.distill import (
     FeatureRecorder,
     agreement_counts,
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 _VERSION = 1
 
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(_ReleasesModelOnException):
     """Distil a frozen teacher into any LightningModule without touching its ``training_step``.
 
     During fit the callback wraps the student's ``training_step``: a forward hook on the student records the
@@ -329,12 +328,6 @@ class KnowledgeDistillation(Callback):
                 "`training_step` at several widths: list SlimmableTraining before KnowledgeDistillation (the "
                 "full width is then distilled) or pair layers that keep their width"
             )
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning does not call `teardown` when fit raises: release the model all the same
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.teardown(trainer, pl_module, "fit")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -10,14 +10,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.lowrank import (
     build_factorized,
     dense_params,
@@ -45,7 +44,7 @@ _VERSION = 1
 _COUNTER = itertools.count(1)
 
 
-class LowRankFactorization(Callback):
+class LowRankFactorization(_ReleasesModelOnException):
     """Factorize ``Linear``/``Conv2d`` layers by truncated SVD at a scheduled step, then fine-tune the factors.
 
     At optimizer step ``start_step`` (or epoch ``start_epoch``) each targeted ``nn.Linear`` becomes
@@ -283,12 +282,6 @@ class LowRankFactorization(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._done and self._start is not None and trainer.global_step >= self._start:
             self.factorize_now(trainer, pl_module)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning does not call `teardown` when fit raises: release the model all the same
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.teardown(trainer, pl_module, "fit")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

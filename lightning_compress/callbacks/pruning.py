@@ -10,13 +10,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims, masks
+from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
@@ -30,7 +29,7 @@ _STRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 _COUNTER = itertools.count(1)
 
 
-class GradualPruning(Callback):
+class GradualPruning(_ReleasesModelOnException):
     """Raise the sparsity of the targeted layers step by step while training, then hold it.
 
     The sparsity follows a schedule over optimizer steps (by default the cubic one of Zhu & Gupta 2017,
@@ -267,12 +266,6 @@ class GradualPruning(Callback):
                 bias = self._biases.get(fqn)
                 if bias_keep is not None and id(bias) in params and bias.grad is not None:
                     bias.grad.mul_(bias_keep)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning does not call `teardown` when fit raises: release the model all the same
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.teardown(trainer, pl_module, "fit")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

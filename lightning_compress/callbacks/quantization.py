@@ -9,13 +9,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.export.quantized import (
     Int8Conv2d,
     Int8Linear,
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 _TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(_ReleasesModelOnException):
     """Train with fake-quantized weights (and layer inputs), then convert to a real integer model.
 
     In ``setup`` each targeted ``Linear``/``Conv{1,2,3}d`` is replaced by a fake-quantizing twin that shares its
@@ -182,12 +181,6 @@ class QuantizationAwareTraining(Callback):
         if not left:
             raise ValueError(f"QuantizationAwareTraining: every targeted layer has a tied weight: {list(tied)}")
         return left
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning does not call `teardown` when fit raises: release the model all the same
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.teardown(trainer, pl_module, "fit")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

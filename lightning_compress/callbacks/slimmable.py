@@ -13,13 +13,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.distill import kd_loss
 from lightning_compress.graph import analyze
 from lightning_compress.slimming import WidthIndex, channel_count, forward_at, fresh_stats, width_plan
@@ -31,7 +30,7 @@ _VERSION = 1
 _COUNTER = itertools.count(1)
 
 
-class SlimmableTraining(Callback):
+class SlimmableTraining(_ReleasesModelOnException):
     """Train one network that runs at several widths (Yu et al., Slimmable Neural Networks, ICLR 2019).
 
     At width ``w`` every hidden layer keeps its first ``round(w * n)`` output units (and the next layers the
@@ -245,14 +244,6 @@ class SlimmableTraining(Callback):
             handle.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()
-
-    @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        # Lightning does not call `teardown` when fit raises: give the model back as it was all the same
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.teardown(trainer, pl_module, "fit")
 
     # -- the slimmed forward -------------------------------------------------------------------------
     def _forward_for(self, name: str, module: nn.Module, original: Any) -> Any:

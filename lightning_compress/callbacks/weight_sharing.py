@@ -10,13 +10,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims, kmeans
+from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.export.compressed import CompressionReport, save_compressed
 from lightning_compress.schedules import resolve_window, validate_window
@@ -32,7 +31,7 @@ _MAX_BITS = 8
 _COUNTER = itertools.count(1)
 
 
-class WeightSharing(Callback):
+class WeightSharing(_ReleasesModelOnException):
     """Share weights by k-means at a scheduled step, then train the shared values (Han et al., ICLR 2016).
 
     At the start of optimizer step ``start_step`` (or epoch ``start_epoch``), before its forward pass, the non-zero
@@ -321,14 +320,6 @@ class WeightSharing(Callback):
         self._step_hooks.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()
-
-    @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        # Lightning does not call `teardown` when fit raises: release the weights all the same
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.teardown(trainer, pl_module, "fit")
 
     # -- clustering and tying -----------------------------------------------------------------------
     @torch.no_grad()
