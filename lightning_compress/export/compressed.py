@@ -210,6 +210,17 @@ def _planes(t: torch.Tensor) -> list[np.ndarray]:
     return [raw[:, j] for j in range(raw.shape[1])]
 
 
+def _read_planes(buf: bytes, offset: int, dtype: torch.dtype, count: int, mismatch: str) -> tuple[torch.Tensor, int]:
+    """Decode ``itemsize`` Huffman-coded byte planes of ``count`` values; ``mismatch`` names a wrong count."""
+    planes = []
+    for _ in range(torch.empty(0, dtype=dtype).element_size()):
+        plane, offset = huffman.decode_stream(buf, offset)
+        planes.append(plane)
+    if any(len(plane) != count for plane in planes):
+        raise ValueError(f"compressed file is corrupted: {mismatch}")
+    return _from_planes(planes, dtype), offset
+
+
 def _from_planes(planes: Sequence[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
     raw = (
         np.stack([np.asarray(p, dtype=np.uint8) for p in planes], axis=1)
@@ -296,15 +307,8 @@ def _decode_tensor(entry: Sequence[Any], buf: memoryview, offset: int) -> tuple[
         raise ValueError(f"compressed file is corrupted: bad tensor entry {entry!r} in its header") from None
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if kind == "r":
-        planes = []
-        for _ in range(itemsize):
-            p, offset = huffman.decode_stream(buf, offset)
-            planes.append(p)
-        if any(len(p) != numel for p in planes):
-            raise ValueError(
-                f"compressed file is corrupted: tensor {name!r} has the wrong number of elements"
-            )
-        return _from_planes(planes, dtype).reshape(shape).clone(), offset
+        values, offset = _read_planes(buf, offset, dtype, numel, f"tensor {name!r} has the wrong number of elements")
+        return values.reshape(shape).clone(), offset
     if offset >= len(buf):
         raise ValueError("compressed file is truncated")
     rel_bits = buf[offset]
@@ -326,15 +330,7 @@ def _decode_tensor(entry: Sequence[Any], buf: memoryview, offset: int) -> tuple[
             raise ValueError(f"compressed file is corrupted: tensor {name!r} codebook indices do not match")
         values = codebook[torch.from_numpy(labels)]
     elif kind == "f":
-        planes = []
-        for _ in range(itemsize):
-            p, offset = huffman.decode_stream(buf, offset)
-            planes.append(p)
-        if any(len(p) != nnz for p in planes):
-            raise ValueError(
-                f"compressed file is corrupted: tensor {name!r} values do not match its positions"
-            )
-        values = _from_planes(planes, dtype)
+        values, offset = _read_planes(buf, offset, dtype, nnz, f"tensor {name!r} values do not match its positions")
     else:
         raise ValueError(f"compressed file is corrupted: unknown tensor kind {kind!r}")
     out = torch.zeros(numel, dtype=dtype)
