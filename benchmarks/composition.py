@@ -57,7 +57,8 @@ from typing import Any
 
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from _common import quiet_trainer, test_accuracy
+from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
@@ -134,31 +135,6 @@ def _callback(kind: str, scale: float, teacher: nn.Module) -> Callback:
     return KnowledgeDistillation(teacher=teacher, **KD_ARGS)
 
 
-def _trainer(epochs: int, callbacks: list[Callback]) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
-
-
-def _accuracy(model: nn.Module, dm: DigitsDataModule) -> float:
-    correct = total = 0
-    model.eval()
-    with torch.no_grad():
-        for x, y in dm.test_dataloader():
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / total
-
-
 def _zeros(model: nn.Module) -> tuple[int, int]:
     """(zeros, entries) over every layer weight, counted from the weights (dequantized codes for integer layers)."""
     layers = model_stats(model).layers
@@ -182,8 +158,8 @@ def train_teacher(seed: int, epochs: int) -> tuple[DigitsMLP, float]:
     seed_everything(seed, verbose=False)
     teacher = DigitsMLP(**TEACHER["model"]["init_args"])
     dm = DigitsDataModule(**TEACHER["data"]["init_args"])
-    _trainer(epochs, []).fit(teacher, datamodule=dm)
-    return teacher, _accuracy(teacher, dm)
+    quiet_trainer(epochs, [], limit_val_batches=0).fit(teacher, datamodule=dm)
+    return teacher, test_accuracy(teacher, dm)
 
 
 def train_row(
@@ -195,14 +171,14 @@ def train_row(
     dm = DigitsDataModule(batch_size=setting["batch_size"], train_subset=setting["train_subset"])
     callbacks = [_callback(k, setting["epochs"] / EPOCHS, teacher) for k in kinds]
     t0 = time.perf_counter()
-    _trainer(setting["epochs"], callbacks).fit(model, datamodule=dm)
-    out: dict[str, Any] = {"fit_s": time.perf_counter() - t0, "acc": _accuracy(model, dm)}
+    quiet_trainer(setting["epochs"], callbacks, limit_val_batches=0).fit(model, datamodule=dm)
+    out: dict[str, Any] = {"fit_s": time.perf_counter() - t0, "acc": test_accuracy(model, dm)}
     zeros, total = _zeros(model)
     out.update(zeros=zeros, weights=total, sparsity=zeros / total)
     final: nn.Module = model
     if "QAT" in kinds:
         final = convert(model)
-        out["int_acc"] = _accuracy(final, dm)
+        out["int_acc"] = test_accuracy(final, dm)
         out["int_sparsity"] = _zeros(final)[0] / total
     if "WS" in kinds:
         out["max_distinct_nonzero"] = max(

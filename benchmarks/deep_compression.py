@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 import yaml
+from _common import quiet_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -248,16 +249,7 @@ def overhead(rounds: int, epochs: int = 3, steps: int = 8, batch_size: int = 64)
                 callbacks.insert(0, pruning)
             if method == "GradualPruning + WeightSharing":
                 callbacks.insert(1, _Timed(bits=4, start_step=1, verbose=False))
-            Trainer(
-                accelerator="cpu",
-                devices=1,
-                max_epochs=epochs,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=callbacks,
-            ).fit(_Wide(), data)
+            quiet_trainer(epochs, callbacks).fit(_Wide(), data)
             times[method].append(timer.per_step)
             if method == "GradualPruning + WeightSharing":
                 own.append(_Timed.own / timer.steps)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import yaml
+from _common import quiet_trainer
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
@@ -52,14 +53,6 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 torch.set_num_threads(1)
 
 
-def _trainer(epochs: int, callbacks: list[Any], **kwargs: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=callbacks, **kwargs,
-    )
-
-
 def _test_acc(trainer: Trainer, model: DigitsMLP, dm: DigitsDataModule) -> float:
     return 100 * float(trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
 
@@ -75,7 +68,7 @@ def run_seed(seed: int) -> dict[str, float]:
     seed_everything(seed)
     teacher = DigitsMLP(**TEACHER["model"]["init_args"])
     dm_t = DigitsDataModule(**t_data)
-    trainer = _trainer(TEACHER["trainer"]["max_epochs"], [])
+    trainer = quiet_trainer(TEACHER["trainer"]["max_epochs"], [], limit_val_batches=0)
     trainer.fit(teacher, datamodule=dm_t)
     out = {"teacher": _test_acc(trainer, teacher, dm_t)}
     epochs = STUDENT["trainer"]["max_epochs"]
@@ -90,7 +83,7 @@ def run_seed(seed: int) -> dict[str, float]:
         seed_everything(1000 + seed)
         student = DigitsMLP(**STUDENT["model"]["init_args"])
         dm = DigitsDataModule(**s_data)
-        trainer = _trainer(epochs, callbacks)
+        trainer = quiet_trainer(epochs, callbacks, limit_val_batches=0)
         trainer.fit(student, datamodule=dm)
         out[name] = _test_acc(trainer, student, dm)
         if "pruned" in name:
@@ -128,7 +121,7 @@ def overhead(steps: int, rounds: int = 3) -> dict[str, float]:
         for name, callbacks in variants.items():
             timer = _StepTimer()
             student = DigitsMLP(**STUDENT["model"]["init_args"])
-            _trainer(10_000, [*callbacks, timer], max_steps=steps).fit(student, datamodule=dm)
+            quiet_trainer(10_000, [*callbacks, timer], max_steps=steps, limit_val_batches=0).fit(student, datamodule=dm)
             times[name] += timer.times[5:]  # skip warm-up
     dm.setup("fit")
     x = next(iter(dm.train_dataloader()))[0]

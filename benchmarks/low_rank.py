@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from _common import quiet_trainer
+from lightning.pytorch import seed_everything
 from torch import nn
 
 from lightning_compress.callbacks.low_rank import LowRankFactorization
@@ -53,10 +54,7 @@ def train(seed: int, low_rank: bool) -> dict[str, Any]:
     model = DigitsMLP(hidden_sizes=[300, 100], lr=1e-3)
     dense_layer_params = _layer_params(model, TARGETS)
     callbacks = [LowRankFactorization(param_ratio=PARAM_RATIO, start_epoch=START_EPOCH, targets=TARGETS)] if low_rank else []
-    trainer = Trainer(
-        max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-    )
+    trainer = quiet_trainer(EPOCHS, callbacks)
     data = DigitsDataModule(batch_size=64)
     trainer.fit(model, datamodule=data)
     acc = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import test_accuracy
 from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
@@ -52,16 +53,6 @@ ROWS: dict[str, dict[str, Any] | None] = {
 CNN_ROWS = {"fp32": None, "W8A8": dict(weight_bits=8, activation_bits=8, granularity="per_tensor", freeze_bn_epoch=25)}
 
 
-def _accuracy(model: nn.Module, dm: DigitsDataModule) -> float:
-    correct = total = 0
-    model.eval()
-    with torch.no_grad():
-        for x, y in dm.test_dataloader():
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / total
-
-
 def train_row(make_model: Any, cfg: dict[str, Any] | None, seed: int) -> dict[str, float]:
     seed_everything(seed, verbose=False)
     dm = DigitsDataModule(batch_size=64)
@@ -73,11 +64,11 @@ def train_row(make_model: Any, cfg: dict[str, Any] | None, seed: int) -> dict[st
                       limit_val_batches=0)
     trainer.callbacks.extend(callbacks)
     trainer.fit(model, datamodule=dm)
-    fake = _accuracy(model, dm)
+    fake = test_accuracy(model, dm)
     if cfg is None:
         return {"fake_acc": fake, "int_acc": fake, "bytes": serialized_size(model)}
     int_model = convert(model)
-    return {"fake_acc": fake, "int_acc": _accuracy(int_model, dm), "bytes": serialized_size(int_model)}
+    return {"fake_acc": fake, "int_acc": test_accuracy(int_model, dm), "bytes": serialized_size(int_model)}
 
 
 def _mlp() -> nn.Sequential:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from _common import quiet_trainer, test_accuracy
+from lightning.pytorch import seed_everything
 from torch import nn
 
 from lightning_compress.callbacks.pruning import GradualPruning
@@ -50,27 +51,9 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 def _fit(model: nn.Module, epochs: int, callbacks: list[Any]) -> tuple[nn.Module, DigitsDataModule]:
     data = DigitsDataModule(batch_size=64)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        check_val_every_n_epoch=max(1, epochs),
-    )
+    trainer = quiet_trainer(epochs, callbacks, check_val_every_n_epoch=max(1, epochs))
     trainer.fit(model, datamodule=data)
     return model, data
-
-
-@torch.no_grad()
-def _test_acc(model: nn.Module, data: DigitsDataModule) -> float:
-    model.eval()
-    x, y = data.test_set.tensors
-    return 100.0 * float((model(x).argmax(-1) == y).float().mean())
 
 
 def _cnn(width: float = 1.0) -> DigitsCNN:
@@ -136,7 +119,7 @@ def thinning(seeds: list[int], epochs: int) -> dict[str, Any]:
         for seed in seeds:
             seed_everything(seed, verbose=False)
             dense, data = _fit(_models(kind)[0], epochs, [])
-            dense_acc.append(_test_acc(dense, data))
+            dense_acc.append(test_accuracy(dense, data))
             seed_everything(seed, verbose=False)
             model, targets = _models(kind)
             pruning = GradualPruning(
@@ -149,9 +132,9 @@ def thinning(seeds: list[int], epochs: int) -> dict[str, Any]:
                 targets=targets,
             )
             masked, data = _fit(model, epochs, [pruning])
-            masked_acc.append(_test_acc(masked, data))
+            masked_acc.append(test_accuracy(masked, data))
             small = thin(masked, data.test_set.tensors[0])
-            thin_acc.append(_test_acc(small, data))
+            thin_acc.append(test_accuracy(small, data))
             kept.append({t: int(dict(small.named_modules())[t].weight.shape[0]) for t in targets})
             if seed == seeds[0]:
                 x1, x256 = data.test_set.tensors[0][:1], data.test_set.tensors[0][:256]
@@ -195,12 +178,12 @@ def slimmable(seeds: list[int], epochs: int) -> dict[str, Any]:
         model, data = _fit(_cnn(), epochs, [callback])
         wall["slimmable"].append(time.perf_counter() - t0)
         for w in WIDTHS:
-            slim_acc[w].append(_test_acc(slice_width(model, w, bn_stats=callback.bn_stats(w)), data))
+            slim_acc[w].append(test_accuracy(slice_width(model, w, bn_stats=callback.bn_stats(w)), data))
         t0 = time.perf_counter()
         for w in WIDTHS:
             seed_everything(seed, verbose=False)
             alone, data = _fit(_cnn(w), epochs, [])
-            alone_acc[w].append(_test_acc(alone, data))
+            alone_acc[w].append(test_accuracy(alone, data))
         wall["alone_total"].append(time.perf_counter() - t0)
     rows = {}
     for w in WIDTHS:
