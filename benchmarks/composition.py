@@ -66,8 +66,8 @@ from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.callbacks.weight_sharing import WeightSharing
 from lightning_compress.examples import DigitsDataModule, DigitsMLP
-from lightning_compress.export.compressed import load_compressed, save_compressed
-from lightning_compress.export.quantized import convert, serialized_size
+from lightning_compress.export.lcdc import load_compressed, save_compressed
+from lightning_compress.export.quantization import convert, serialized_size
 from lightning_compress.stats import model_stats
 
 ROOT = Path(__file__).resolve().parents[1]

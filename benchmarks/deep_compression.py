@@ -53,10 +53,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import GradualPruning, kmeans
+from lightning_compress import GradualPruning
+from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.callbacks.weight_sharing import WeightSharing
 from lightning_compress.cli import run_cli
-from lightning_compress.export.compressed import load_compressed, model_from_config, save_compressed
+from lightning_compress.export.lcdc import load_compressed, model_from_config, save_compressed
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits_deep_compression.yaml"

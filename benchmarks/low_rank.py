@@ -9,7 +9,7 @@ then the two hidden layers (``net.1``, ``net.3``) factorized by ``LowRankFactori
 fine-tuned for 20 epochs. Parameters are counted from the trained models.
 
 Latency: a 1024-wide MLP (four ``Linear(1024, 1024)`` + ReLU) and the same MLP with every layer factorized at rank
-128 by :func:`lightning_compress.lowrank.factorize` (the function the callback calls); forward passes under
+128 by :func:`lightning_compress.layers.low_rank.factorize` (the function the callback calls); forward passes under
 ``torch.inference_mode`` with ``torch.set_num_threads(1)``, the two models timed alternately in this process
 (median over rounds of the mean time per forward). The FLOP reduction counts multiply-adds of the linear layers:
 ``1024 * 1024`` against ``128 * (1024 + 1024)`` per layer, 4.0x. Target: speedup >= 0.8 x FLOP reduction.
@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_compress.callbacks.low_rank import LowRankFactorization
 from lightning_compress.examples import DigitsDataModule, DigitsMLP
-from lightning_compress.lowrank import factorize, is_factorized
+from lightning_compress.layers.low_rank import factorize, is_factorized
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, START_EPOCH, PARAM_RATIO, TARGETS = 30, 10, 0.25, ["net.1", "net.3"]

@@ -36,8 +36,8 @@ from torch import nn
 
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.examples import DigitsCNN, DigitsDataModule, DigitsMLP
-from lightning_compress.export.quantized import INT8_BACKEND, convert, serialized_size
-from lightning_compress.quant import QuantConfig, prepare_qat, set_qat_flags
+from lightning_compress.export.quantization import INT8_BACKEND, convert, serialized_size
+from lightning_compress.layers.quantization import QuantConfig, prepare_qat, set_qat_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 30

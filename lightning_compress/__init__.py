@@ -19,7 +19,7 @@ from lightning_compress.callbacks import (
     load_quantized_checkpoint,
 )
 from lightning_compress.export import load_compressed, save_compressed
-from lightning_compress.export.quantized import convert as convert_quantized
+from lightning_compress.export.quantization import convert as convert_quantized
 from lightning_compress.schedules import Schedule
 from lightning_compress.stats import model_stats
 from lightning_compress.targets import select_modules

@@ -5,7 +5,7 @@
 
 Every subcommand of LightningCLI is there (``fit``, ``validate``, ``test``, ``predict``); compression
 callbacks go in ``trainer.callbacks`` of a recipe like any other Lightning callback. One more subcommand writes
-the Deep Compression file of a trained checkpoint (see :func:`lightning_compress.export.compressed.export_main`):
+the Deep Compression file of a trained checkpoint (see :func:`lightning_compress.export.lcdc.export_main`):
 
     lightning-compress export --ckpt last.ckpt --config recipes/digits_deep_compression.yaml --out model.lcdc
 """
@@ -109,7 +109,7 @@ def run_cli(
 def main(args: Sequence[str] | None = None) -> int:
     """Console entry point of ``lightning-compress``; ``args`` replaces ``sys.argv[1:]``.
 
-    ``export`` goes to :func:`~lightning_compress.export.compressed.export_main`; everything else to the
+    ``export`` goes to :func:`~lightning_compress.export.lcdc.export_main`; everything else to the
     LightningCLI (``fit``, ``validate``, ``test``, ``predict``). Returns the exit status.
 
     Example:
@@ -120,7 +120,7 @@ def main(args: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
-        from lightning_compress.export.compressed import export_main
+        from lightning_compress.export.lcdc import export_main
 
         return export_main(argv[1:])
     if argv[:1] in (["-h"], ["--help"]):

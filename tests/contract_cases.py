@@ -262,7 +262,7 @@ def _verify_pruning(cb: Any, model: nn.Module, trainer: Trainer) -> None:
 
 
 def _verify_quantization(cb: Any, model: nn.Module, trainer: Trainer) -> None:
-    from lightning_compress.quant.modules import is_qat_module
+    from lightning_compress.layers.quantization import is_qat_module
 
     if cb.convert_on_fit_end:
         assert cb.converted_bytes and cb.converted_bytes > 0
@@ -280,7 +280,7 @@ def _verify_distillation(cb: Any, model: nn.Module, trainer: Trainer) -> None:
 
 
 def _verify_low_rank(cb: Any, model: nn.Module, trainer: Trainer) -> None:
-    from lightning_compress.lowrank import is_factorized
+    from lightning_compress.layers.low_rank import is_factorized
 
     assert cb.factorized and cb.layers
     for name, info in cb.layers.items():
@@ -302,7 +302,7 @@ def _verify_monitor(cb: Any, model: nn.Module, trainer: Trainer) -> None:
 
 
 def _verify_slimmable(cb: Any, model: nn.Module, trainer: Trainer) -> None:
-    from lightning_compress.export.slim import slice_width
+    from lightning_compress.export.slimmable import slice_width
 
     narrow = slice_width(model, min(cb.widths))
     assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in model.parameters())

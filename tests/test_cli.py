@@ -15,7 +15,7 @@ import yaml
 from lightning_compress.callbacks.weight_sharing import WeightSharing
 from lightning_compress.cli import main, run_cli
 from lightning_compress.examples import DigitsMLP
-from lightning_compress.export.compressed import load_compressed
+from lightning_compress.export.lcdc import load_compressed
 from tests.helpers import REPO_ROOT
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))

@@ -25,10 +25,10 @@ from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_st
 from lightning_compress.callbacks.weight_sharing import WeightSharing
 from lightning_compress.cli import run_cli
 from lightning_compress.examples import DigitsCNN, DigitsDataModule, DigitsMLP
-from lightning_compress.export.compressed import load_compressed
-from lightning_compress.export.quantized import convert
-from lightning_compress.export.slim import slice_width
-from lightning_compress.lowrank import is_factorized
+from lightning_compress.export.lcdc import load_compressed
+from lightning_compress.export.quantization import convert
+from lightning_compress.export.slimmable import slice_width
+from lightning_compress.layers.low_rank import is_factorized
 from tests.helpers import REPO_ROOT
 
 HIDDEN = [32, 16]  # DigitsMLP 64-32-16-10: Linear layers net.1, net.3, net.5

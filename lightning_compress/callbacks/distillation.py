@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_compress import claims
 from lightning_compress.callbacks._base import _ReleasesModelOnException
-from lightning_compress.distill import (
+from lightning_compress.functional.distillation import (
     FeatureRecorder,
     agreement_counts,
     build_module,
@@ -231,7 +231,7 @@ class KnowledgeDistillation(_ReleasesModelOnException):
         if stage == "fit" and not pl_module.automatic_optimization:
             raise ValueError(
                 "KnowledgeDistillation changes the loss `training_step` returns, so it needs automatic optimization; "
-                "with manual optimization add `kd_loss` from lightning_compress.distill to your loss yourself"
+                "with manual optimization add `kd_loss` from lightning_compress.functional.distillation to your loss yourself"
             )
         student = self._named(pl_module, self.student_module, "student_module")
         teacher = self.load_teacher()

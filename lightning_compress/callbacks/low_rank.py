@@ -17,20 +17,22 @@ from typing_extensions import override
 
 from lightning_compress import claims
 from lightning_compress.callbacks._base import _ReleasesModelOnException
-from lightning_compress.lowrank import (
-    build_factorized,
+from lightning_compress.functional.low_rank import (
     dense_params,
-    factorize,
     factorized_params,
     full_rank,
-    is_factorized,
     kept_energy,
     rank_for_energy,
     rank_for_params,
     rank_for_ratio,
+    singular_values,
+)
+from lightning_compress.layers.low_rank import (
+    build_factorized,
+    factorize,
+    is_factorized,
     rebuild_from_state_dict,
     replace_module,
-    singular_values,
 )
 from lightning_compress.schedules import epochs_to_steps
 from lightning_compress.targets import match, select_modules, tied_elsewhere, validate_patterns
@@ -51,7 +53,7 @@ class LowRankFactorization(_ReleasesModelOnException):
     ``LowRankLinear`` (``down``: ``in -> r``, ``up``: ``r -> out``) and each ``nn.Conv2d`` becomes ``LowRankConv2d``
     (a ``k x k`` conv to ``r`` channels, then a ``1 x 1`` conv), initialized from the truncated SVD ``U_r S_r V_r^T``
     of the trained weight, so the model's outputs change only by the truncation error (see
-    :mod:`lightning_compress.lowrank`). The rank of a layer comes from ``ranks`` (by layer pattern), else from
+    :mod:`lightning_compress.layers.low_rank`). The rank of a layer comes from ``ranks`` (by layer pattern), else from
     ``rank_ratio``, ``energy`` or ``param_ratio``. A layer is left dense, with a log line, when its factors would not
     have fewer parameters than its weight.
 
@@ -425,7 +427,7 @@ def load_factorized_checkpoint(model: nn.Module, checkpoint_path: str | Path, st
 
     Example:
         >>> import os, tempfile
-        >>> from lightning_compress.lowrank import factorize
+        >>> from lightning_compress.layers.low_rank import factorize
         >>> trained = nn.Sequential(factorize(nn.Linear(8, 6), 2))  # as saved by a run with the callback
         >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
         >>> state = {"factorized_layers": {"0": {"rank": 2}}}

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_compress import claims
 from lightning_compress.callbacks._base import _ReleasesModelOnException
-from lightning_compress.export.quantized import (
+from lightning_compress.export.quantization import (
     Int8Conv2d,
     Int8Linear,
     PackedConv,
@@ -23,7 +23,7 @@ from lightning_compress.export.quantized import (
     convert,
     serialized_size,
 )
-from lightning_compress.quant.modules import (
+from lightning_compress.layers.quantization import (
     ActivationFakeQuantize,
     QuantConfig,
     find_conv_bn_pairs,
@@ -49,7 +49,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     checkpoint written mid-QAT resumes with ``ckpt_path=`` and loads for evaluation with
     :func:`load_quantized_checkpoint`. From ``start_*`` on, the forward uses quantized values with the
     straight-through estimator. At the end of fit (``convert_on_fit_end``) or by calling
-    :func:`lightning_compress.export.quantized.convert`, the layers become integer layers: int8 kernel-backed
+    :func:`lightning_compress.export.quantization.convert`, the layers become integer layers: int8 kernel-backed
     for 8-bit uniform weights, packed 2/4/8-bit codes + scales otherwise.
 
     A ``BatchNorm`` right after a targeted conv (same parent) is folded into the conv's quantized weight during

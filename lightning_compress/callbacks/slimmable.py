@@ -19,9 +19,9 @@ from typing_extensions import override
 
 from lightning_compress import claims
 from lightning_compress.callbacks._base import _ReleasesModelOnException
-from lightning_compress.distill import kd_loss
+from lightning_compress.functional.distillation import kd_loss
 from lightning_compress.graph import analyze
-from lightning_compress.slimming import WidthIndex, channel_count, forward_at, fresh_stats, width_plan
+from lightning_compress.functional.slimmable import WidthIndex, channel_count, forward_at, fresh_stats, width_plan
 
 __all__ = ["SlimmableTraining", "load_bn_stats"]
 
@@ -55,9 +55,9 @@ class SlimmableTraining(_ReleasesModelOnException):
     At each validation during ``fit`` the callback evaluates every width on the validation batches and logs
     ``val/acc@<w>`` (e.g. ``val/acc@0.5``): batches must be ``(inputs, targets, ...)`` and ``model(inputs)`` class
     logits. ``Trainer.validate``/``test`` run the full width only (the model's own forward); evaluate a smaller
-    width by exporting it with :func:`~lightning_compress.export.slim.slice_width`.
+    width by exporting it with :func:`~lightning_compress.export.slimmable.slice_width`.
 
-    Export a width with :func:`lightning_compress.export.slim.slice_width` and :meth:`bn_stats`. Limits: a
+    Export a width with :func:`lightning_compress.export.slimmable.slice_width` and :meth:`bn_stats`. Limits: a
     forward that ``torch.fx`` cannot trace is refused; layers behind operations that cannot be sliced
     (see :mod:`lightning_compress.graph`) keep their full width; grouped convs are not slimmed.
 
@@ -154,7 +154,7 @@ class SlimmableTraining(_ReleasesModelOnException):
     def bn_stats(self, width: float) -> dict[str, dict[str, torch.Tensor]]:
         """This width's private BatchNorm statistics: BatchNorm name -> ``running_mean``/``running_var``/...
 
-        Pass them to :func:`~lightning_compress.export.slim.slice_width` to export that width.
+        Pass them to :func:`~lightning_compress.export.slimmable.slice_width` to export that width.
         """
         key = _key(width)
         if float(width) not in self._sorted:

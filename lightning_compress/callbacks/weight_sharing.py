@@ -14,10 +14,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import claims, kmeans
+from lightning_compress import claims
+from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
-from lightning_compress.export.compressed import CompressionReport, save_compressed
+from lightning_compress.export.lcdc import CompressionReport, save_compressed
 from lightning_compress.schedules import resolve_window, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
 
@@ -36,7 +37,7 @@ class WeightSharing(_ReleasesModelOnException):
 
     At the start of optimizer step ``start_step`` (or epoch ``start_epoch``), before its forward pass, the non-zero
     weights of each targeted layer are clustered into at most ``2**bits`` values (1-D k-means, see
-    :mod:`lightning_compress.kmeans`) and every weight is set to its centroid. Zeros (pruned weights) are not
+    :mod:`lightning_compress.functional.weight_sharing`) and every weight is set to its centroid. Zeros (pruned weights) are not
     clustered and stay exactly zero.
 
     **Tied training.** From then on, before every optimizer step, each weight's gradient is replaced by its
@@ -57,7 +58,7 @@ class WeightSharing(_ReleasesModelOnException):
     in the list does not matter.
 
     **Export.** With ``export_path``, the model is written when training ends (``on_train_end``, so before any
-    callback's ``on_fit_end``) with :func:`~lightning_compress.export.compressed.save_compressed` (relative
+    callback's ``on_fit_end``) with :func:`~lightning_compress.export.lcdc.save_compressed` (relative
     indices, codebook indices and codebooks, Huffman-coded); the stage report is printed and kept in
     :attr:`report`, the file's size is logged as ``compression/size_bytes/deep_compression`` and reported to
     :class:`~lightning_compress.CompressionMonitor` (``compression_sizes``), as are the codebook index widths

@@ -12,10 +12,10 @@ Example:
     ['convert_quantized', 'load_compressed', 'save_compressed']
 """
 
-from lightning_compress.export.compressed import load_compressed, save_compressed
-from lightning_compress.export.quantized import convert as convert_quantized
-from lightning_compress.export.scale import scale
-from lightning_compress.export.slim import slice_width
-from lightning_compress.export.thin import thin
+from lightning_compress.export.lcdc import load_compressed, save_compressed
+from lightning_compress.export.quantization import convert as convert_quantized
+from lightning_compress.export.scaling import scale
+from lightning_compress.export.slimmable import slice_width
+from lightning_compress.export.pruning import thin
 
 __all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin"]

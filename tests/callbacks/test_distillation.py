@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
-from lightning_compress.distill import kd_loss
+from lightning_compress.functional.distillation import kd_loss
 from tests.conftest import TinyModule
 from tests.helpers import run_python
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_compress.callbacks.low_rank import LowRankFactorization, load_factorized_checkpoint
 from lightning_compress.callbacks.monitor import CompressionMonitor
-from lightning_compress.lowrank import LowRankConv2d, LowRankLinear
+from lightning_compress.layers.low_rank import LowRankConv2d, LowRankLinear
 from tests.conftest import TinyModule
 from tests.helpers import run_python
 
@@ -187,7 +187,7 @@ def test_conv_layers_and_energy_rule(make_trainer: Any) -> None:
 
 def test_composes_with_qat_at_step_zero_and_refuses_mid_fit_overlap(make_trainer: Any) -> None:
     quantization = pytest.importorskip("lightning_compress.callbacks.quantization")
-    from lightning_compress.quant.modules import is_qat_module
+    from lightning_compress.layers.quantization import is_qat_module
 
     seed_everything(0)
     model = TinyModule()
@@ -289,7 +289,7 @@ def test_ddp_two_processes_train_the_factors_in_sync(tmp_path: Path) -> None:
         from lightning.pytorch import Callback, Trainer, seed_everything
         from torch.nn.parallel import DistributedDataParallel
         from lightning_compress.callbacks.low_rank import LowRankFactorization
-        from lightning_compress.lowrank import LowRankLinear
+        from lightning_compress.layers.low_rank import LowRankLinear
         from tests.conftest import TinyModule
 
         class Probe(Callback):  # after the factorization, DDP must wrap (and sync) exactly the model's parameters

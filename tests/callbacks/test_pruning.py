@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_compress import CompressionMonitor, GradualPruning
-from lightning_compress.masks import num_to_prune
+from lightning_compress.functional.pruning import num_to_prune
 from lightning_compress.schedules import Schedule
 from tests.conftest import TinyModule
 from tests.helpers import run_python

@@ -15,8 +15,8 @@ from torch import nn
 from lightning_compress.callbacks.monitor import CompressionMonitor
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining, load_quantized_checkpoint
-from lightning_compress.export.quantized import Int8Linear, PackedLinear, convert, serialized_size
-from lightning_compress.quant.functional import uniform_qparams
+from lightning_compress.export.quantization import Int8Linear, PackedLinear, convert, serialized_size
+from lightning_compress.functional.quantization import uniform_qparams
 from tests.conftest import TinyModule
 from tests.helpers import run_python
 
@@ -316,7 +316,7 @@ def test_converted_cnn_with_folded_bn_still_tests_from_a_fake_quant_checkpoint(t
     """After convert_on_fit_end, trainer.test(ckpt_path="last") loads the fake-quant checkpoint into the integer
     model: the prepared layers and the folded BatchNorm come back for the load and are converted again."""
     from lightning_compress.examples import DigitsCNN, DigitsDataModule
-    from lightning_compress.export.quantized import Int8Conv2d
+    from lightning_compress.export.quantization import Int8Conv2d
 
     dm = DigitsDataModule(batch_size=64, train_subset=256)
     seed_everything(0)

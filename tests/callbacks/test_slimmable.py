@@ -17,7 +17,7 @@ from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_stats
 from lightning_compress.examples import DigitsCNN, DigitsDataModule
-from lightning_compress.export.slim import slice_width
+from lightning_compress.export.slimmable import slice_width
 from tests.helpers import run_python
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]

@@ -13,9 +13,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 
-from lightning_compress import CompressionMonitor, GradualPruning, kmeans
+from lightning_compress import CompressionMonitor, GradualPruning
+from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.callbacks.weight_sharing import WeightSharing
-from lightning_compress.export.compressed import load_compressed
+from lightning_compress.export.lcdc import load_compressed
 from tests.conftest import TinyModule
 from tests.helpers import run_python
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.export.quantized import (
+from lightning_compress.export.quantization import (
     Int8Conv2d,
     Int8Linear,
     PackedConv,
@@ -15,8 +15,8 @@ from lightning_compress.export.quantized import (
     int8_matmul,
     serialized_size,
 )
-from lightning_compress.quant import QuantConfig, prepare_qat, set_qat_flags
-from lightning_compress.quant.functional import sqnr_db
+from lightning_compress.layers.quantization import QuantConfig, prepare_qat, set_qat_flags
+from lightning_compress.functional.quantization import sqnr_db
 
 
 def _prepared(net: nn.Module, names: list[str], x: torch.Tensor, **cfg) -> nn.Module:
@@ -123,7 +123,7 @@ def test_batchnorm_is_folded() -> None:
     plain = nn.Sequential(*[m for m in net]).eval()
     x = torch.randn(5, 1, 8, 8)
     float_ref = plain(x).detach().clone()
-    from lightning_compress.quant import find_conv_bn_pairs
+    from lightning_compress.layers.quantization import find_conv_bn_pairs
 
     pairs = find_conv_bn_pairs(net, ["0", "3"])
     assert pairs == {"0": "1", "3": "4"}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.distill import (
+from lightning_compress.functional.distillation import (
     FeatureRecorder,
     agreement_counts,
     build_module,

@@ -4,7 +4,7 @@ At width ``w`` every free channel group (see :mod:`lightning_compress.graph`) ke
 ``channels_at(w, n)`` channels; pinned groups (the model's inputs and outputs, and tensors that reach an operation
 that cannot be sliced) stay full, so the first layer's inputs and the last layer's outputs never change.
 The same plan serves the training-time forward (:func:`forward_at`, on the full-size parameters) and the
-physical export (:func:`lightning_compress.export.slim.slice_width`), so both compute the same function.
+physical export (:func:`lightning_compress.export.slimmable.slice_width`), so both compute the same function.
 
 Example:
     >>> import torch

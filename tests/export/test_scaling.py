@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.examples import DigitsDataModule, DigitsMLP
-from lightning_compress.export.scale import repeated_blocks, scale
+from lightning_compress.export.scaling import repeated_blocks, scale
 
 
 class Block(nn.Module):

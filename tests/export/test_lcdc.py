@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
-from lightning_compress import kmeans
+from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.examples import DigitsDataModule, DigitsMLP
-from lightning_compress.export import compressed
-from lightning_compress.export.compressed import export_main, load_compressed, save_compressed
+from lightning_compress.export import lcdc as compressed
+from lightning_compress.export.lcdc import export_main, load_compressed, save_compressed
 
 
 def _pruned_shared(net: nn.Module, sparsity: float, bits: int, seed: int = 0) -> nn.Module:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from lightning_compress import huffman
+from lightning_compress.functional import huffman
 
 
 def _streams() -> dict[str, np.ndarray]:

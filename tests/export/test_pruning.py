@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.examples import DigitsCNN, DigitsDataModule, DigitsMLP
-from lightning_compress.export.thin import dead_units, thin
+from lightning_compress.export.pruning import dead_units, thin
 
 
 class ResidualCNN(nn.Module):

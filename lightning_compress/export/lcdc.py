@@ -13,7 +13,7 @@ it back bit-exactly (every non-zero value identical; zeros come back as ``+0.0``
   precision as ``itemsize`` byte planes (byte ``j`` of every value is one stream, so exponent bytes code well).
 
 Every stream gets its own Huffman code (or fixed-width bits or a constant, whichever is smaller; see
-:mod:`lightning_compress.huffman`). Integer/bool buffers are stored as byte planes too.
+:mod:`lightning_compress.functional.huffman`). Integer/bool buffers are stored as byte planes too.
 
 File layout (version 1), little-endian::
 
@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_compress import huffman
+from lightning_compress.functional import huffman
 
 __all__ = [
     "FORMAT_VERSION",

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.quant import functional as qf
+from lightning_compress.functional import quantization as qf
 
 __all__ = [
     "ActivationFakeQuantize",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from lightning_compress import masks
+from lightning_compress.functional import pruning as masks
 
 
 def _weight(*shape: int, seed: int = 0) -> torch.Tensor:

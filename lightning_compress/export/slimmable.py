@@ -2,7 +2,7 @@
 
 At width ``w`` each hidden channel group keeps its first ``round(w * n)`` channels, exactly as
 :class:`~lightning_compress.callbacks.slimmable.SlimmableTraining` ran it during training
-(:mod:`lightning_compress.slimming`); the first layer's inputs and the last layer's outputs stay full.
+(:mod:`lightning_compress.functional.slimmable`); the first layer's inputs and the last layer's outputs stay full.
 BatchNorm layers need that width's own statistics: give ``bn_stats`` (from ``SlimmableTraining.bn_stats(w)`` or
 :func:`~lightning_compress.callbacks.slimmable.load_bn_stats`), or ``calibration`` batches to recompute them
 (post-hoc recalibration, as in Universally Slimmable Networks).
@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_compress.export._common import copy_model
 from lightning_compress.graph import analyze, index_plan, slice_modules
-from lightning_compress.slimming import keep_first
+from lightning_compress.functional.slimmable import keep_first
 
 __all__ = ["slice_width"]
 

@@ -6,22 +6,24 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.lowrank import (
-    LowRankConv2d,
-    LowRankLinear,
-    build_factorized,
+from lightning_compress.functional.low_rank import (
     dense_params,
-    factorize,
     factorized_params,
     full_rank,
     kept_energy,
     rank_for_energy,
     rank_for_params,
     rank_for_ratio,
-    rebuild_from_state_dict,
-    replace_module,
     singular_values,
     truncated_svd,
+)
+from lightning_compress.layers.low_rank import (
+    LowRankConv2d,
+    LowRankLinear,
+    build_factorized,
+    factorize,
+    rebuild_from_state_dict,
+    replace_module,
 )
 
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_compress.export.slim import slice_width
-from tests.export.test_thin import ResidualCNN, TwoBranch
+from lightning_compress.export.slimmable import slice_width
+from tests.export.test_pruning import ResidualCNN, TwoBranch
 
 
 def test_mlp_slice_is_the_first_units_of_each_hidden_layer() -> None:

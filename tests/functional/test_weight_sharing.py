@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_compress import kmeans
+from lightning_compress.functional import weight_sharing as kmeans
 
 
 def _reference_lloyd(x: np.ndarray, centroids: np.ndarray, iters: int = 50) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Conversion of a fake-quantized model into one whose weights really are integers.
 
 :func:`convert` replaces every layer prepared by ``QuantizationAwareTraining`` (or
-:func:`~lightning_compress.quant.prepare_qat`):
+:func:`~lightning_compress.layers.quantization.prepare_qat`):
 
 - 8-bit uniform ``Linear`` and ``Conv2d`` (``groups=1``, zero padding) become :class:`Int8Linear` /
   :class:`Int8Conv2d`: int8 weights, inputs quantized to 8 bits (with the ranges observed in training, or per
@@ -24,7 +24,7 @@ or refuses a shape, :func:`int8_matmul` falls back to an exact int32 matmul: the
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from lightning_compress.quant import QuantConfig, prepare_qat, set_qat_flags
+    >>> from lightning_compress.layers.quantization import QuantConfig, prepare_qat, set_qat_flags
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     >>> prepare_qat(net, ["0", "2"], QuantConfig(weight_bits=8, activation_bits=8))
     >>> set_qat_flags(net, fake_quant=True)
@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.quant import functional as qf
-from lightning_compress.quant.modules import _bn_factor, is_qat_module
-from lightning_compress.quant.packing import pack_codes, unpack_codes
+from lightning_compress.functional import quantization as qf
+from lightning_compress.layers.quantization import _bn_factor, is_qat_module
+from lightning_compress.functional.packing import pack_codes, unpack_codes
 
 __all__ = [
     "INT8_BACKEND",
