@@ -57,7 +57,8 @@ from lightning_compress import GradualPruning
 from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.callbacks.weight_sharing import WeightSharing
 from lightning_compress.cli import run_cli
-from lightning_compress.export.lcdc import load_compressed, model_from_config, save_compressed
+from lightning_compress.cli import model_from_config
+from lightning_compress.export.lcdc import load_compressed, save_compressed
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits_deep_compression.yaml"

@@ -5,21 +5,28 @@
 
 Every subcommand of LightningCLI is there (``fit``, ``validate``, ``test``, ``predict``); compression
 callbacks go in ``trainer.callbacks`` of a recipe like any other Lightning callback. One more subcommand writes
-the Deep Compression file of a trained checkpoint (see :func:`lightning_compress.export.lcdc.export_main`):
+the Deep Compression file of a trained checkpoint (see :func:`export_main`):
 
     lightning-compress export --ckpt last.ckpt --config recipes/digits_deep_compression.yaml --out model.lcdc
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch import nn
 
-__all__ = ["LightningCompressCLI", "main", "run_cli"]
+from lightning_compress.export.lcdc import save_compressed
+
+__all__ = ["LightningCompressCLI", "export_main", "main", "model_from_config", "run_cli"]
 
 DEFAULT_MODEL = "lightning_compress.examples.DigitsMLP"
 DEFAULT_DATA = "lightning_compress.examples.DigitsDataModule"
@@ -109,7 +116,7 @@ def run_cli(
 def main(args: Sequence[str] | None = None) -> int:
     """Console entry point of ``lightning-compress``; ``args`` replaces ``sys.argv[1:]``.
 
-    ``export`` goes to :func:`~lightning_compress.export.lcdc.export_main`; everything else to the
+    ``export`` goes to :func:`export_main`; everything else to the
     LightningCLI (``fit``, ``validate``, ``test``, ``predict``). Returns the exit status.
 
     Example:
@@ -120,12 +127,74 @@ def main(args: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
-        from lightning_compress.export.lcdc import export_main
-
         return export_main(argv[1:])
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{EXPORT_HELP}\n")
     run_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
+# -- `lightning-compress export`: a checkpoint's weights as a Deep Compression file -----------------------
+def model_from_config(config: str | Path) -> nn.Module:
+    """The model a ``lightning-compress`` config (a recipe, or the ``config.yaml`` a fit run saved) builds.
+
+    The config is read by the same ``LightningCLI`` as ``lightning-compress fit`` (so defaults, ``--model``
+    class paths and init args mean the same), without running anything and without a logger.
+
+    Raises:
+        ValueError: the file is not a YAML mapping.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "config.yaml")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("model: {class_path: lightning_compress.examples.DigitsMLP, init_args: {hidden_sizes: [8]}}")
+        >>> model = model_from_config(path)
+        >>> type(model).__name__, model.net[1].out_features
+        ('DigitsMLP', 8)
+    """
+    import yaml
+
+    loaded = yaml.safe_load(Path(config).read_text())
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"`--config` {str(config)!r} must be a YAML mapping, got {type(loaded).__name__}")
+    # only what builds the model: a saved config also holds run settings (`ckpt_path`, ...) and callbacks
+    loaded = {k: v for k, v in loaded.items() if k in ("model", "data", "seed_everything")}
+    loaded["trainer"] = {"logger": False}
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*args parameter is intended.*"
+        )  # export's own argv is not its
+        cli = run_cli(loaded, run=False)
+    return cli.model
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-compress export --ckpt CKPT [--config CONFIG] --out FILE``: compress a checkpoint's weights.
+
+    With ``--config`` (a recipe or a saved ``config.yaml``), the model is built from it and the checkpoint's
+    ``state_dict`` is loaded into it with ``strict=True`` before export, so a mismatch is an error; without it the
+    checkpoint's ``state_dict`` is written as is. Prints the stage table; returns 0.
+    """
+    parser = argparse.ArgumentParser(prog="lightning-compress export", description=export_main.__doc__)
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) to export")
+    parser.add_argument("--config", default=None, help="config (recipe YAML) that builds the model")
+    parser.add_argument("--out", required=True, help="compressed file to write")
+    parser.add_argument("--quiet", action="store_true", help="do not print the stage table")
+    args = parser.parse_args(argv)
+    for flag, value in (("--ckpt", args.ckpt), ("--config", args.config)):
+        if value is not None and not Path(value).is_file():
+            parser.error(f"{flag} {value!r}: no such file")
+    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        parser.error(f"--ckpt {args.ckpt!r} holds no 'state_dict': not a Lightning checkpoint")
+    target: nn.Module | Mapping[str, torch.Tensor] = checkpoint["state_dict"]
+    if args.config is not None:
+        target = model_from_config(args.config)
+        target.load_state_dict(checkpoint["state_dict"], strict=True)
+    save_compressed(target, args.out, verbose=not args.quiet)
     return 0
 
 

@@ -25,8 +25,9 @@ Example:
     >>> g = analyze(net)
     >>> g.free_groups(), g.group_of("0"), g.consumers["2"].segments
     ([0], 0, ((0, 8),))
-    >>> index_plan(g, {0: torch.tensor([1, 5])})["2"].inputs
-    tensor([1, 5])
+
+Which channel indices each module keeps, and slicing them out of the modules, is in
+:mod:`lightning_compress.slicing`.
 """
 
 from __future__ import annotations
@@ -44,11 +45,9 @@ from torch import nn
 __all__ = [
     "ChannelGraph",
     "Consumer",
-    "ModuleIndex",
+    "Segments",
     "analyze",
     "channels_at",
-    "index_plan",
-    "slice_modules",
 ]
 
 Segments = tuple[tuple[int, int], ...]  # ((group, number of channels), ...) in channel order
@@ -363,83 +362,3 @@ def _method(node: torch.fx.Node, info: Any, pin_inputs: Any, what: str) -> _Info
         return _flatten(x)  # x.view(x.size(0), -1)
     pin_inputs(node, f"reaches {what}, which cannot be sliced")
     return None
-
-
-@dataclass
-class ModuleIndex:
-    """Channels one module keeps: ``outputs`` (producer/BatchNorm) and ``inputs`` (consumer); ``None`` = all."""
-
-    outputs: torch.Tensor | None = None
-    inputs: torch.Tensor | None = None
-
-
-def _segment_index(
-    cg: ChannelGraph, segments: Segments, keep: dict[int, torch.Tensor]
-) -> torch.Tensor | None:
-    parts, offset, changed = [], 0, False
-    for g, size in segments:
-        idx = keep.get(cg.root(g))
-        changed = changed or idx is not None
-        parts.append(torch.arange(size) if idx is None else idx.long() + 0)
-        parts[-1] = parts[-1] + offset
-        offset += size
-    return torch.cat(parts) if changed else None
-
-
-def index_plan(cg: ChannelGraph, keep: dict[int, torch.Tensor]) -> dict[str, ModuleIndex]:
-    """Per module, the channel indices it keeps when each group ``g`` keeps ``keep[g]`` (sorted, by root group).
-
-    Groups missing from ``keep`` keep all their channels; pinned groups must not be in it.
-    """
-    for g in keep:
-        reason = cg.pin_reason(g)
-        if reason is not None:
-            raise ValueError(f"group {g} may not change: it {reason}")
-    keep = {cg.root(g): idx for g, idx in keep.items()}
-    plan: dict[str, ModuleIndex] = {}
-    for name, g in cg.producers.items():
-        plan.setdefault(name, ModuleIndex()).outputs = keep.get(cg.root(g))
-    for name, segments in cg.followers.items():
-        plan.setdefault(name, ModuleIndex()).outputs = _segment_index(cg, segments, keep)
-    for name, consumer in cg.consumers.items():
-        idx = _segment_index(cg, consumer.segments, keep)
-        if idx is not None and consumer.spatial > 1:
-            idx = (idx[:, None] * consumer.spatial + torch.arange(consumer.spatial)[None, :]).reshape(-1)
-        plan.setdefault(name, ModuleIndex()).inputs = idx
-    return {n: p for n, p in plan.items() if p.outputs is not None or p.inputs is not None}
-
-
-@torch.no_grad()
-def slice_modules(model: nn.Module, plan: dict[str, ModuleIndex]) -> None:
-    """Physically keep only the planned channels of each module of ``model`` (in place, same classes)."""
-    modules = dict(model.named_modules())
-    for name, idx in plan.items():
-        module = modules[name]
-        if isinstance(module, _NORMS):
-            if idx.outputs is None:
-                continue
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                _select(module, attr, idx.outputs, 0)
-            module.num_features = len(idx.outputs)
-            continue
-        if idx.outputs is not None:
-            _select(module, "weight", idx.outputs, 0)
-            _select(module, "bias", idx.outputs, 0)
-        if idx.inputs is not None:
-            _select(module, "weight", idx.inputs, 1)
-        out_size, in_size = module.weight.shape[0], module.weight.shape[1]
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = out_size, in_size
-        else:
-            module.out_channels, module.in_channels = out_size, in_size
-
-
-def _select(module: nn.Module, attr: str, idx: torch.Tensor, dim: int) -> None:
-    value = getattr(module, attr, None)
-    if value is None:
-        return
-    new = value.detach().index_select(dim, idx.to(value.device)).clone()
-    if isinstance(value, nn.Parameter):
-        setattr(module, attr, nn.Parameter(new, requires_grad=value.requires_grad))
-    else:
-        setattr(module, attr, new)

@@ -47,14 +47,11 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import struct
-import warnings
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_compress.export.lcdc_report import CompressionReport, TensorReport
 from lightning_compress.functional import huffman
 
 __all__ = [
@@ -69,9 +67,7 @@ __all__ = [
     "MAGIC",
     "CompressionReport",
     "TensorReport",
-    "export_main",
     "load_compressed",
-    "model_from_config",
     "save_compressed",
 ]
 
@@ -81,81 +77,6 @@ _PREAMBLE = struct.Struct("<4sBIII")
 _MAX_CODEBOOK = 256
 _MAX_REL_BITS = 12
 _RAW_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # itemsize -> same-size integer
-
-
-@dataclass(frozen=True)
-class TensorReport:
-    """Sizes of one tensor at each stage (bytes) and what it holds."""
-
-    name: str
-    numel: int
-    nonzero: int
-    codebook: int  # codebook entries (0: values stored at full precision)
-    rel_bits: int  # bits of a relative index in the file (0: dense, no index)
-    dense_bytes: int  # numel * 4 (fp32)
-    pruned_bytes: int  # non-zeros at 32 bits + fixed-width relative indices (or dense, if smaller)
-    shared_bytes: int  # + codebook indices at ceil(log2 k) bits and the codebook instead of the values
-    huffman_bytes: int  # the bytes this tensor takes in the file
-
-
-@dataclass
-class CompressionReport:
-    """What :func:`save_compressed` wrote: per-tensor stages, file size and ratios against dense fp32."""
-
-    tensors: list[TensorReport] = field(default_factory=list)
-    file_bytes: int = 0
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(t.dense_bytes for t in self.tensors)
-
-    @property
-    def ratio(self) -> float:
-        """Dense fp32 bytes of all tensors / bytes of the whole file (headers included)."""
-        return self.dense_bytes / self.file_bytes if self.file_bytes else float("inf")
-
-    def stage_totals(self) -> dict[str, int]:
-        """Total bytes per stage; ``huffman`` is the file size (headers included)."""
-        return {
-            "dense": self.dense_bytes,
-            "pruned": sum(t.pruned_bytes for t in self.tensors),
-            "shared": sum(t.shared_bytes for t in self.tensors),
-            "huffman": self.file_bytes,
-        }
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "tensors": [asdict(t) for t in self.tensors],
-            "file_bytes": self.file_bytes,
-            "dense_bytes": self.dense_bytes,
-            "ratio": self.ratio,
-            "stages": self.stage_totals(),
-        }
-
-    def format(self) -> str:
-        """A markdown table: per tensor and total, bytes and ratio after pruning, sharing and Huffman coding."""
-        head = (
-            "| tensor | params | non-zero | codebook | rel. idx bits | dense fp32 B | pruned B (x) "
-            "| +shared B (x) | +Huffman B (x) |"
-        )
-        lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-        def cell(b: int, dense: int) -> str:
-            return f"{b:,} ({dense / b:.1f}x)" if b else "0"
-
-        for t in self.tensors:
-            lines.append(
-                f"| {t.name} | {t.numel:,} | {t.nonzero:,} | {t.codebook or '-'} | {t.rel_bits or '-'} | "
-                f"{t.dense_bytes:,} | {cell(t.pruned_bytes, t.dense_bytes)} | {cell(t.shared_bytes, t.dense_bytes)} "
-                f"| {cell(t.huffman_bytes, t.dense_bytes)} |"
-            )
-        s = self.stage_totals()
-        lines.append(
-            f"| **total** (file, headers incl.) | {sum(t.numel for t in self.tensors):,} | "
-            f"{sum(t.nonzero for t in self.tensors):,} | | | {s['dense']:,} | {cell(s['pruned'], s['dense'])} | "
-            f"{cell(s['shared'], s['dense'])} | {cell(s['huffman'], s['dense'])} |"
-        )
-        return "\n".join(lines)
 
 
 # -- relative indices ----------------------------------------------------------------------------------
@@ -433,68 +354,3 @@ def load_compressed(
     if model is not None:
         model.load_state_dict(state, strict=strict)
     return state
-
-
-def model_from_config(config: str | Path) -> nn.Module:
-    """The model a ``lightning-compress`` config (a recipe, or the ``config.yaml`` a fit run saved) builds.
-
-    The config is read by the same ``LightningCLI`` as ``lightning-compress fit`` (so defaults, ``--model``
-    class paths and init args mean the same), without running anything and without a logger.
-
-    Raises:
-        ValueError: the file is not a YAML mapping.
-
-    Example:
-        >>> import os, tempfile
-        >>> path = os.path.join(tempfile.mkdtemp(), "config.yaml")
-        >>> with open(path, "w") as f:
-        ...     _ = f.write("model: {class_path: lightning_compress.examples.DigitsMLP, init_args: {hidden_sizes: [8]}}")
-        >>> model = model_from_config(path)
-        >>> type(model).__name__, model.net[1].out_features
-        ('DigitsMLP', 8)
-    """
-    import yaml
-
-    from lightning_compress.cli import run_cli
-
-    loaded = yaml.safe_load(Path(config).read_text())
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"`--config` {str(config)!r} must be a YAML mapping, got {type(loaded).__name__}")
-    # only what builds the model: a saved config also holds run settings (`ckpt_path`, ...) and callbacks
-    loaded = {k: v for k, v in loaded.items() if k in ("model", "data", "seed_everything")}
-    loaded["trainer"] = {"logger": False}
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*args parameter is intended.*"
-        )  # export's own argv is not its
-        cli = run_cli(loaded, run=False)
-    return cli.model
-
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-compress export --ckpt CKPT [--config CONFIG] --out FILE``: compress a checkpoint's weights.
-
-    With ``--config`` (a recipe or a saved ``config.yaml``), the model is built from it and the checkpoint's
-    ``state_dict`` is loaded into it with ``strict=True`` before export, so a mismatch is an error; without it the
-    checkpoint's ``state_dict`` is written as is. Prints the stage table; returns 0.
-    """
-    parser = argparse.ArgumentParser(prog="lightning-compress export", description=export_main.__doc__)
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) to export")
-    parser.add_argument("--config", default=None, help="config (recipe YAML) that builds the model")
-    parser.add_argument("--out", required=True, help="compressed file to write")
-    parser.add_argument("--quiet", action="store_true", help="do not print the stage table")
-    args = parser.parse_args(argv)
-    for flag, value in (("--ckpt", args.ckpt), ("--config", args.config)):
-        if value is not None and not Path(value).is_file():
-            parser.error(f"{flag} {value!r}: no such file")
-    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        parser.error(f"--ckpt {args.ckpt!r} holds no 'state_dict': not a Lightning checkpoint")
-    target: nn.Module | Mapping[str, torch.Tensor] = checkpoint["state_dict"]
-    if args.config is not None:
-        target = model_from_config(args.config)
-        target.load_state_dict(checkpoint["state_dict"], strict=True)
-    save_compressed(target, args.out, verbose=not args.quiet)
-    return 0

@@ -51,7 +51,8 @@ from lightning_compress.export._common import (
     run_eval,
     tensors,
 )
-from lightning_compress.graph import ChannelGraph, analyze, index_plan, slice_modules
+from lightning_compress.graph import ChannelGraph, analyze
+from lightning_compress.slicing import index_plan, slice_modules
 
 __all__ = ["dead_units", "thin"]
 

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from lightning_compress.export._common import copy_model, run_eval, tensors
-from lightning_compress.graph import ChannelGraph, analyze, channels_at, index_plan, slice_modules
+from lightning_compress.graph import ChannelGraph, analyze, channels_at
+from lightning_compress.slicing import index_plan, slice_modules
 
 __all__ = ["channel_importance", "repeated_blocks", "scale"]
 

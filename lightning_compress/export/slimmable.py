@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from lightning_compress.export._common import copy_model
-from lightning_compress.graph import analyze, index_plan, slice_modules
+from lightning_compress.graph import analyze
+from lightning_compress.slicing import index_plan, slice_modules
 from lightning_compress.functional.slimmable import keep_first
 
 __all__ = ["slice_width"]

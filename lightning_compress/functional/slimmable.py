@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.graph import ChannelGraph, channels_at, index_plan
+from lightning_compress.graph import ChannelGraph, channels_at
+from lightning_compress.slicing import index_plan
 
 __all__ = ["WidthIndex", "forward_at", "width_plan"]
 
