@@ -14,11 +14,13 @@ from lightning_compress.callbacks import (
     QuantizationAwareTraining,
     SlimmableTraining,
     WeightSharing,
+)
+from lightning_compress.checkpoints import (
     load_bn_stats,
     load_factorized_checkpoint,
     load_quantized_checkpoint,
 )
-from lightning_compress.export import load_compressed, save_compressed
+from lightning_compress.export import load_compressed, save_compressed, scale, slice_width, thin
 from lightning_compress.export.quantization import convert as convert_quantized
 from lightning_compress.schedules import Schedule
 from lightning_compress.stats import model_stats
@@ -43,5 +45,8 @@ __all__ = [
     "load_quantized_checkpoint",
     "model_stats",
     "save_compressed",
+    "scale",
     "select_modules",
+    "slice_width",
+    "thin",
 ]

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
+from lightning_compress._validation import check_number
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -28,9 +30,11 @@ __all__ = [
     "SCHEDULE_KINDS",
     "Schedule",
     "ScheduleKind",
+    "check_starts_in_run",
     "epochs_to_steps",
     "interpolate",
     "optimizer_steps_per_epoch",
+    "schedule_for",
     "validate_kind",
 ]
 
@@ -134,15 +138,61 @@ def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
         # the trainer's public `estimated_stepping_batches` loads it
         _ = trainer.estimated_stepping_batches
         if trainer.train_dataloader is None:
-            # with max_epochs=-1 (e.g. `Trainer(max_steps=N)`) the estimate is max_steps and nothing is loaded;
-            # load the train dataloader as the estimate itself does otherwise
-            trainer.fit_loop.setup_data()
+            _load_train_dataloader(trainer)
         batches = trainer.num_training_batches
     if batches == float("inf") or batches <= 0:
         raise ValueError(
             "cannot turn epochs into optimizer steps: the train dataloader has no length; give `*_step` arguments instead"
         )
     return max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
+
+
+def _load_train_dataloader(trainer: pl.Trainer) -> None:
+    """The one private Lightning call of the package's schedules: ``fit_loop.setup_data()``.
+
+    With ``max_epochs=-1`` (e.g. ``Trainer(max_steps=N)``) the public ``estimated_stepping_batches`` is
+    ``max_steps`` and loads nothing, and Lightning has no public way to load the train dataloader before the train
+    loop does; epochs can only become steps from its length, so it is loaded here as the estimate itself does
+    otherwise (the loop does not load it again).
+    """
+    trainer.fit_loop.setup_data()
+
+
+def check_starts_in_run(trainer: pl.Trainer, step: int, argument: str, what: str, fix: str) -> None:
+    """Raise ``ValueError`` when ``step`` is not before the run's last optimizer step: ``what`` would never happen.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_starts_in_run(SimpleNamespace(estimated_stepping_batches=10), 10, "start_step", "prunes", "start earlier")
+        Traceback (most recent call last):
+        ...
+        ValueError: `start_step` prunes at optimizer step 10, but this run has only 10 optimizer steps: start earlier
+    """
+    total = trainer.estimated_stepping_batches
+    if total != float("inf") and step >= int(total):
+        raise ValueError(
+            f"`{argument}` {what} at optimizer step {step}, but this run has only {int(total)} optimizer steps: {fix}"
+        )
+
+
+def schedule_for(
+    trainer: pl.Trainer,
+    kind: str,
+    initial: float,
+    final: float,
+    start_step: int | None,
+    end_step: int | None,
+    start_epoch: float | None,
+    end_epoch: float | None,
+    *,
+    prefix: str = "",
+) -> Schedule:
+    """The :class:`Schedule` from ``initial`` to ``final`` over a window in steps or epochs (see
+    :func:`resolve_window`); with no end given, it ends with the run (when the run has a fixed length)."""
+    start, end = resolve_window(trainer, start_step, end_step, start_epoch, end_epoch, prefix=prefix)
+    if end_step is None and end_epoch is None and trainer.estimated_stepping_batches != float("inf"):
+        end = max(start, int(trainer.estimated_stepping_batches))
+    return Schedule(kind, float(initial), float(final), start, end)
 
 
 def epochs_to_steps(epochs: float, trainer: pl.Trainer) -> int:
@@ -175,11 +225,9 @@ def validate_window(
             f"(`{names['start_epoch']}`/`{names['end_epoch']}`), not both"
         )
     for key, value in (("start_step", start_step), ("end_step", end_step)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"`{names[key]}` must be an integer >= 0, got {value!r}")
+        check_number(value, names[key], low=0, integer=True, optional=True)
     for key, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"`{names[key]}` must be a number >= 0, got {value!r}")
+        check_number(value, names[key], low=0, optional=True)
     for lo, hi, lo_name, hi_name in (
         (start_step, end_step, "start_step", "end_step"),
         (start_epoch, end_epoch, "start_epoch", "end_epoch"),

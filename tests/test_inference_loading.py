@@ -18,11 +18,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
-from lightning_compress.callbacks.low_rank import LowRankFactorization, load_factorized_checkpoint
+from lightning_compress.callbacks.low_rank import LowRankFactorization
 from lightning_compress.callbacks.pruning import GradualPruning
-from lightning_compress.callbacks.quantization import QuantizationAwareTraining, load_quantized_checkpoint
-from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_stats
+from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+from lightning_compress.callbacks.slimmable import SlimmableTraining
 from lightning_compress.callbacks.weight_sharing import WeightSharing
+from lightning_compress.checkpoints import (
+    load_bn_stats,
+    load_factorized_checkpoint,
+    load_quantized_checkpoint,
+)
 from lightning_compress.cli import run_cli
 from lightning_compress.examples import DigitsCNN, DigitsDataModule, DigitsMLP
 from lightning_compress.export.lcdc import load_compressed

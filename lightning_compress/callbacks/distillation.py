@@ -11,15 +11,15 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import claims
+from lightning_compress._validation import check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
+from lightning_compress.callbacks._distillation_teacher import _key, _TeacherSide
+from lightning_compress.callbacks._wrap_step import TrainingStepWrapper
 from lightning_compress.functional.distillation import (
     FeatureRecorder,
-    agreement_counts,
     build_module,
     feature_loss,
     kd_loss,
-    layer_width,
     load_teacher_weights,
     project_features,
     resolve_class,
@@ -28,7 +28,7 @@ from lightning_compress.functional.distillation import (
 from lightning_compress.schedules import (
     Schedule,
     ScheduleKind,
-    resolve_window,
+    schedule_for,
     validate_kind,
     validate_window,
 )
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _VERSION = 1
 
 
-class KnowledgeDistillation(_ReleasesModelOnException):
+class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
     """Distil a frozen teacher into any LightningModule without touching its ``training_step``.
 
     During fit the callback wraps the student's ``training_step``: a forward hook on the student records the
@@ -143,14 +143,11 @@ class KnowledgeDistillation(_ReleasesModelOnException):
             raise TypeError(f"`teacher_checkpoint` must be a path string or None, got {teacher_checkpoint!r}")
         if teacher_checkpoint == "":
             raise ValueError("`teacher_checkpoint` must be a file path or None, got ''")
-        for name, value in (("temperature", temperature), ("final_temperature", final_temperature)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
-        for name, value in (("alpha", alpha), ("final_alpha", final_alpha)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
-                raise ValueError(f"`{name}` must be in [0, 1], got {value!r}")
-        if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
-            raise ValueError(f"`feature_weight` must be a number >= 0, got {feature_weight!r}")
+        check_number(temperature, "temperature", low=0, low_open=True)
+        check_number(final_temperature, "final_temperature", low=0, low_open=True, optional=True)
+        check_number(alpha, "alpha", low=0, high=1, noun="")
+        check_number(final_alpha, "final_alpha", low=0, high=1, noun="", optional=True)
+        check_number(feature_weight, "feature_weight", low=0)
         for name, sel in (("student_output", student_output), ("teacher_output", teacher_output)):
             if sel is not None and (isinstance(sel, bool) or not isinstance(sel, (str, int)) or sel == ""):
                 raise ValueError(f"`{name}` must be a non-empty key/attribute name, an index or None, got {sel!r}")
@@ -179,11 +176,12 @@ class KnowledgeDistillation(_ReleasesModelOnException):
         self.feature_weight = float(feature_weight)
         self.final_temperature = final_temperature
         self.temperature_schedule = temperature_schedule
-        self._temperature_window = (temperature_start_step, temperature_end_step, temperature_start_epoch,
-                                    temperature_end_epoch)
+        self.temperature_start_step, self.temperature_end_step = temperature_start_step, temperature_end_step
+        self.temperature_start_epoch, self.temperature_end_epoch = temperature_start_epoch, temperature_end_epoch
         self.final_alpha = final_alpha
         self.alpha_schedule = alpha_schedule
-        self._alpha_window = (alpha_start_step, alpha_end_step, alpha_start_epoch, alpha_end_epoch)
+        self.alpha_start_step, self.alpha_end_step = alpha_start_step, alpha_end_step
+        self.alpha_start_epoch, self.alpha_end_epoch = alpha_start_epoch, alpha_end_epoch
 
         self._teacher_module: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
         self._loaded_checkpoint = False
@@ -197,7 +195,7 @@ class KnowledgeDistillation(_ReleasesModelOnException):
         self._teacher_features: FeatureRecorder | None = None
         self._capturing = False
         self._captured: tuple[tuple, dict, Any] | None = None
-        self._wrapper: _DistillStep | None = None
+        self._wrapper: TrainingStepWrapper | None = None
         self._agree = [0, 0]
         self._teacher_ran = False  # the first teacher call turns a shape error into a ValueError naming the cause
         self._dtype_from_inputs = False  # a student without float parameters (an integer model): follow its inputs
@@ -244,46 +242,17 @@ class KnowledgeDistillation(_ReleasesModelOnException):
             self._student_layers = s_layers
             self._teacher_features = FeatureRecorder(t_layers)
         if stage == "fit":
-            original = pl_module.__dict__.get("training_step", None)
-            step = original or type(pl_module).training_step.__get__(pl_module)
-            self._wrapper = _DistillStep(self, pl_module, step, original)
-            pl_module.training_step = self._wrapper  # type: ignore[method-assign]
-
-    @staticmethod
-    def _named(root: nn.Module, name: str, argument: str, teacher: bool = False) -> nn.Module:
-        modules = dict(root.named_modules())
-        if name not in modules:
-            names = [n for n in modules if n][:30]
-            who = "teacher" if teacher else "student"
-            raise ValueError(f"`{argument}`: the {who} has no layer {name!r}; its layers are {names}")
-        return modules[name]
-
-    def _build_projections(self, s_layers: dict[str, nn.Module], t_layers: dict[str, nn.Module]) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # same projections in every process and every run, global RNG untouched
-            for name, s_mod in s_layers.items():
-                s_width, dim = layer_width(s_mod)
-                t_width, _ = layer_width(t_layers[name])
-                self._proj_dims[name] = dim
-                kept = self._projections[_key(name)] if _key(name) in self._projections else None
-                if s_width != t_width and (kept is None or kept.weight.shape != (t_width, s_width)):
-                    self._projections[_key(name)] = nn.Linear(s_width, t_width)  # a later fit keeps trained ones
-        if self._pending_projections is not None:
-            self._projections.load_state_dict(self._pending_projections)
-            self._pending_projections = None
+            self._wrapper = TrainingStepWrapper(pl_module, self._distill_step)
 
     def _resolve_schedules(self, trainer: pl.Trainer) -> None:
         self._schedules = {}
-        for name, final, kind, window, initial in (
-            ("temperature", self.final_temperature, self.temperature_schedule, self._temperature_window, self.temperature),
-            ("alpha", self.final_alpha, self.alpha_schedule, self._alpha_window, self.alpha),
-        ):
+        for name in ("temperature", "alpha"):
+            final = getattr(self, f"final_{name}")
             if final is None:
                 continue
-            start, end = resolve_window(trainer, *window, prefix=f"{name}_")
-            if window[1] is None and window[3] is None and trainer.estimated_stepping_batches != float("inf"):
-                end = max(start, int(trainer.estimated_stepping_batches))
-            self._schedules[name] = Schedule(kind, float(initial), float(final), start, end)
+            window = [getattr(self, f"{name}_{k}") for k in ("start_step", "end_step", "start_epoch", "end_epoch")]
+            kind, initial = getattr(self, f"{name}_schedule"), getattr(self, name)
+            self._schedules[name] = schedule_for(trainer, kind, initial, final, *window, prefix=f"{name}_")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -294,40 +263,10 @@ class KnowledgeDistillation(_ReleasesModelOnException):
             group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
             optimizer.add_param_group({**group, "params": params})
 
-    def _to_student(self, pl_module: pl.LightningModule) -> None:
-        ref = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-        device = ref.device if ref is not None else pl_module.device
-        dtype = ref.dtype if ref is not None else torch.float32
-        self._dtype_from_inputs = ref is None
-        self.load_teacher().to(device=device, dtype=dtype)
-        self._projections.to(device=device, dtype=dtype)
-
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve_schedules(trainer)
         self._check_slimmed_features(pl_module)
-
-    def _check_slimmed_features(self, pl_module: pl.LightningModule) -> None:
-        """Refuse feature hints on layers whose width a callback wrapped around this one changes per call.
-
-        ``SlimmableTraining`` listed after this callback wraps its ``training_step`` on the outside and runs it at
-        every width, so a projection built for the full width would meet narrower features mid-fit. Listed
-        before, it runs inside, and this callback distils the first (full-width) forward.
-        """
-        if not self.feature_pairs or pl_module.__dict__.get("training_step") is self._wrapper:
-            return
-        held = claims.claims(pl_module)
-        slimmed = [
-            layer for layer in self.feature_pairs
-            if any(kind == "slim" for name, owners in held.items() if name.startswith(f"{layer}.")
-                   for kind in owners.values())
-        ]
-        if slimmed:
-            raise ValueError(
-                f"`feature_pairs`: {slimmed} change width while a callback listed after KnowledgeDistillation runs "
-                "`training_step` at several widths: list SlimmableTraining before KnowledgeDistillation (the "
-                "full width is then distilled) or pair layers that keep their width"
-            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -340,30 +279,13 @@ class KnowledgeDistillation(_ReleasesModelOnException):
         self._student_features = self._teacher_features = None
         self._student_layers = {}
         if self._wrapper is not None:
-            if pl_module.__dict__.get("training_step") is self._wrapper:
-                if self._wrapper.previous is None:
-                    del pl_module.training_step
-                else:
-                    pl_module.training_step = self._wrapper.previous  # type: ignore[method-assign]
-            self._wrapper.active = False  # if another wrapper sits on top of ours, pass through from now on
+            self._wrapper.remove()
             self._wrapper = None
 
     # -- the distillation step -------------------------------------------------------------------------
     def _record_student(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._capturing and self._captured is None:
             self._captured = (args, kwargs, output)
-
-    def _follow_replaced_layers(self, pl_module: nn.Module) -> None:
-        """Move the feature hooks to layers that another callback replaced since setup (e.g. a layer that
-        ``LowRankFactorization`` factorizes mid-fit): the hook follows the name, not the old module."""
-        if self._student_features is None or not self.feature_pairs:
-            return
-        current = {name: pl_module.get_submodule(name) for name in self.feature_pairs}
-        if all(current[name] is self._student_layers.get(name) for name in current):
-            return
-        self._student_features.remove()
-        self._student_features = FeatureRecorder(current)
-        self._student_layers = current
 
     def _start_capture(self) -> None:
         self._captured = None
@@ -376,29 +298,27 @@ class KnowledgeDistillation(_ReleasesModelOnException):
         if self._student_features is not None:
             self._student_features.stop()
 
-    def _run_teacher(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        teacher = self.load_teacher()
-        if self._dtype_from_inputs:  # e.g. the student was converted to integers: its inputs tell the precision
-            _follow_input_dtype(teacher, (args, kwargs))
-        if self._teacher_features is not None:
-            self._teacher_features.start()
+    def _distill_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
+        """The student's ``training_step``, followed by the distillation loss (wrapped around it during fit)."""
+        module = self._wrapper.module if self._wrapper is not None else None
+        if module is None:
+            return step(*args, **kwargs)
+        self._follow_replaced_layers(module)
+        self._start_capture()
         try:
-            with torch.no_grad():
-                out = teacher(*args, **kwargs)
-        except (RuntimeError, TypeError) as err:
-            if self._teacher_ran:  # it ran before: a genuine runtime error, not a configuration one
-                raise
-            student = f"`student_module`={self.student_module!r}" if self.student_module else "the LightningModule"
-            raise ValueError(
-                f"the teacher {type(teacher).__name__} cannot run on the inputs of {student} ({err}); the teacher "
-                "receives exactly the arguments of the student's forward call: set `student_module` to the "
-                "submodule whose inputs the teacher takes"
-            ) from err
+            out = step(*args, **kwargs)
         finally:
-            if self._teacher_features is not None:
-                self._teacher_features.stop()
-        self._teacher_ran = True
-        return select_output(out, self.teacher_output, "teacher_output")
+            self._stop_capture()
+        if out is None:  # the user skipped this batch
+            self._captured = None
+            return None
+        if isinstance(out, torch.Tensor):
+            return self.distillation_loss(module, out)
+        if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
+            return {**out, "loss": self.distillation_loss(module, out["loss"])}
+        raise TypeError(
+            f"KnowledgeDistillation needs `training_step` to return a loss tensor or a dict with 'loss', got {type(out).__name__}"
+        )
 
     def distillation_loss(self, pl_module: pl.LightningModule, task_loss: torch.Tensor) -> torch.Tensor:
         """The combined loss for the step just recorded (called by the wrapped ``training_step``)."""
@@ -438,61 +358,6 @@ class KnowledgeDistillation(_ReleasesModelOnException):
             pl_module.log("distill/alpha", float(alpha))
         return loss.to(task_loss.dtype)
 
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        # DDP averages the student's gradients; the projections are not in the DDP module: average theirs here.
-        grads = [p.grad for p in self._projections.parameters() if p.grad is not None]
-        if trainer.world_size > 1 and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            flat = trainer.strategy.reduce(flat, reduce_op="mean")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-
-    # -- validation: teacher-student agreement ---------------------------------------------------------------
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._to_student(pl_module)
-        self._agree = [0, 0]
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._captured = None
-        self._capturing = True
-
-    @override
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._capturing = False
-        if self._captured is None:
-            return
-        args, kwargs, output = self._captured
-        self._captured = None
-        try:  # agreement is a diagnostic: a validation_step that does not call the student is skipped
-            student = select_output(output, self.student_output, "student_output")
-            teacher = self._run_teacher(args, kwargs)
-            matches, total = agreement_counts(student, teacher)
-        except (ValueError, TypeError) as err:
-            log.debug("no teacher-student agreement for this validation batch: %s", err)
-            return
-        self._agree[0] += matches
-        self._agree[1] += total
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        counts = torch.tensor(self._agree, dtype=torch.float64, device=pl_module.device)
-        if trainer.world_size > 1:
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        if counts[1] > 0:
-            pl_module.log("distill/agreement", float(counts[0] / counts[1]))
-
     # -- state -------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -506,13 +371,9 @@ class KnowledgeDistillation(_ReleasesModelOnException):
             "projections": self._projection_state(),
         }
 
-    def _projection_state(self) -> dict[str, torch.Tensor]:
-        if self._pending_projections is not None:  # loaded, not set up yet: hand the loaded weights on unchanged
-            return {k: v.detach().cpu().clone() for k, v in self._pending_projections.items()}
-        return {k: v.detach().cpu().clone() for k, v in self._projections.state_dict().items()}
-
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, _VERSION, "KnowledgeDistillation")
         projections = state_dict.get("projections", {})
         if state_dict.get("teacher_checkpoint", self.teacher_checkpoint) != self.teacher_checkpoint:
             log.warning(
@@ -524,58 +385,3 @@ class KnowledgeDistillation(_ReleasesModelOnException):
                 self._projections.load_state_dict(projections)
         else:
             self._pending_projections = projections
-
-
-def _follow_input_dtype(teacher: nn.Module, inputs: Any) -> None:
-    """Cast ``teacher`` to the dtype of the first floating-point tensor in ``inputs`` (nested tuples/lists/dicts)."""
-    stack = [inputs]
-    while stack:
-        x = stack.pop(0)
-        if isinstance(x, torch.Tensor):
-            if x.is_floating_point():
-                current = next((p.dtype for p in teacher.parameters() if p.is_floating_point()), x.dtype)
-                if current != x.dtype:
-                    teacher.to(dtype=x.dtype)
-                return
-        elif isinstance(x, (tuple, list)):
-            stack.extend(x)
-        elif isinstance(x, Mapping):
-            stack.extend(x.values())
-
-
-def _key(layer: str) -> str:
-    return layer.replace(".", "__")
-
-
-class _DistillStep:
-    """The student's ``training_step``, followed by the distillation loss (an instance attribute of the student)."""
-
-    def __init__(self, callback: KnowledgeDistillation, module: pl.LightningModule, step: Any, previous: Any) -> None:
-        self.callback = callback
-        self.module = module
-        self.step = step
-        self.__wrapped__ = step  # Lightning's `is_overridden` looks through it, as through `functools.wraps`
-        self.previous = previous
-        self.active = True
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        cb = self.callback
-        if not self.active:
-            return self.step(*args, **kwargs)
-        cb._follow_replaced_layers(self.module)
-        cb._start_capture()
-        try:
-            out = self.step(*args, **kwargs)
-        finally:
-            cb._stop_capture()
-        if out is None:  # the user skipped this batch
-            cb._captured = None
-            return None
-        module = self.module
-        if isinstance(out, torch.Tensor):
-            return cb.distillation_loss(module, out)
-        if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
-            return {**out, "loss": cb.distillation_loss(module, out["loss"])}
-        raise TypeError(
-            f"KnowledgeDistillation needs `training_step` to return a loss tensor or a dict with 'loss', got {type(out).__name__}"
-        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress._validation import check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.functional.low_rank import (
     dense_params,
@@ -28,16 +28,15 @@ from lightning_compress.functional.low_rank import (
     singular_values,
 )
 from lightning_compress.layers.low_rank import (
-    build_factorized,
     factorize,
     is_factorized,
     rebuild_from_state_dict,
     replace_module,
 )
-from lightning_compress.schedules import epochs_to_steps
+from lightning_compress.schedules import check_starts_in_run, epochs_to_steps
 from lightning_compress.targets import match, select_modules, tied_elsewhere, validate_patterns
 
-__all__ = ["LowRankFactorization", "load_factorized_checkpoint"]
+__all__ = ["LowRankFactorization"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class LowRankFactorization(_ReleasesModelOnException):
     load (Lightning loads the weights after ``setup``, and ``trainer.ckpt_path`` is not yet set in ``setup``).
     Resuming reproduces an uninterrupted run exactly when ``configure_optimizers`` builds its groups from
     ``self.parameters()`` in module order (the factors then sit where this callback put them). To evaluate without
-    the callback, use :func:`load_factorized_checkpoint`.
+    the callback, use :func:`lightning_compress.checkpoints.load_factorized_checkpoint`.
 
     **Composition.** The original weights are claimed (``"factorize"``): pruning, quantizing or sharing the same
     layers in the same run raises before training. To quantize the factors with ``QuantizationAwareTraining``,
@@ -132,8 +131,7 @@ class LowRankFactorization(_ReleasesModelOnException):
         super().__init__()
         rules = {"rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}
         for name, value in rules.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
-                raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
+            check_number(value, name, low=0, low_open=True, high=1, optional=True)
         given = [n for n, v in rules.items() if v is not None]
         if len(given) > 1:
             raise ValueError(f"give one of `rank_ratio`, `energy`, `param_ratio`, got {given}")
@@ -142,18 +140,13 @@ class LowRankFactorization(_ReleasesModelOnException):
                 raise TypeError(f"`ranks` must map layer patterns to ranks, got {ranks!r}")
             validate_patterns(list(ranks), "ranks")
             for pattern, r in ranks.items():
-                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                    raise ValueError(f"`ranks[{pattern!r}]` must be an integer >= 1, got {r!r}")
+                check_number(r, f"ranks[{pattern!r}]", low=1, integer=True)
         if not given and not ranks:
             raise ValueError("give a rank rule: `rank_ratio`, `energy`, `param_ratio` or `ranks`")
         if start_step is not None and start_epoch is not None:
             raise ValueError("give `start_step` or `start_epoch`, not both")
-        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
-            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
-        if start_epoch is not None and (
-            isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or start_epoch < 0
-        ):
-            raise ValueError(f"`start_epoch` must be a number >= 0, got {start_epoch!r}")
+        check_number(start_step, "start_step", low=0, integer=True, optional=True)
+        check_number(start_epoch, "start_epoch", low=0, optional=True)
         validate_patterns(targets, "targets")
         validate_patterns(exclude, "exclude")
         self.rank_ratio, self.energy, self.param_ratio, self.ranks = rank_ratio, energy, param_ratio, ranks
@@ -262,13 +255,9 @@ class LowRankFactorization(_ReleasesModelOnException):
             self._start = self.start_step
         else:
             self._start = epochs_to_steps(self.start_epoch, trainer) if self.start_epoch is not None else 0
-        total = trainer.estimated_stepping_batches
-        if not self._done and total != float("inf") and self._start >= int(total):
+        if not self._done:
             given = "start_step" if self.start_step is not None else "start_epoch"
-            raise ValueError(
-                f"`{given}` factorizes at optimizer step {self._start}, but this run has only {int(total)} "
-                "optimizer steps: the layers would never be factorized"
-            )
+            check_starts_in_run(trainer, self._start, given, "factorizes", "the layers would never be factorized")
         model = trainer.strategy.model
         if not self._done and model is not pl_module and not isinstance(model, DistributedDataParallel):
             raise ValueError(
@@ -395,6 +384,7 @@ class LowRankFactorization(_ReleasesModelOnException):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, _VERSION, "LowRankFactorization")
         self._done = bool(state_dict.get("factorized", False))
         self._step = state_dict.get("factorized_step")
         self._layers = {k: dict(v) for k, v in state_dict.get("factorized_layers", {}).items()}
@@ -404,45 +394,3 @@ class LowRankFactorization(_ReleasesModelOnException):
 def _rebuild_before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook: give each layer whose factors are in ``state_dict`` the factorized shape."""
     rebuild_from_state_dict(module, state_dict, prefix)
-
-
-def load_factorized_checkpoint(model: nn.Module, checkpoint_path: str | Path, strict: bool = True) -> nn.Module:
-    """Load a checkpoint written after :class:`LowRankFactorization` factorized the model into a fresh ``model``.
-
-    The factorized layers are rebuilt from the callback state(s) in the checkpoint (layer names and ranks), then
-    the checkpoint's ``state_dict`` is loaded. A checkpoint written before the factorization loads as it is.
-    The file is read with ``torch.load(weights_only=False)``: load only checkpoints you trust.
-
-    Args:
-        model: a freshly built model of the same architecture (a LightningModule or an ``nn.Module`` whose
-            ``state_dict`` keys match the checkpoint's).
-        checkpoint_path: a Lightning checkpoint (``.ckpt``).
-        strict: passed to ``load_state_dict``.
-
-    Returns:
-        ``model``, with its factorized layers rebuilt and all weights loaded.
-
-    Raises:
-        ValueError: the checkpoint holds no ``LowRankFactorization`` state.
-
-    Example:
-        >>> import os, tempfile
-        >>> from lightning_compress.layers.low_rank import factorize
-        >>> trained = nn.Sequential(factorize(nn.Linear(8, 6), 2))  # as saved by a run with the callback
-        >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
-        >>> state = {"factorized_layers": {"0": {"rank": 2}}}
-        >>> torch.save({"state_dict": trained.state_dict(), "callbacks": {"LowRankFactorization": state}}, path)
-        >>> load_factorized_checkpoint(nn.Sequential(nn.Linear(8, 6)), path)[0].rank
-        2
-    """
-    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
-    states = [s for s in ckpt.get("callbacks", {}).values() if isinstance(s, dict) and "factorized_layers" in s]
-    if not states:
-        raise ValueError(f"{checkpoint_path} holds no LowRankFactorization state; load it with `load_state_dict`")
-    for state in states:
-        for name, info in state["factorized_layers"].items():
-            layer = model.get_submodule(name)
-            if not is_factorized(layer):
-                replace_module(model, name, build_factorized(layer, int(info["rank"])))
-    model.load_state_dict(ckpt["state_dict"], strict=strict)
-    return model

@@ -10,9 +10,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_compress._validation import check_number, check_state_version
 from lightning_compress.stats import ModelStats, model_stats
 
 __all__ = ["CompressionMonitor", "format_table"]
+
+_VERSION = 1
 
 
 class CompressionMonitor(Callback):
@@ -54,8 +57,7 @@ class CompressionMonitor(Callback):
 
     def __init__(self, log_every_n_steps: int = 50, histograms: bool = True, print_table: bool = True) -> None:
         super().__init__()
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
-            raise ValueError(f"`log_every_n_steps` must be an integer >= 0, got {log_every_n_steps!r}")
+        check_number(log_every_n_steps, "log_every_n_steps", low=0, integer=True)
         self.log_every_n_steps = log_every_n_steps
         self.histograms = histograms
         self.print_table = print_table
@@ -158,10 +160,11 @@ class CompressionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "last_logged_step": self._last_logged_step}
+        return {"version": _VERSION, "last_logged_step": self._last_logged_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, _VERSION, "CompressionMonitor")
         self._last_logged_step = int(state_dict.get("last_logged_step", -1))
 
 

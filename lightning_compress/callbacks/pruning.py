@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,9 +14,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
-from lightning_compress.functional import pruning as masks
+from lightning_compress._validation import check_choice, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
+from lightning_compress.functional import pruning as masks
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _UNSTRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Embedding")
 _STRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 _COUNTER = itertools.count(1)
+_VERSION = 1
 
 
 class GradualPruning(_ReleasesModelOnException):
@@ -100,19 +101,18 @@ class GradualPruning(_ReleasesModelOnException):
         prune_bias: bool = True,
     ) -> None:
         super().__init__()
-        _check_sparsity("final_sparsity", final_sparsity, upper=1.0)
-        _check_sparsity("initial_sparsity", initial_sparsity, upper=1.0)
+        check_number(final_sparsity, "final_sparsity", low=0, high=1, high_open=True)
+        check_number(initial_sparsity, "initial_sparsity", low=0, high=1, high_open=True)
         if initial_sparsity > final_sparsity:
             raise ValueError(
                 f"`initial_sparsity` must be <= `final_sparsity`, got {initial_sparsity} > {final_sparsity}"
             )
         validate_window(start_step, end_step, start_epoch, end_epoch)
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"`update_every` must be an integer >= 1, got {update_every!r}")
+        check_number(update_every, "update_every", low=1, integer=True)
         validate_kind(schedule)
-        _check_choice("mode", mode, ("unstructured", "structured"))
-        _check_choice("norm", norm, (1, 2))
-        _check_choice("scope", scope, ("global", "layer"))
+        check_choice(mode, "mode", ("unstructured", "structured"))
+        check_choice(norm, "norm", (1, 2))
+        check_choice(scope, "scope", ("global", "layer"))
         validate_patterns(targets, "targets")
         validate_patterns(exclude, "exclude")
         if layer_sparsity is not None:
@@ -120,7 +120,7 @@ class GradualPruning(_ReleasesModelOnException):
                 raise TypeError(f"`layer_sparsity` must map layer patterns to sparsities, got {layer_sparsity!r}")
             validate_patterns(list(layer_sparsity), "layer_sparsity")
             for pattern, value in layer_sparsity.items():
-                _check_sparsity(f"layer_sparsity[{pattern!r}]", value, upper=1.0)
+                check_number(value, f"layer_sparsity[{pattern!r}]", low=0, high=1, high_open=True)
         self.final_sparsity = final_sparsity
         self.initial_sparsity = initial_sparsity
         self.start_epoch = start_epoch
@@ -366,13 +366,14 @@ class GradualPruning(_ReleasesModelOnException):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": _VERSION,
             "masks": {fqn: mask.detach().cpu().clone() for fqn, mask in self._masks.items()},
             "last_update_step": self._last_update_step,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, _VERSION, "GradualPruning")
         self._masks = {fqn: mask.bool() for fqn, mask in state_dict.get("masks", {}).items()}
         self._last_update_step = int(state_dict.get("last_update_step", -1))
 
@@ -390,12 +391,3 @@ def _check_keeps_a_unit(argument: str, sparsity: float, layer: str, units: int) 
             "keeps one: lower it, leave the layer out with `exclude`, or give it its own `layer_sparsity`"
         )
 
-
-def _check_sparsity(name: str, value: Any, upper: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < upper:
-        raise ValueError(f"`{name}` must be a number in [0, {upper:g}), got {value!r}")
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed or isinstance(value, bool):
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress._validation import check_bool, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.export.quantization import (
     Int8Conv2d,
@@ -31,14 +31,16 @@ from lightning_compress.layers.quantization import (
     prepare_qat,
     set_qat_flags,
 )
-from lightning_compress.schedules import epochs_to_steps
+from lightning_compress.schedules import check_starts_in_run, epochs_to_steps
 from lightning_compress.targets import select_modules, tied_elsewhere, validate_patterns
 
-__all__ = ["QuantizationAwareTraining", "load_quantized_checkpoint"]
+__all__ = ["QuantizationAwareTraining"]
 
 log = logging.getLogger(__name__)
 
 _TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+_VERSION = 1
+_CONFIG_VERSION = 1  # of the saved `quantization_config` (the settings `load_quantized_checkpoint` prepares with)
 
 
 class QuantizationAwareTraining(_ReleasesModelOnException):
@@ -47,7 +49,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     In ``setup`` each targeted ``Linear``/``Conv{1,2,3}d`` is replaced by a fake-quantizing twin that shares its
     ``weight``/``bias`` parameters (state-dict keys unchanged, quantizer state added as buffers), so every
     checkpoint written mid-QAT resumes with ``ckpt_path=`` and loads for evaluation with
-    :func:`load_quantized_checkpoint`. From ``start_*`` on, the forward uses quantized values with the
+    :func:`lightning_compress.checkpoints.load_quantized_checkpoint`. From ``start_*`` on, the forward uses quantized values with the
     straight-through estimator. At the end of fit (``convert_on_fit_end``) or by calling
     :func:`lightning_compress.export.quantization.convert`, the layers become integer layers: int8 kernel-backed
     for 8-bit uniform weights, packed 2/4/8-bit codes + scales otherwise.
@@ -121,8 +123,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
             _check_point(locals()[f"{what}_step"], locals()[f"{what}_epoch"], what)
         validate_patterns(targets, "targets")
         validate_patterns(exclude, "exclude")
-        if not isinstance(convert_on_fit_end, bool):
-            raise TypeError(f"`convert_on_fit_end` must be a bool, got {convert_on_fit_end!r}")
+        check_bool(convert_on_fit_end, "convert_on_fit_end")
         self.weight_bits, self.activation_bits, self.scheme = weight_bits, activation_bits, scheme
         self.granularity, self.symmetric, self.learn_scale = granularity, symmetric, learn_scale
         self.start_epoch, self.start_step = start_epoch, start_step
@@ -193,13 +194,8 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
             step, epoch = getattr(self, f"{what}_step"), getattr(self, f"{what}_epoch")
             steps[what] = step if step is not None else (epochs_to_steps(epoch, trainer) if epoch is not None else None)
         steps["start"] = steps["start"] or 0
-        total = trainer.estimated_stepping_batches
-        if total != float("inf") and steps["start"] >= int(total):
-            given = "start_step" if self.start_step is not None else "start_epoch"
-            raise ValueError(
-                f"`{given}` starts quantization at optimizer step {steps['start']}, but this run has only "
-                f"{int(total)} optimizer steps: the model would never be quantized"
-            )
+        given = "start_step" if self.start_step is not None else "start_epoch"
+        check_starts_in_run(trainer, steps["start"], given, "starts quantization", "the model would never be quantized")
         fo = steps["freeze_observers"]
         if fo is not None and fo <= steps["start"]:
             raise ValueError(
@@ -276,8 +272,8 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
-            "quantization_config": self._config.as_dict(),
+            "version": _VERSION,
+            "quantization_config": {**self._config.as_dict(), "version": _CONFIG_VERSION},
             "layers": list(self._layers),
             "bn_pairs": dict(self._bn_pairs),
             "converted": self._converted,
@@ -285,7 +281,10 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("quantization_config", {})
+        check_state_version(state_dict, _VERSION, "QuantizationAwareTraining")
+        saved = dict(state_dict.get("quantization_config", {}))
+        check_state_version(saved, _CONFIG_VERSION, "QuantizationAwareTraining (`quantization_config`)")
+        saved.pop("version", None)
         mine = self._config.as_dict()
         diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
         if diff:
@@ -312,10 +311,8 @@ def _is_converted(model: nn.Module) -> bool:
 def _check_point(step: int | None, epoch: float | None, what: str) -> None:
     if step is not None and epoch is not None:
         raise ValueError(f"give `{what}_step` or `{what}_epoch`, not both")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ValueError(f"`{what}_step` must be an integer >= 0, got {step!r}")
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or epoch < 0):
-        raise ValueError(f"`{what}_epoch` must be a number >= 0, got {epoch!r}")
+    check_number(step, f"{what}_step", low=0, integer=True, optional=True)
+    check_number(epoch, f"{what}_epoch", low=0, optional=True)
 
 
 def _reload_fake_quant_states(
@@ -364,39 +361,3 @@ class _FakeQuantReload:
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def load_quantized_checkpoint(
-    model: nn.Module, checkpoint_path: str | Path, state_key: str | None = None, strict: bool = True
-) -> nn.Module:
-    """Load a checkpoint written during quantization-aware training into a fresh (float) ``model``.
-
-    The model is first prepared as the callback had prepared it (settings and layers are read from the
-    callback's state in the checkpoint), then its ``state_dict`` is loaded; quantizer on/off flags and ranges
-    come from the checkpoint. Evaluate it as it is (fake-quantized) or pass it to ``convert``.
-
-    Args:
-        model: a freshly built model of the same architecture (a LightningModule or any ``nn.Module``).
-        checkpoint_path: a Lightning checkpoint (``.ckpt``).
-        state_key: which QuantizationAwareTraining's state to use when several wrote one (default: the only one).
-        strict: passed to ``load_state_dict``.
-
-    Returns:
-        ``model``, prepared and loaded.
-
-    Raises:
-        ValueError: the checkpoint has no (or several, without ``state_key``) QuantizationAwareTraining states.
-    """
-    ckpt = torch.load(str(checkpoint_path), map_location="cpu", weights_only=False)
-    states = {k: v for k, v in ckpt.get("callbacks", {}).items() if isinstance(v, dict) and "quantization_config" in v}
-    if state_key is not None:
-        if state_key not in states:
-            raise ValueError(f"`state_key`={state_key!r} not in the checkpoint; it has {list(states)}")
-        state = states[state_key]
-    elif len(states) == 1:
-        state = next(iter(states.values()))
-    else:
-        raise ValueError(f"{checkpoint_path} holds {len(states)} QuantizationAwareTraining states {list(states)}; give `state_key`")
-    prepare_qat(model, state["layers"], QuantConfig(**state["quantization_config"]), state.get("bn_pairs", {}))
-    model.load_state_dict(ckpt["state_dict"], strict=strict)
-    return model

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
-import pickle
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,12 +14,21 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress._validation import check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
+from lightning_compress.callbacks._wrap_step import TrainingStepWrapper, logging_off
 from lightning_compress.functional.distillation import kd_loss
+from lightning_compress.functional.slimmable import (
+    WidthIndex,
+    channel_count,
+    forward_at,
+    fresh_stats,
+    width_key,
+    width_plan,
+)
 from lightning_compress.graph import analyze
-from lightning_compress.functional.slimmable import WidthIndex, channel_count, forward_at, fresh_stats, width_plan
 
-__all__ = ["SlimmableTraining", "load_bn_stats"]
+__all__ = ["SlimmableTraining"]
 
 log = logging.getLogger(__name__)
 _VERSION = 1
@@ -100,10 +105,8 @@ class SlimmableTraining(_ReleasesModelOnException):
                 raise ValueError(f"`widths` must hold fractions in (0, 1], got {w!r} in {list(widths)}")
         if 1.0 not in [float(w) for w in widths] or len(set(widths)) < 2:
             raise ValueError(f"`widths` must include 1.0 and at least one smaller width, got {list(widths)}")
-        if isinstance(num_random, bool) or not isinstance(num_random, int) or num_random < 0:
-            raise ValueError(f"`num_random` must be an integer >= 0, got {num_random!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
+        check_number(num_random, "num_random", low=0, integer=True)
+        check_number(temperature, "temperature", low=0, low_open=True)
         self.widths = list(widths)
         self.num_random = num_random
         self.distill = distill
@@ -121,8 +124,7 @@ class SlimmableTraining(_ReleasesModelOnException):
         self._modules: dict[str, nn.Module] = {}
         self._private_norms: set[str] = set()  # BatchNorms with private statistics at every width < 1
         self._module: pl.LightningModule | None = None
-        self._wrapper: Any = None
-        self._previous: Any = None
+        self._wrapper: TrainingStepWrapper | None = None
         self._width = 1.0
         self._captured: torch.Tensor | None = None
         self._capturing = False
@@ -156,7 +158,7 @@ class SlimmableTraining(_ReleasesModelOnException):
 
         Pass them to :func:`~lightning_compress.export.slimmable.slice_width` to export that width.
         """
-        key = _key(width)
+        key = width_key(width)
         if float(width) not in self._sorted:
             raise ValueError(f"`width` must be one of the trained widths {self._sorted}, got {width!r}")
         return {n: {k: v.detach().clone() for k, v in s.items()} for n, s in self._stats.get(key, {}).items()}
@@ -193,10 +195,7 @@ class SlimmableTraining(_ReleasesModelOnException):
         self._module = pl_module
         for name, module in self._modules.items():  # an instance attribute: teardown removes it
             module.forward = self._forward_for(name, module, module.forward)
-        previous = pl_module.__dict__.get("training_step")  # another callback's wrapper, if any
-        step = previous or type(pl_module).training_step.__get__(pl_module)
-        self._wrapper, self._previous = self._training_step_for(step), previous
-        pl_module.training_step = self._wrapper
+        self._wrapper = TrainingStepWrapper(pl_module, self._sandwich_step)
         self._handles.append(pl_module.register_forward_hook(self._capture))
 
     @override
@@ -233,13 +232,8 @@ class SlimmableTraining(_ReleasesModelOnException):
             return
         for module in self._modules.values():
             module.__dict__.pop("forward", None)
-        if self._wrapper is not None and pl_module.__dict__.get("training_step") is self._wrapper:
-            if self._previous is None:
-                del pl_module.training_step
-            else:
-                pl_module.training_step = self._previous
-        elif self._wrapper is not None:
-            self._wrapper.active = False  # another wrapper sits on top of ours: pass through from now on
+        if self._wrapper is not None:
+            self._wrapper.remove()
         for handle in self._handles:
             handle.remove()
         claims.release(pl_module, self._owner)
@@ -258,7 +252,7 @@ class SlimmableTraining(_ReleasesModelOnException):
                 index = WidthIndex()  # all channels, this width's own statistics
             stats = None
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                per_width = self._stats.setdefault(_key(width), {})
+                per_width = self._stats.setdefault(width_key(width), {})
                 if name not in per_width:
                     per_width[name] = fresh_stats(module, channel_count(index.outputs, module.num_features))
                 stats = per_width[name]
@@ -271,44 +265,34 @@ class SlimmableTraining(_ReleasesModelOnException):
         if self._capturing and self._captured is None and isinstance(output, torch.Tensor):
             self._captured = output
 
-    def _training_step_for(self, original: Any) -> Any:
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            module = self._module
-            if not training_step.active or module is None:
-                return original(*args, **kwargs)
-            trainer = module.trainer
-            widths = self.sandwich(trainer.global_step)
-            out, full = self._run_at(1.0, original, args, kwargs)
-            loss = _loss(out)
-            if loss is None:
-                return out
-            if self.distill and full is None:
-                raise RuntimeError(
-                    "SlimmableTraining(distill=True): training_step did not call the module's "
-                    "forward (self(x)) with a tensor output; call it, or set distill=False"
-                )
-            total = loss
-            module.__dict__["log"] = _no_log  # the smaller widths' training_step calls do not log
-            module.__dict__["log_dict"] = _no_log
-            try:
-                for width in widths[1:]:
-                    out_w, logits = self._run_at(width, original, args, kwargs)
-                    if self.distill:
-                        total = total + kd_loss(logits, full.detach(), float(self.temperature))
-                    else:
-                        total = total + _loss(out_w)
-            finally:
-                module.__dict__.pop("log", None)
-                module.__dict__.pop("log_dict", None)
-            module.log("train/slim_loss", total.detach())
-            if isinstance(out, dict):
-                return {**out, "loss": total}
-            return total
-
-        training_step.active = True  # type: ignore[attr-defined]
-        training_step.lightning_compress_patch = True  # type: ignore[attr-defined]  # copy_model drops it
-        training_step.__wrapped__ = inspect.unwrap(original)  # type: ignore[attr-defined]  # for `is_overridden`
-        return training_step
+    def _sandwich_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """``training_step`` at the sandwich's widths, losses summed (wrapped around the user's during fit)."""
+        module = self._module
+        if module is None:
+            return original(*args, **kwargs)
+        trainer = module.trainer
+        widths = self.sandwich(trainer.global_step)
+        out, full = self._run_at(1.0, original, args, kwargs)
+        loss = _loss(out)
+        if loss is None:
+            return out
+        if self.distill and full is None:
+            raise RuntimeError(
+                "SlimmableTraining(distill=True): training_step did not call the module's "
+                "forward (self(x)) with a tensor output; call it, or set distill=False"
+            )
+        total = loss
+        with logging_off(module):  # the smaller widths' training_step calls do not log
+            for width in widths[1:]:
+                out_w, logits = self._run_at(width, original, args, kwargs)
+                if self.distill:
+                    total = total + kd_loss(logits, full.detach(), float(self.temperature))
+                else:
+                    total = total + _loss(out_w)
+        module.log("train/slim_loss", total.detach())
+        if isinstance(out, dict):
+            return {**out, "loss": total}
+        return total
 
     def _run_at(self, width: float, step: Any, args: Any, kwargs: Any) -> tuple[Any, torch.Tensor | None]:
         self._width, self._captured, self._capturing = width, None, True
@@ -401,56 +385,10 @@ class SlimmableTraining(_ReleasesModelOnException):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, _VERSION, "SlimmableTraining")
         self._stats = {
             k: {n: dict(v) for n, v in m.items()} for k, m in state_dict.get("bn_stats", {}).items()
         }
-
-
-def load_bn_stats(
-    checkpoint_path: str | Path, width: float, *, weights_only: bool = True
-) -> dict[str, dict[str, torch.Tensor]]:
-    """A width's private BatchNorm statistics from a checkpoint written with :class:`SlimmableTraining`.
-
-    Args:
-        checkpoint_path: the Lightning checkpoint.
-        width: one of the trained widths.
-        weights_only: passed to ``torch.load``; a checkpoint whose hyperparameters hold other objects (a
-            ``Path``, a module) needs ``False`` (as ``LightningModule.load_from_checkpoint`` does): only for
-            checkpoints you trust.
-
-    Raises:
-        ValueError: the checkpoint holds no SlimmableTraining state, or none for ``width``, or objects that
-            ``weights_only=True`` refuses to load.
-
-    Example:
-        >>> import tempfile, torch
-        >>> path = tempfile.mkdtemp() + "/x.ckpt"
-        >>> torch.save({"callbacks": {"SlimmableTraining{'widths': [1.0, 0.5]}": {"bn_stats": {"0.5": {}}}}}, path)
-        >>> load_bn_stats(path, 0.5)
-        {}
-    """
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f" (e.g. {found.group(1)})" if found else ""
-        raise ValueError(
-            f"`checkpoint_path`: {checkpoint_path} holds objects that torch.load(weights_only=True) refuses"
-            f"{what}; if you trust this checkpoint, pass weights_only=False"
-        ) from None
-    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("SlimmableTraining")]
-    if not states:
-        raise ValueError(f"`checkpoint_path`: {checkpoint_path} holds no SlimmableTraining state")
-    stats = states[0].get("bn_stats", {})
-    if _key(width) not in stats:
-        raise ValueError(
-            f"`width`: {checkpoint_path} has BatchNorm statistics for widths {sorted(stats)}, not {width!r}"
-        )
-    return stats[_key(width)]
-
-
-def _key(width: float) -> str:
-    return str(float(width))
 
 
 def _loss(out: Any) -> torch.Tensor | None:
@@ -458,8 +396,4 @@ def _loss(out: Any) -> torch.Tensor | None:
         return out
     if isinstance(out, dict):
         return out.get("loss")
-    return None
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
     return None

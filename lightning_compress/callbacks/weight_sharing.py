@@ -15,11 +15,12 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
-from lightning_compress.functional import weight_sharing as kmeans
+from lightning_compress._validation import check_choice, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.export.lcdc import CompressionReport, save_compressed
-from lightning_compress.schedules import resolve_window, validate_window
+from lightning_compress.functional import weight_sharing as kmeans
+from lightning_compress.schedules import check_starts_in_run, resolve_window, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
 
 __all__ = ["WeightSharing"]
@@ -105,22 +106,18 @@ class WeightSharing(_ReleasesModelOnException):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        _check_bits("bits", bits)
+        check_number(bits, "bits", low=1, high=_MAX_BITS, integer=True)
         if layer_bits is not None:
             if not isinstance(layer_bits, dict):
                 raise TypeError(f"`layer_bits` must map layer patterns to bits, got {layer_bits!r}")
             validate_patterns(list(layer_bits), "layer_bits")
             for pattern, value in layer_bits.items():
-                _check_bits(f"layer_bits[{pattern!r}]", value)
-        if init not in kmeans.INITS:
-            raise ValueError(f"`init` must be one of {list(kmeans.INITS)}, got {init!r}")
-        if reduce not in ("sum", "mean"):
-            raise ValueError(f"`reduce` must be one of ['sum', 'mean'], got {reduce!r}")
+                check_number(value, f"layer_bits[{pattern!r}]", low=1, high=_MAX_BITS, integer=True)
+        check_choice(init, "init", kmeans.INITS)
+        check_choice(reduce, "reduce", ("sum", "mean"))
         validate_window(start_step, None, start_epoch, None)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"`max_iter` must be an integer >= 1, got {max_iter!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an integer, got {seed!r}")
+        check_number(max_iter, "max_iter", low=1, integer=True)
+        check_number(seed, "seed", integer=True, error=TypeError)
         if export_path is not None and (not isinstance(export_path, str) or not export_path):
             raise TypeError(f"`export_path` must be a non-empty string or None, got {export_path!r}")
         validate_patterns(targets, "targets")
@@ -215,13 +212,9 @@ class WeightSharing(_ReleasesModelOnException):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None)
-        total = trainer.estimated_stepping_batches
-        if total != float("inf") and self._start >= int(total) and not self.shared:
+        if not self.shared:
             given = "start_step" if self.start_step is not None else "start_epoch"
-            raise ValueError(
-                f"`{given}` puts weight sharing at optimizer step {self._start}, but this run has only {int(total)} "
-                "optimizer steps: start earlier or train longer"
-            )
+            check_starts_in_run(trainer, self._start, given, "puts weight sharing", "start earlier or train longer")
         self._check_pruning_order(trainer, pl_module)
         if self._assignments:  # restored from a checkpoint
             if set(self._assignments) != set(self._weights):
@@ -395,6 +388,7 @@ class WeightSharing(_ReleasesModelOnException):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_version(state_dict, _VERSION, "WeightSharing")
         self._codebooks = {fqn: cb.clone() for fqn, cb in state_dict.get("codebooks", {}).items()}
         self._assignments = {fqn: a.long() for fqn, a in state_dict.get("assignments", {}).items()}
         self._shared_step = int(state_dict.get("shared_step", -1))
@@ -411,7 +405,3 @@ def _representatives(assignments: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError("WeightSharing: a codebook value has no member (corrupted assignments)")
     return rep
 
-
-def _check_bits(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_BITS:
-        raise ValueError(f"`{name}` must be an integer in [1, {_MAX_BITS}], got {value!r}")

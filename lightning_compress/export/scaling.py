@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress._validation import check_number
 from lightning_compress.export._common import copy_model, run_eval, tensors
 from lightning_compress.graph import ChannelGraph, analyze, channels_at
 from lightning_compress.slicing import index_plan, slice_modules
@@ -48,8 +49,7 @@ __all__ = ["channel_importance", "repeated_blocks", "scale"]
 
 
 def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"`{name}` must be a fraction in (0, 1], got {value!r}")
+    check_number(value, name, low=0, low_open=True, high=1, noun="a fraction")
 
 
 @torch.no_grad()

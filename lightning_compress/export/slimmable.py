@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress._validation import check_number
 from lightning_compress.export._common import copy_model
+from lightning_compress.functional.slimmable import keep_first
 from lightning_compress.graph import analyze
 from lightning_compress.slicing import index_plan, slice_modules
-from lightning_compress.functional.slimmable import keep_first
 
 __all__ = ["slice_width"]
 
@@ -55,8 +56,7 @@ def slice_width(
     Raises:
         ValueError: ``width`` outside (0, 1], missing or mis-shaped ``bn_stats``, or a model that cannot be traced.
     """
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.0 < width <= 1.0:
-        raise ValueError(f"`width` must be a fraction in (0, 1], got {width!r}")
+    check_number(width, "width", low=0, low_open=True, high=1, noun="a fraction")
     cg = analyze(model)
     plan = index_plan(cg, keep_first(cg, float(width))) if width < 1.0 else {}
     out = copy_model(model)

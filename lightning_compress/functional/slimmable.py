@@ -30,7 +30,7 @@ from torch import nn
 from lightning_compress.graph import ChannelGraph, channels_at
 from lightning_compress.slicing import index_plan
 
-__all__ = ["WidthIndex", "forward_at", "width_plan"]
+__all__ = ["WidthIndex", "forward_at", "width_key", "width_plan"]
 
 Index = slice | torch.Tensor | None
 
@@ -131,3 +131,8 @@ def channel_count(index: Index, full: int) -> int:
     if isinstance(index, slice):
         return len(range(*index.indices(full)))
     return len(index)
+
+
+def width_key(width: float) -> str:
+    """The key of a width's statistics in ``SlimmableTraining``'s state (``"0.5"``)."""
+    return str(float(width))

@@ -35,6 +35,8 @@ from typing import Literal
 
 import torch
 
+from lightning_compress._validation import check_number
+
 __all__ = [
     "INITS",
     "assign",
@@ -159,8 +161,7 @@ def share(
     Returns ``(codebook, assignments)``: ``assignments`` has ``weight``'s shape, dtype ``int64``, ``-1`` where
     ``weight`` is zero. A tensor without non-zeros gets an empty codebook.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-        raise ValueError(f"`bits` must be an integer >= 1, got {bits!r}")
+    check_number(bits, "bits", low=1, integer=True)
     w = weight.detach()
     flat = w.reshape(-1)
     nz = torch.nonzero(flat, as_tuple=True)[0]

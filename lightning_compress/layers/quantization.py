@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress._validation import check_bool, check_choice, check_number
 from lightning_compress.functional import quantization as qf
 
 __all__ = [
@@ -81,22 +82,17 @@ class QuantConfig:
     learn_scale: bool = False
 
     def __post_init__(self) -> None:
-        wb = self.weight_bits
-        if isinstance(wb, bool) or not isinstance(wb, int) or not 2 <= wb <= 8:
-            raise ValueError(f"`weight_bits` must be an integer in [2, 8], got {wb!r}")
+        check_number(self.weight_bits, "weight_bits", low=2, high=8, integer=True)
         ab = self.activation_bits
         if ab is not None and (isinstance(ab, bool) or ab != 8):
             raise ValueError(
                 f"`activation_bits` must be 8 (uniform 8-bit layer inputs) or None (weight-only), got {ab!r}"
                 + ("; power-of-two levels are for weights only" if self.scheme == "power_of_two" else "")
             )
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"`scheme` must be one of {list(SCHEMES)}, got {self.scheme!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
+        check_choice(self.scheme, "scheme", SCHEMES)
+        check_choice(self.granularity, "granularity", GRANULARITIES)
         for name in ("symmetric", "learn_scale"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), name)
         if self.scheme == "power_of_two" and not self.symmetric:
             raise ValueError("`scheme`='power_of_two' has levels +/- s*2^-k, symmetric around 0: set `symmetric`=True")
         if self.scheme == "power_of_two" and self.learn_scale:

@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_compress.callbacks.low_rank import LowRankFactorization, load_factorized_checkpoint
+from lightning_compress.callbacks.low_rank import LowRankFactorization
 from lightning_compress.callbacks.monitor import CompressionMonitor
+from lightning_compress.checkpoints import load_factorized_checkpoint
 from lightning_compress.layers.low_rank import LowRankConv2d, LowRankLinear
 from tests.conftest import TinyModule
 from tests.helpers import run_python

@@ -14,7 +14,8 @@ from torch import nn
 
 from lightning_compress.callbacks.monitor import CompressionMonitor
 from lightning_compress.callbacks.pruning import GradualPruning
-from lightning_compress.callbacks.quantization import QuantizationAwareTraining, load_quantized_checkpoint
+from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+from lightning_compress.checkpoints import load_quantized_checkpoint
 from lightning_compress.export.quantization import Int8Linear, PackedLinear, convert, serialized_size
 from lightning_compress.functional.quantization import uniform_qparams
 from tests.conftest import TinyModule

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.pruning import GradualPruning
-from lightning_compress.callbacks.slimmable import SlimmableTraining, load_bn_stats
+from lightning_compress.callbacks.slimmable import SlimmableTraining
+from lightning_compress.checkpoints import load_bn_stats
 from lightning_compress.examples import DigitsCNN, DigitsDataModule
 from lightning_compress.export.slimmable import slice_width
 from tests.helpers import run_python
