@@ -340,6 +340,8 @@ class LowRankFactorization(_ReleasesModelOnException):
 
     @staticmethod
     def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning has no public "the parameters changed" call for DDP; the strategy's own `model` setter and
+        # `configure_ddp` (what it runs at fit start) are the smallest public pieces that rebuild DDP's reducer
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel) and callable(getattr(strategy, "configure_ddp", None)):
             strategy.model = pl_module  # unwrap; DDP's reducer only knows the old parameters

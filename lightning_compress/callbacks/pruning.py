@@ -213,20 +213,27 @@ class GradualPruning(_ReleasesModelOnException):
             raise ValueError(f"GradualPruning: every targeted layer has frozen weights: {list(modules)}")
         claimed = list(self._weights) + [names[id(b)] for b in self._biases.values()]
         claims.claim(pl_module, claimed, "prune", self._owner)
-        self._model_layer_numel = sum(
-            m.weight.numel() for m in {id(m.weight): m for m in pl_module.modules() if _is_layer(m)}.values()
-        )
+        layer_weights = {id(w): w for m in pl_module.modules() if _is_layer(w := getattr(m, "weight", None))}
+        self._model_layer_numel = sum(w.numel() for w in layer_weights.values())
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def window(self, trainer: pl.Trainer, check_fits: bool = True) -> tuple[int, int]:
+        """Optimizer steps ``(start, end)`` of the ramp in this run (default end: its middle; last update at ``end``)."""
         if self.end_step is None and self.end_epoch is None:  # default: ramp over the first half of the run
             total = trainer.estimated_stepping_batches
             if total == float("inf"):
                 raise ValueError("GradualPruning: the run has no fixed length; give `end_step` or `end_epoch`")
-            start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None)
-            self._window = (start, max(start, int(total) // 2))
-        else:
-            self._window = resolve_window(trainer, self.start_step, self.end_step, self.start_epoch, self.end_epoch)
+            start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None, check_fits=check_fits)
+            return start, max(start, int(total) // 2)
+        return resolve_window(trainer, self.start_step, self.end_step, self.start_epoch, self.end_epoch, check_fits=check_fits)
+
+    @property
+    def pruned_weights(self) -> list[str]:
+        """Fully-qualified names of the weights this callback prunes (chosen in ``setup``; empty before)."""
+        return list(self._weights)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window = self.window(trainer)
         if self._masks:  # restored from a checkpoint: they must fit this model
             expected = set(self._weights)
             if set(self._masks) != expected:
@@ -378,8 +385,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._last_update_step = int(state_dict.get("last_update_step", -1))
 
 
-def _is_layer(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
+def _is_layer(weight: Any) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dim() >= 2
 
 

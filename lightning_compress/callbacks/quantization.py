@@ -227,12 +227,15 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         # in use; after the last step every rank has updated its own: take rank 0's before converting.
         if trainer.world_size > 1:
             observers = {n: m for n, m in pl_module.named_modules() if isinstance(m, ActivationFakeQuantize)}
-            states = {n: {k: b.detach().cpu() for k, b in m._buffers.items()} for n, m in observers.items()}
+            states = {
+                n: {k: b.detach().cpu() for k, b in m.named_buffers(recurse=False)} for n, m in observers.items()
+            }
             states = trainer.strategy.broadcast(states, src=0)
             with torch.no_grad():
                 for n, m in observers.items():
+                    own = dict(m.named_buffers(recurse=False))
                     for k, b in states[n].items():
-                        m._buffers[k].copy_(b)
+                        own[k].copy_(b)
 
     # -- convert -----------------------------------------------------------------------------------
     @override

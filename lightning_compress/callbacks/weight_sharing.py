@@ -237,23 +237,13 @@ class WeightSharing(_ReleasesModelOnException):
     def _check_pruning_order(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_compress.callbacks.pruning import GradualPruning
 
-        held = claims.claims(pl_module)
         for cb in trainer.callbacks:
             if not isinstance(cb, GradualPruning):
                 continue
-            owner = getattr(cb, "_owner", None)
-            overlap = [f for f in self._weights if owner is None or held.get(f, {}).get(owner) == "prune"]
+            overlap = [f for f in self._weights if f in cb.pruned_weights]
             if not overlap:
                 continue
-            if cb.end_step is None and cb.end_epoch is None:
-                start, _ = resolve_window(
-                    trainer, cb.start_step, None, cb.start_epoch, None, check_fits=False
-                )
-                end = max(start, int(trainer.estimated_stepping_batches) // 2)
-            else:
-                _, end = resolve_window(
-                    trainer, cb.start_step, cb.end_step, cb.start_epoch, cb.end_epoch, check_fits=False
-                )
+            _, end = cb.window(trainer, check_fits=False)
             if end >= self._start:
                 raise ValueError(
                     f"WeightSharing starts at optimizer step {self._start}, but GradualPruning prunes {overlap[:3]} "

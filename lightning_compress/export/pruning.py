@@ -51,6 +51,7 @@ from lightning_compress.export._common import (
     run_eval,
     tensors,
 )
+from lightning_compress.functional.pruning import unit_scores
 from lightning_compress.graph import ChannelGraph, analyze
 from lightning_compress.slicing import index_plan, slice_modules
 
@@ -77,8 +78,7 @@ def dead_units(model: nn.Module, cg: ChannelGraph | None = None) -> dict[int, to
     for root, names in cg.groups().items():
         dead = None
         for name in names:
-            w = modules[name].weight.detach()
-            rows = w.reshape(w.shape[0], -1).abs().sum(dim=1).eq(0).cpu()
+            rows = unit_scores(modules[name].weight, norm=1).eq(0).cpu()
             dead = rows if dead is None else dead & rows
         out[root] = dead
     return out

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.functional import quantization as qf
-from lightning_compress.layers.quantization import _bn_factor, is_qat_module
+from lightning_compress.functional.quantization import bn_factor
+from lightning_compress.layers.quantization import is_qat_module
 from lightning_compress.functional.packing import pack_codes, unpack_codes
 
 __all__ = [
@@ -307,7 +308,7 @@ def _convert_layer(m: nn.Module, name: str, dynamic_activations: bool) -> nn.Mod
     bias = m.bias.detach() if m.bias is not None else None
     bn = m.folded_bn()
     if bn is not None:
-        factor = _bn_factor(bn).detach()
+        factor = bn_factor(bn).detach()
         b = bias if bias is not None else torch.zeros_like(factor)
         beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(factor)
         bias = (b - bn.running_mean) * factor + beta

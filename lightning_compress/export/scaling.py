@@ -42,6 +42,7 @@ from torch import nn
 
 from lightning_compress._validation import check_number
 from lightning_compress.export._common import copy_model, run_eval, tensors
+from lightning_compress.functional.pruning import unit_scores
 from lightning_compress.graph import ChannelGraph, analyze, channels_at
 from lightning_compress.slicing import index_plan, slice_modules
 
@@ -122,8 +123,7 @@ def channel_importance(model: nn.Module, cg: ChannelGraph | None = None) -> dict
     for root, names in cg.groups().items():
         total = torch.zeros(cg.sizes[root])
         for name in names:
-            w = modules[name].weight.detach().float().cpu()
-            rows = w.reshape(w.shape[0], -1).abs().sum(dim=1)
+            rows = unit_scores(modules[name].weight, norm=1).cpu()
             total += rows / rows.mean().clamp_min(1e-12)
         scores[root] = total
     for name, segments in cg.followers.items():

@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "activation_qparams",
+    "bn_factor",
     "dequantize_pow2",
     "dequantize_uniform",
     "fake_quantize_pow2",
@@ -242,3 +243,17 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     noise = (reference.float() - approx.float()).pow(2).sum().item()
     signal = reference.float().pow(2).sum().item()
     return float("inf") if noise == 0 else 10.0 * math.log10(signal / noise)
+
+
+def bn_factor(bn: torch.nn.Module) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)`` of a BatchNorm: the per-channel factor folded into the conv before it.
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(2, eps=0.0).eval()
+        >>> _ = bn.running_var.fill_(4.0)
+        >>> bn_factor(bn).tolist()
+        [0.5, 0.5]
+    """
+    var = bn.running_var
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+    return gamma / torch.sqrt(var + bn.eps)

@@ -220,7 +220,7 @@ class ActivationFakeQuantize(nn.Module):
 def _fill_missing(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: a float checkpoint (written before prepare) has no quantizer entries at all;
     then the quantizer keeps its own (not yet initialized) state instead of failing a strict load."""
-    own = {**module._parameters, **module._buffers}
+    own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     if not any(prefix + k in state_dict for k in own):
         for k, t in own.items():
             if t is not None:
@@ -244,7 +244,7 @@ class _QATMixin:
         bn = self.folded_bn()
         if bn is None:
             return self.weight
-        return self.weight * _bn_factor(bn).reshape([-1] + [1] * (self.weight.dim() - 1))
+        return self.weight * qf.bn_factor(bn).reshape([-1] + [1] * (self.weight.dim() - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
@@ -252,7 +252,7 @@ class _QATMixin:
         bn = self.folded_bn()
         if bn is None or not bool(self.weight_quant.fake_quant_enabled):
             return self._float_forward(x, self.weight_quant(self.weight), self.bias)
-        factor = _bn_factor(bn)
+        factor = qf.bn_factor(bn)
         y = self._float_forward(x, self.weight_quant(self.effective_weight()), None)
         shape = [1, -1] + [1] * (y.dim() - 2)
         y = y / factor.reshape(shape)
@@ -260,12 +260,6 @@ class _QATMixin:
 
     def _float_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
-
-
-def _bn_factor(bn: nn.Module) -> torch.Tensor:
-    var = bn.running_var
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
-    return gamma / torch.sqrt(var + bn.eps)
 
 
 class QATLinear(_QATMixin, nn.Linear):
@@ -333,7 +327,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _swap_class(module: nn.Module, cls: type) -> nn.Module:
-    """A new ``cls`` instance sharing ``module``'s parameters, buffers, children and hooks."""
+    """A new ``cls`` instance sharing ``module``'s parameters, buffers, children and hooks.
+
+    The one place that copies ``nn.Module`` internals (``__dict__``, ``_parameters``/``_buffers``/``_modules``):
+    torch has no public way to change a module's class while keeping the same ``Parameter`` objects (which the
+    optimizer and other callbacks hold) and its hooks.
+    """
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):
