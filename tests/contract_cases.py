@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,19 +167,6 @@ class FrozenMLP(DigitsMLP):
 
 
 # -- running -------------------------------------------------------------------------------------------
-class KillAt(Callback):
-    """SIGKILL this process at the end of optimizer step ``step`` (no cleanup, no except, no finally)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def fit(
     callbacks: list[Callback],
     workdir: Path,

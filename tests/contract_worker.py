@@ -28,10 +28,11 @@ def parse_job(job: str) -> tuple[str, int]:
 def _crash(workdir: Path, name: str, step: int) -> None:
     import torch
 
-    from tests.contract_cases import KillAt, callbacks_for, fit
+    from tests.contract_cases import callbacks_for, fit
+    from tests.helpers import StopAt
 
     torch.set_num_threads(1)
-    fit([*callbacks_for(name, workdir), KillAt(step)], workdir / f"{name}-{step}")
+    fit([*callbacks_for(name, workdir), StopAt(step, action="kill")], workdir / f"{name}-{step}")
 
 
 def main(argv: list[str]) -> int:

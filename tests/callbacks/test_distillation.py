@@ -10,14 +10,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.functional.distillation import kd_loss
-from tests.conftest import TinyModule
-from tests.helpers import run_python
+from tests.helpers import StopAt, TinyModule, run_python
 
 
 def _teacher(hidden: int = 48, seed: int = 1) -> TinyModule:
@@ -79,7 +78,7 @@ def test_teacher_frozen_outside_optimizer_and_checkpoint(make_trainer, tmp_path:
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert set(saved["state_dict"]) == set(student.state_dict())
     state = saved["callbacks"][kd.state_key]
-    assert state["version"] == 1 and state["teacher"] == "tests.conftest.TinyModule"
+    assert state["version"] == 1 and state["teacher"] == "tests.helpers.TinyModule"
     TinyModule().load_state_dict(saved["state_dict"], strict=True)
 
 
@@ -90,14 +89,14 @@ def test_teacher_from_yaml_spec_and_checkpoint_files(make_trainer, tmp_path: Pat
     make_trainer(max_steps=2, callbacks=[ckpt], enable_checkpointing=True).fit(trained)
     assert (tmp_path / "teacher.ckpt").is_file()
     torch.save(trained.state_dict(), tmp_path / "teacher.pt")
-    spec = {"class_path": "tests.conftest.TinyModule", "init_args": {"hidden": 24}}
+    spec = {"class_path": "tests.helpers.TinyModule", "init_args": {"hidden": 24}}
     for path in ("teacher.ckpt", "teacher.pt"):
         kd = KnowledgeDistillation(teacher=spec, teacher_checkpoint=str(tmp_path / path))
         make_trainer(max_steps=1, callbacks=[kd]).fit(_student())
         loaded = kd.load_teacher()
         for a, b in zip(loaded.parameters(), trained.parameters(), strict=True):
             assert torch.equal(a, b), path
-    bad = KnowledgeDistillation(teacher={"class_path": "tests.conftest.TinyModule"}, teacher_checkpoint=str(tmp_path / "teacher.pt"))
+    bad = KnowledgeDistillation(teacher={"class_path": "tests.helpers.TinyModule"}, teacher_checkpoint=str(tmp_path / "teacher.pt"))
     with pytest.raises(ValueError, match=r"does not fit the teacher TinyModule: shape mismatches: \['net.0.weight: checkpoint \(24, 16\) vs module \(32, 16\)'"):
         make_trainer(max_steps=1, callbacks=[bad]).fit(_student())
 
@@ -132,15 +131,6 @@ class _AdamTiny(TinyModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
-class _StopAfter(Callback):
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
-
-
 def test_resume_equals_uninterrupted_run(make_trainer, tmp_path: Path) -> None:
     seed_everything(0)
     straight = _AdamTiny()
@@ -150,7 +140,7 @@ def test_resume_equals_uninterrupted_run(make_trainer, tmp_path: Path) -> None:
     seed_everything(0)
     first = _AdamTiny()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    crash = _StopAfter(epochs=2)  # the run is cut off after 2 of its 4 epochs
+    crash = StopAt(epoch=1)  # the run is cut off after 2 of its 4 epochs
     make_trainer(max_epochs=4, callbacks=[_resume_kd(), ckpt, crash], enable_checkpointing=True).fit(first)
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 1
     seed_everything(123)  # a fresh process would start from other random weights
@@ -335,7 +325,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, Subset
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
-from tests.conftest import TinyModule
+from tests.helpers import TinyModule
 
 
 class Half(TinyModule):

@@ -7,10 +7,9 @@ Lightning does not call ``teardown`` when fit raises, so each callback releases 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback
 from torch import nn
 
 from lightning_compress import (
@@ -19,16 +18,7 @@ from lightning_compress import (
     LowRankFactorization,
     QuantizationAwareTraining,
 )
-from tests.conftest import TinyModule
-
-
-class Boom(Callback):
-    """Raises in the middle of the first epoch."""
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if trainer.global_step == 2:
-            raise RuntimeError("boom")
-
+from tests.helpers import StopAt, TinyModule
 
 FACTORIES: dict[str, Callable[[], Callback]] = {
     "pruning": lambda: GradualPruning(final_sparsity=0.5, start_step=0, end_step=4, update_every=1),
@@ -41,7 +31,7 @@ FACTORIES: dict[str, Callable[[], Callback]] = {
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_a_fit_that_raises_leaves_the_model_refittable(name: str, make_trainer, tiny_module: TinyModule) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        make_trainer(max_steps=6, callbacks=[FACTORIES[name](), Boom()]).fit(tiny_module)
+        make_trainer(max_steps=6, callbacks=[FACTORIES[name](), StopAt(2, action="raise", message="boom")]).fit(tiny_module)
     assert "training_step" not in tiny_module.__dict__  # no wrapper left on the instance
     trainer = make_trainer(max_steps=6, callbacks=[FACTORIES[name]()])
     trainer.fit(tiny_module)  # would raise "already prunes/quantizes/..." with a stale claim

@@ -18,8 +18,7 @@ from lightning_compress.callbacks.low_rank import LowRankFactorization
 from lightning_compress.callbacks.monitor import CompressionMonitor
 from lightning_compress.checkpoints import load_factorized_checkpoint
 from lightning_compress.layers.low_rank import LowRankConv2d, LowRankLinear
-from tests.conftest import TinyModule
-from tests.helpers import run_python
+from tests.helpers import StopAt, TinyModule, run_python
 
 
 class _Snapshot(Callback):
@@ -111,7 +110,7 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(make_trainer: Any, tmp
         checkpoint = ModelCheckpoint(dirpath=str(tmp_path / name), save_last=True, every_n_epochs=1)
         callbacks: list[Callback] = [lowrank, checkpoint]
         if stop_after_epoch is not None:
-            callbacks.append(_StopAfterEpoch(stop_after_epoch))
+            callbacks.append(StopAt(epoch=stop_after_epoch))
         trainer = make_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True)
         trainer.fit(model, ckpt_path=ckpt_path)
         return model, trainer
@@ -148,15 +147,6 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(make_trainer: Any, tmp
     else:
         with pytest.raises(ValueError, match="holds no LowRankFactorization state"):
             load_factorized_checkpoint(TinyModule(), _plain_ckpt(tmp_path))
-
-
-class _StopAfterEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def _plain_ckpt(tmp_path: Path) -> str:
@@ -291,7 +281,7 @@ def test_ddp_two_processes_train_the_factors_in_sync(tmp_path: Path) -> None:
         from torch.nn.parallel import DistributedDataParallel
         from lightning_compress.callbacks.low_rank import LowRankFactorization
         from lightning_compress.layers.low_rank import LowRankLinear
-        from tests.conftest import TinyModule
+        from tests.helpers import TinyModule
 
         class Probe(Callback):  # after the factorization, DDP must wrap (and sync) exactly the model's parameters
             synced = None

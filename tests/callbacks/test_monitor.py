@@ -220,7 +220,7 @@ def test_counts_a_model_converted_to_integers_at_fit_end(tiny_module, make_train
 def test_a_monitor_reused_in_a_new_run_logs_from_its_first_step(make_trainer, tmp_path: Path) -> None:
     # the step of the previous run's last log stayed: a new run whose first log fell on that step (8 here) logged
     # no scalars there, so its only validation wrote nothing to its fresh logger
-    from tests.conftest import TinyModule
+    from tests.helpers import TinyModule
 
     monitor = CompressionMonitor(log_every_n_steps=0, histograms=False, print_table=False)
     steps = []

@@ -17,8 +17,7 @@ from torch import nn
 from lightning_compress import CompressionMonitor, GradualPruning
 from lightning_compress.functional.pruning import num_to_prune
 from lightning_compress.schedules import Schedule
-from tests.conftest import TinyModule
-from tests.helpers import run_python
+from tests.helpers import StopAt, TinyModule, run_python
 
 WEIGHTS = ("net.0.weight", "net.2.weight")
 
@@ -80,15 +79,6 @@ def test_momentum_cannot_revive_and_checkpoint_loads_strict(optimizer: str, tmp_
     assert zeros == num_to_prune(0.9, total)
 
 
-class Crash(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
-
-
 def _pruning() -> GradualPruning:
     return GradualPruning(final_sparsity=0.85, start_epoch=0.5, end_epoch=3, update_every=3)
 
@@ -107,7 +97,7 @@ def test_crash_and_resume_equals_straight_run(tmp_path: Path, make_trainer) -> N
     straight, _ = _fit(make_trainer, tmp_path / "a", [straight_pruning])
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(make_trainer, tmp_path / "b", [_pruning(), Crash(at_step=13)])  # mid-schedule, in epoch 2
+        _fit(make_trainer, tmp_path / "b", [_pruning(), StopAt(13, action="raise")])  # mid-schedule, in epoch 2
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 8 and any(k.startswith("GradualPruning") for k in saved["callbacks"])
     resumed_pruning = _pruning()
@@ -120,13 +110,15 @@ def test_crash_and_resume_equals_straight_run(tmp_path: Path, make_trainer) -> N
         assert torch.allclose(a, b, atol=1e-6), n
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_ddp_masks_identical_on_every_rank(tmp_path: Path) -> None:
     run_python(
         """
         import torch
         from lightning.pytorch import Trainer, seed_everything
         from lightning_compress import GradualPruning
-        from tests.conftest import TinyModule
+        from tests.helpers import TinyModule
 
         if __name__ == "__main__":
             seed_everything(0)

@@ -18,8 +18,7 @@ from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.checkpoints import load_quantized_checkpoint
 from lightning_compress.export.quantization import Int8Linear, PackedLinear, convert, serialized_size
 from lightning_compress.functional.quantization import uniform_qparams
-from tests.conftest import TinyModule
-from tests.helpers import run_python
+from tests.helpers import StopAt, TinyModule, run_python
 
 QAT = "lightning_compress.callbacks.quantization.QuantizationAwareTraining"
 
@@ -258,7 +257,7 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
         f"""
         import torch
         from lightning.pytorch import Trainer, seed_everything
-        from tests.conftest import TinyModule
+        from tests.helpers import TinyModule
         from {QAT.rpartition('.')[0]} import QuantizationAwareTraining
 
         class Probe(TinyModule):
@@ -349,12 +348,8 @@ def test_converted_cnn_with_folded_bn_still_tests_from_a_fake_quant_checkpoint(t
 def test_a_run_stopped_before_quantization_starts_ends_in_float(make_trainer, tiny_module: TinyModule) -> None:
     # e.g. EarlyStopping before `start_step`: convert_on_fit_end then raised "layer 'net.0' has no observed input
     # range" after training had finished, failing the whole fit
-    class StopAt(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            trainer.should_stop = trainer.global_step >= 2
-
     qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_step=5)
-    trainer = make_trainer(max_epochs=2, callbacks=[qat, StopAt()])
+    trainer = make_trainer(max_epochs=2, callbacks=[qat, StopAt(2)])
     with pytest.warns(UserWarning, match=r"stopped at optimizer step 2 before quantization started \(at step 5\)"):
         trainer.fit(tiny_module)
     assert trainer.global_step == 2

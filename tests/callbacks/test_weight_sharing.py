@@ -17,7 +17,7 @@ from lightning_compress import CompressionMonitor, GradualPruning
 from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.callbacks.weight_sharing import WeightSharing
 from lightning_compress.export.lcdc import load_compressed
-from tests.conftest import TinyModule
+from tests.helpers import StopAt, TinyModule
 from tests.helpers import run_python
 
 WEIGHTS = ("net.0.weight", "net.2.weight")
@@ -171,15 +171,6 @@ def test_monitor_reports_bits_and_file_size(
     assert sharing.compression_sizes(model) == {"deep_compression": size}
 
 
-class Crash(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
-
-
 def _fit(
     make_trainer, root: Path, extra: list[Any], ckpt_path: str | None = None
 ) -> tuple[TinyModule, WeightSharing]:
@@ -199,7 +190,7 @@ def _fit(
 def test_crash_and_resume_equals_straight_run(tmp_path: Path, make_trainer) -> None:
     straight, straight_sharing = _fit(make_trainer, tmp_path / "a", [])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(make_trainer, tmp_path / "b", [Crash(at_step=13)])
+        _fit(make_trainer, tmp_path / "b", [StopAt(13, action="raise")])
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 8  # saved after sharing started (step 7)
     resumed, resumed_sharing = _fit(
@@ -222,7 +213,7 @@ def test_ddp_codebooks_identical_on_every_rank(tmp_path: Path) -> None:
         from lightning.pytorch import Trainer, seed_everything
         from lightning_compress import GradualPruning
         from lightning_compress.callbacks.weight_sharing import WeightSharing
-        from tests.conftest import TinyModule
+        from tests.helpers import TinyModule
 
         if __name__ == "__main__":
             seed_everything(0)
