@@ -190,6 +190,8 @@ def test_pickle_deepcopy_and_state_dict_round_trip(case: Case, workdir: Path, tm
     fresh.load_state_dict(copy.deepcopy(state))
     _same(fresh.state_dict(), state)
     build(case, workdir).load_state_dict({})  # a state from an older version (no keys) still loads
+    with pytest.raises(ValueError, match="newer than this code knows"):  # one from a newer version is refused
+        build(case, workdir).load_state_dict({**copy.deepcopy(state), "version": state["version"] + 1})
 
 
 # -- crash and resume ----------------------------------------------------------------------------------

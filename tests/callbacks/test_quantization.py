@@ -390,3 +390,15 @@ def test_the_fits_trainer_validates_a_copy_converted_by_hand(make_trainer, tiny_
     assert qat.compression_bits(integer) == {"net.0.weight": 8, "net.2.weight": 8}
     # and the fake-quantized model is still the callback's to validate
     assert trainer.validate(tiny_module, verbose=False)[0]["val/acc"] == pytest.approx(fake_quant)
+
+
+def test_the_saved_config_carries_a_version_and_a_newer_one_is_refused() -> None:
+    state = QuantizationAwareTraining(weight_bits=4).state_dict()
+    assert state["quantization_config"]["version"] == 1
+    newer = {**state, "quantization_config": {**state["quantization_config"], "version": 2}}
+    with pytest.raises(ValueError, match=r"`quantization_config`\).*newer than this code knows \(1\)"):
+        QuantizationAwareTraining(weight_bits=4).load_state_dict(newer)
+    older = {**state, "quantization_config": {k: v for k, v in state["quantization_config"].items() if k != "version"}}
+    QuantizationAwareTraining(weight_bits=4).load_state_dict(older)  # written before configs had a version
+    with pytest.raises(ValueError, match="`weight_bits`=4 \\(this callback: 8\\)"):  # and settings still compared
+        QuantizationAwareTraining(weight_bits=8).load_state_dict(older)
