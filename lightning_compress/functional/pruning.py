@@ -76,8 +76,8 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if k >= flat.numel():
         return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    threshold = _kth_smallest_of([flat], k)
-    if int(torch.count_nonzero(flat <= threshold)) == k:  # no tie straddles the cut: one comparison suffices
+    threshold, at_or_below = _kth_smallest_of([flat], k)
+    if at_or_below == k:  # no tie straddles the cut: one comparison suffices
         return flat > threshold
     prune = flat < threshold
     tied = flat == threshold
@@ -232,8 +232,7 @@ def global_unstructured_masks(
     k = num_to_prune(sparsity, total)
     if k <= 0 or k >= total:
         return {n: torch.full(weights[n].shape, k <= 0, dtype=torch.bool, device=weights[n].device) for n in names}
-    threshold = _kth_smallest_of(list(flat.values()), k)
-    at_or_below = sum(int(torch.count_nonzero(f <= threshold)) for f in flat.values())
+    threshold, at_or_below = _kth_smallest_of(list(flat.values()), k)
     out: dict[str, torch.Tensor] = {}
     room = k - sum(int(torch.count_nonzero(f < threshold)) for f in flat.values()) if at_or_below != k else 0
     for n in names:
@@ -248,28 +247,31 @@ def global_unstructured_masks(
     return out
 
 
-def _kth_smallest_of(parts: list[torch.Tensor], k: int) -> torch.Tensor:
-    """The ``k``-th smallest value (1-based) over several flat tensors, as if concatenated; exact.
+def _kth_smallest_of(parts: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
+    """The ``k``-th smallest value (1-based) over several flat tensors, as if concatenated, exactly, and how many
+    entries are at or below it.
 
     Small inputs are concatenated. Otherwise a sample from every part (in proportion to its size) brackets the
-    answer between two quantiles; entries below the band are only counted, entries inside it (a few percent)
-    are selected from. An unlucky sample widens the band to everything.
+    answer between two quantiles; entries below the band are only counted, entries inside it are
+    selected from (about 2.5 %). An unlucky sample widens the band to everything.
     """
     n = sum(p.numel() for p in parts)
-    if n <= 1 << 16:
-        return torch.kthvalue(torch.cat([p.float().cpu() for p in parts]), k).values
-    g = torch.Generator().manual_seed(n)
-    sample = torch.cat([
-        p[torch.randint(0, p.numel(), (max(1, (p.numel() << 14) // n),), generator=g).to(p.device)].float().cpu()
-        for p in parts
-    ])
-    q = k / n
-    lo, hi = torch.quantile(sample, torch.tensor([max(q - 0.02, 0.0), min(q + 0.02, 1.0)]))
-    below = sum(int(torch.count_nonzero(p < lo.to(p.device))) for p in parts)
-    band = torch.cat([p[(p >= lo.to(p.device)) & (p <= hi.to(p.device))].float().cpu() for p in parts])
-    if below < k <= below + band.numel():
-        return torch.kthvalue(band, k - below).values
-    return torch.kthvalue(torch.cat([p.float().cpu() for p in parts]), k).values
+    if n > 1 << 16:
+        g = torch.Generator().manual_seed(n)
+        sample = torch.cat([
+            p[torch.randint(0, p.numel(), (max(1, (p.numel() << 14) // n),), generator=g).to(p.device)].float().cpu()
+            for p in parts
+        ])
+        q = k / n
+        lo, hi = torch.quantile(sample, torch.tensor([max(q - 0.012, 0.0), min(q + 0.012, 1.0)])).tolist()
+        below = sum(int(torch.count_nonzero(p < lo)) for p in parts)
+        band = torch.cat([p[(p >= lo) & (p <= hi)].float().cpu() for p in parts])
+        if below < k <= below + band.numel():
+            threshold = torch.kthvalue(band, k - below).values
+            return threshold, below + int(torch.count_nonzero(band <= threshold))
+    everything = torch.cat([p.float().cpu() for p in parts])
+    threshold = torch.kthvalue(everything, k).values
+    return threshold, int(torch.count_nonzero(everything <= threshold))
 
 
 def global_structured_masks(
