@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_compress._validation import check_number, check_state_version
+from lightning_compress.functional.pruning import nm_fraction
 from lightning_compress.stats import ModelStats, model_stats
 
 __all__ = ["CompressionMonitor", "format_table"]
@@ -29,6 +30,9 @@ class CompressionMonitor(Callback):
     - ``compression/size_bytes/dense_fp32`` and ``compression/size_bytes/compressed``, and their ratio
       ``compression/ratio`` (see :mod:`lightning_compress.stats` for the storage format counted);
     - ``compression/bits/<layer>`` for layers whose bit width a callback reports;
+    - ``compression/pattern_<N>of<M>/<layer>``: the fraction of the layer's groups of M input-dimension neighbours
+      with at most N non-zeros, counted from the weights, for layers a callback holds to an N:M pattern
+      (``compression_pattern() -> dict`` of weight name -> ``(N, M)``, e.g. ``GradualPruning(pattern="2:4")``);
     - whatever the other callbacks report as scheduled targets, e.g. ``compression/target/sparsity``.
 
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes weight histograms
@@ -70,6 +74,7 @@ class CompressionMonitor(Callback):
         bits: dict[str, int] = {}
         targets: dict[str, float] = {}
         sizes: dict[str, int] = {}
+        patterns: dict[str, tuple[int, int]] = {}
         for cb in trainer.callbacks:
             if cb is self:
                 continue
@@ -79,6 +84,8 @@ class CompressionMonitor(Callback):
                 targets.update(cb.compression_targets())
             if callable(getattr(cb, "compression_sizes", None)):
                 sizes.update(cb.compression_sizes(pl_module))
+            if callable(getattr(cb, "compression_pattern", None)):
+                patterns.update(cb.compression_pattern())
         stats = model_stats(pl_module, bits)
         metrics: dict[str, float] = {
             "compression/sparsity": stats.sparsity,
@@ -96,6 +103,10 @@ class CompressionMonitor(Callback):
             metrics[f"compression/target/{key}"] = float(value)
         for key, value in sizes.items():
             metrics[f"compression/size_bytes/{key}"] = float(value)
+        params = dict(pl_module.named_parameters()) if patterns else {}
+        for fqn, (n, m) in patterns.items():
+            if fqn in params:
+                metrics[f"compression/pattern_{n}of{m}/{fqn.removesuffix('.weight')}"] = nm_fraction(params[fqn], n, m)
         self.last_stats = stats
         return stats, metrics
 
@@ -214,6 +225,7 @@ def _layout() -> dict[str, Any]:
         "size (bytes)": ["Multiline", [r"compression/size_bytes/.*"]],
         "compression ratio": ["Multiline", [r"compression/ratio"]],
         "bits per layer": ["Multiline", [r"compression/bits/.*"]],
+        "N:M pattern (fraction of groups)": ["Multiline", [r"compression/pattern_.*"]],
         "accuracy": ["Multiline", [r"val/acc.*", r"test/acc.*"]],
     }
     return {"lightning-compress": charts}

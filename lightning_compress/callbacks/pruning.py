@@ -16,6 +16,8 @@ from typing_extensions import override
 from lightning_compress import claims
 from lightning_compress._validation import check_choice, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
+from lightning_compress.callbacks._pruning_stats import (CriterionStats, check_pattern, check_restored_masks,
+                                                         compute_masks, layer_numel, mask_factors, multiply)
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.functional import pruning as masks
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
@@ -26,9 +28,10 @@ __all__ = ["GradualPruning"]
 log = logging.getLogger(__name__)
 
 _UNSTRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Embedding")
-_STRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+_STRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")  # also the types activation / N:M prune
+_CRITERIA = ("magnitude", "activation", "movement")
 _COUNTER = itertools.count(1)
-_VERSION = 1
+_VERSION = 2  # 2: criterion statistics
 
 
 class GradualPruning(_ReleasesModelOnException):
@@ -38,10 +41,11 @@ class GradualPruning(_ReleasesModelOnException):
     ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3``). Every ``update_every`` steps inside the window the
     masks are recomputed from the current weights (entries by ``|w|``, or whole output units by their L1/L2 norm),
     never reviving what is already pruned. The model is not rewritten: ``weight`` stays a plain parameter whose
-    pruned entries are exactly zero. Gradients of pruned entries are zeroed before every optimizer step (in
-    ``on_before_optimizer_step``, so before gradient clipping) and the weights are masked right after it (a step
-    hook on each optimizer), so momentum cannot revive them, and a
-    checkpoint's ``state_dict`` loads with ``strict=True`` into the unmodified module.
+    pruned entries are exactly zero. The weights are masked right after every optimizer step (one
+    ``torch._foreach_mul_`` in a step hook on each optimizer), so momentum cannot revive them, and a checkpoint's
+    ``state_dict`` loads with ``strict=True`` into the unmodified module. Gradients of pruned entries are zeroed
+    before the step only when the trainer clips gradients, so that the clipping norm counts kept weights alone
+    (the optimizer's state of pruned entries is then not zero: no effect on per-entry optimizers, SGD or Adam).
 
     The masks and the schedule position are in the callback's state: resuming from a checkpoint continues exactly,
     and fitting the same model again keeps its masks; the same callback given another model starts over.
@@ -69,6 +73,12 @@ class GradualPruning(_ReleasesModelOnException):
         layer_sparsity: per-layer final sparsity by pattern, e.g. ``{"net.5": 0.5}``; such layers are ranked on
             their own (outside the global pool) and follow the same schedule to their own final sparsity.
         prune_bias: in ``structured`` mode, also zero the bias of pruned units (so they output exactly zero).
+        criterion: what ranks weights: ``magnitude`` ``|w|`` (from scratch), ``activation`` ``|w| * ||x_j||_2``
+            from the training batches' input norms (Wanda, Sun et al. 2023; pretrained, short fine-tuning; Linear
+            and Conv only) or ``movement`` ``-sum_t w * dL/dw`` (Sanh et al. 2020); see ``_pruning_stats``.
+        pattern: ``"N:M"`` (e.g. ``"2:4"``): at most N of every M consecutive weights along the input dimension
+            stay; the fraction of groups held to it follows the schedule from 0 to 1 (``final_sparsity`` and
+            ``scope`` unused: every layer ends at (M - N) / M).
 
     Raises:
         ValueError: a sparsity outside [0, 1), a window that ends before it starts or after the run,
@@ -99,6 +109,8 @@ class GradualPruning(_ReleasesModelOnException):
         exclude: list[str] | None = None,
         layer_sparsity: dict[str, float] | None = None,
         prune_bias: bool = True,
+        criterion: Literal["magnitude", "activation", "movement"] = "magnitude",
+        pattern: str | None = None,
     ) -> None:
         super().__init__()
         check_number(final_sparsity, "final_sparsity", low=0, high=1, high_open=True)
@@ -119,8 +131,8 @@ class GradualPruning(_ReleasesModelOnException):
             if not isinstance(layer_sparsity, dict):
                 raise TypeError(f"`layer_sparsity` must map layer patterns to sparsities, got {layer_sparsity!r}")
             validate_patterns(list(layer_sparsity), "layer_sparsity")
-            for pattern, value in layer_sparsity.items():
-                check_number(value, f"layer_sparsity[{pattern!r}]", low=0, high=1, high_open=True)
+            for key, value in layer_sparsity.items():
+                check_number(value, f"layer_sparsity[{key!r}]", low=0, high=1, high_open=True)
         self.final_sparsity = final_sparsity
         self.initial_sparsity = initial_sparsity
         self.start_epoch = start_epoch
@@ -136,6 +148,11 @@ class GradualPruning(_ReleasesModelOnException):
         self.exclude = exclude
         self.layer_sparsity = layer_sparsity
         self.prune_bias = prune_bias
+        check_choice(criterion, "criterion", _CRITERIA)
+        self._nm = check_pattern(pattern, mode, layer_sparsity)
+        self.criterion = criterion
+        self.pattern = pattern
+        self._stats = CriterionStats(criterion)
         self._owner = f"GradualPruning#{next(_COUNTER)}"
         self._reset_runtime()
         self._masks: dict[str, torch.Tensor] = {}  # weight fqn -> keep mask (bool); empty until the first update
@@ -154,8 +171,11 @@ class GradualPruning(_ReleasesModelOnException):
         self._pooled: list[str] = []  # weight fqns ranked together (global scope)
         self._window: tuple[int, int] | None = None
         self._model_layer_numel = 0
-        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # fqn -> 0/1 weight, bias factors
+        self._factors: list[tuple[nn.Parameter, torch.Tensor]] = []  # (weight or bias, 0/1 factor of its dtype)
         self._step_hooks = AfterOptimizerStep(self._apply_masks)
+        self._layers: dict[str, list[nn.Module]] = {}  # weight fqn -> modules using it (activation statistics)
+        self._strategy: Any = None
+        self._clips = self._deferred = False
 
     @property
     @override
@@ -174,8 +194,11 @@ class GradualPruning(_ReleasesModelOnException):
             # a callback reused for another model: that model's masks come from its own weights (or from the
             # checkpoint it resumes, whose state Lightning loads after `setup`), not from the previous model's
             self._masks, self._last_update_step = {}, -1
+            self._stats.clear()
         self._model_ref = weakref.ref(pl_module)
-        types = _STRUCTURED_TYPES if self.mode == "structured" else _UNSTRUCTURED_TYPES
+        self._strategy, self._clips = trainer.strategy, bool(trainer.gradient_clip_val)
+        narrow = self.mode == "structured" or self.criterion == "activation" or self._nm is not None
+        types = _STRUCTURED_TYPES if narrow else _UNSTRUCTURED_TYPES
         if self.targets is None:  # by default Linear/Conv layers only; an Embedding is pruned when named
             types = tuple(t for t in types if t != "Embedding")
         modules = select_modules(pl_module, self.targets, self.exclude, types=types)
@@ -187,7 +210,9 @@ class GradualPruning(_ReleasesModelOnException):
         seen: set[int] = set()
         for module_name, module in modules.items():
             weight = module.weight
+            check_pattern(self.pattern, self.mode, None, module_name, weight)
             if id(weight) in seen:  # tied weights: prune the tensor once
+                self._layers[names[id(weight)]].append(module)
                 continue
             seen.add(id(weight))
             if not weight.requires_grad and self.targets is None:
@@ -197,14 +222,14 @@ class GradualPruning(_ReleasesModelOnException):
                 )
                 continue
             fqn = names[id(weight)]
-            self._weights[fqn] = weight
+            self._weights[fqn], self._layers[fqn] = weight, [module]
             bias = getattr(module, "bias", None)
             if self.mode == "structured" and self.prune_bias and isinstance(bias, nn.Parameter):
                 self._biases[fqn] = bias
             pattern = next((p for p in overrides if match(p, module_name)), None)
             layer_final = None if pattern is None else overrides[pattern]
             self._final[fqn] = self.final_sparsity if layer_final is None else float(layer_final)
-            if layer_final is None and self.scope == "global":
+            if layer_final is None and self.scope == "global" and self._nm is None:
                 self._pooled.append(fqn)
             elif self.mode == "structured":  # ranked on its own: no global keep-one-unit rule
                 argument = "final_sparsity" if pattern is None else f"layer_sparsity[{pattern!r}]"
@@ -213,8 +238,7 @@ class GradualPruning(_ReleasesModelOnException):
             raise ValueError(f"GradualPruning: every targeted layer has frozen weights: {list(modules)}")
         claimed = list(self._weights) + [names[id(b)] for b in self._biases.values()]
         claims.claim(pl_module, claimed, "prune", self._owner)
-        layer_weights = {id(w): w for m in pl_module.modules() if _is_layer(w := getattr(m, "weight", None))}
-        self._model_layer_numel = sum(w.numel() for w in layer_weights.values())
+        self._model_layer_numel = layer_numel(pl_module)
 
     def window(self, trainer: pl.Trainer, check_fits: bool = True) -> tuple[int, int]:
         """Optimizer steps ``(start, end)`` of the ramp in this run (default end: its middle; last update at ``end``)."""
@@ -235,22 +259,15 @@ class GradualPruning(_ReleasesModelOnException):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window = self.window(trainer)
         if self._masks:  # restored from a checkpoint: they must fit this model
-            expected = set(self._weights)
-            if set(self._masks) != expected:
-                raise ValueError(
-                    f"GradualPruning: the checkpoint's masks are for {sorted(self._masks)}, but this run prunes "
-                    f"{sorted(expected)}; resume with the same `targets`/`exclude`"
-                )
-            for fqn, mask in self._masks.items():
-                if mask.shape != self._weights[fqn].shape:
-                    raise ValueError(f"GradualPruning: mask for {fqn!r} has shape {tuple(mask.shape)}, weight has "
-                                     f"{tuple(self._weights[fqn].shape)}")
+            check_restored_masks(self._masks, self._weights)
             self._set_masks(self._masks)
             self._apply_masks()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step_hooks.attach(trainer)
+        if self._window is not None and self._last_update_step < self._window[1]:  # updates to come: gather
+            self._stats.attach(self._layers)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -263,23 +280,20 @@ class GradualPruning(_ReleasesModelOnException):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # zero the gradients of pruned entries before gradient clipping and the step (automatic and manual
-        # optimization both pass here), so that neither the clipping norm nor the momentum sees them
+        # movement scores from this step's (DDP-averaged) gradients; then, when clipping is on, zero the gradients
+        # of pruned entries so that the clipping norm does not count them (automatic and manual optimization)
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        with torch.no_grad():
-            for fqn, (weight_keep, bias_keep) in self._factors.items():
-                weight = self._weights[fqn]
-                if id(weight) in params and weight.grad is not None:
-                    weight.grad.mul_(weight_keep)
-                bias = self._biases.get(fqn)
-                if bias_keep is not None and id(bias) in params and bias.grad is not None:
-                    bias.grad.mul_(bias_keep)
+        if self._window is not None and self._last_update_step < self._window[1]:
+            self._stats.accumulate({f: w for f, w in self._weights.items() if id(w) in params})
+        if self._clips:
+            multiply(self._factors, params, grads=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._step_hooks.remove()
+        self._stats.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()  # drop references to the model and trainer; masks and step stay
 
@@ -298,53 +312,35 @@ class GradualPruning(_ReleasesModelOnException):
         start, end = self._window
         if step < start or self._last_update_step >= min(step, end):
             return False
-        return (step - start) % self.update_every == 0 or step >= end
+        return (step - start) % self.update_every == 0 or step >= end or self._deferred
 
     @torch.no_grad()
     def update_masks(self, step: int) -> None:
-        """Recompute every mask for the sparsity scheduled at ``step`` and apply it to the weights."""
-        previous = {fqn: weight_keep for fqn, (weight_keep, _) in self._factors.items()}  # 0/1 floats: fastest
-        new: dict[str, torch.Tensor] = {}
-        if self._pooled:
-            pool = {fqn: self._weights[fqn] for fqn in self._pooled}
-            target = self.sparsity_at(step)
-            if self.mode == "structured":
-                new.update(masks.global_structured_masks(pool, target, self.norm, previous))
-            else:
-                new.update(masks.global_unstructured_masks(pool, target, previous))
-        for fqn, weight in self._weights.items():
-            if fqn in new:
-                continue
-            target = self.sparsity_at(step, self._final[fqn])
-            if self.mode == "structured":
-                new[fqn] = masks.structured_mask(weight, target, self.norm, previous.get(fqn))
-            else:
-                new[fqn] = masks.unstructured_mask(weight, target, previous.get(fqn))
+        """Recompute every mask for the sparsity scheduled at ``step`` and apply it to the weights (``activation``
+        and ``movement``: an update due before any statistic was gathered waits for the next step)."""
+        self._deferred = not self._stats.ready()
+        if self._deferred:
+            return
+        previous = {f: keep for f, w in self._weights.items() for p, keep in self._factors if p is w}  # 0/1 floats
+        sparsity = {f: self.sparsity_at(step, self._final[f]) for f in self._weights}
+        new = compute_masks(self._weights, self._layers, self._pooled, previous,
+                            self._stats.all_statistics(list(self._weights), self._strategy), self.criterion,
+                            self.mode, self.norm, self._nm, sparsity, self._group_fraction(step))
         self._set_masks(new)
         self._last_update_step = step
         self._apply_masks()
+        self._stats.updated(last=self._window is not None and step >= self._window[1])
         log.debug("GradualPruning: step %d, masks updated to %.4f", step, self.current_sparsity())
 
-    def _set_masks(self, new: dict[str, torch.Tensor]) -> None:
-        """Keep the bool masks (the state) and 0/1 multipliers in each parameter's dtype (a float multiply is
-        several times faster than a masked fill or a multiply by a bool tensor)."""
-        self._masks = {fqn: mask.to(self._weights[fqn].device) for fqn, mask in new.items()}
-        self._factors = {}
-        for fqn, mask in self._masks.items():
-            weight = self._weights[fqn]
-            bias = self._biases.get(fqn)
-            bias_keep = None if bias is None else mask.reshape(mask.shape[0], -1)[:, 0].to(bias.dtype)
-            self._factors[fqn] = (mask.to(weight.dtype), bias_keep)
+    def _group_fraction(self, step: int) -> float:  # N:M: the fraction of groups held, scheduled from 0 to 1
+        return Schedule(self.schedule, 0.0, 1.0, *(self._window or (0, 0))).value_at(step)
 
-    @torch.no_grad()
+    def _set_masks(self, new: dict[str, torch.Tensor]) -> None:
+        self._masks = {fqn: new[fqn].to(weight.device) for fqn, weight in self._weights.items()}
+        self._factors = mask_factors(self._masks, self._weights, self._biases)
+
     def _apply_masks(self, params: set[int] | None = None) -> None:
-        for fqn, (weight_keep, bias_keep) in self._factors.items():
-            weight = self._weights[fqn]
-            if params is None or id(weight) in params:
-                weight.mul_(weight_keep)
-            bias = self._biases.get(fqn)
-            if bias_keep is not None and (params is None or id(bias) in params):
-                bias.mul_(bias_keep)
+        multiply(self._factors, params)
 
     # -- reporting ----------------------------------------------------------------------------------
     @property
@@ -365,9 +361,14 @@ class GradualPruning(_ReleasesModelOnException):
         """
         if self._window is None or not self._model_layer_numel:
             return {}
-        step = self._last_update_step
-        pruned = sum(self.sparsity_at(step, self._final[f]) * w.numel() for f, w in self._weights.items())
+        step, (n, m) = self._last_update_step, self._nm or (0, 0)
+        pruned = sum((self._group_fraction(step) * (m - n) / m if m else self.sparsity_at(step, self._final[f]))
+                     * w.numel() for f, w in self._weights.items())
         return {"sparsity": pruned / self._model_layer_numel}
+
+    def compression_pattern(self) -> dict[str, tuple[int, int]]:
+        """Weight name -> ``(N, M)`` for the layers held to an N:M pattern (read by ``CompressionMonitor``)."""
+        return {fqn: self._nm for fqn in self._weights} if self._nm is not None else {}
 
     # -- checkpointing ------------------------------------------------------------------------------
     @override
@@ -376,6 +377,7 @@ class GradualPruning(_ReleasesModelOnException):
             "version": _VERSION,
             "masks": {fqn: mask.detach().cpu().clone() for fqn, mask in self._masks.items()},
             "last_update_step": self._last_update_step,
+            "criterion_stats": self._stats.state_dict(self._strategy),  # version 2
         }
 
     @override
@@ -383,10 +385,9 @@ class GradualPruning(_ReleasesModelOnException):
         check_state_version(state_dict, _VERSION, "GradualPruning")
         self._masks = {fqn: mask.bool() for fqn, mask in state_dict.get("masks", {}).items()}
         self._last_update_step = int(state_dict.get("last_update_step", -1))
+        self._stats.load_state_dict(state_dict.get("criterion_stats", {}))
 
 
-def _is_layer(weight: Any) -> bool:
-    return isinstance(weight, torch.Tensor) and weight.dim() >= 2
 
 
 def _check_keeps_a_unit(argument: str, sparsity: float, layer: str, units: int) -> None:

@@ -1,6 +1,7 @@
 """Exporters: physically smaller or integer models, and compressed artefacts written to disk.
 
 - :func:`thin`: remove the units that structured pruning zeroed (a physically smaller model);
+- :func:`to_semi_structured`: 2:4-pruned ``Linear`` weights as CUDA semi-structured sparse tensors;
 - :func:`slice_width`: one width of a network trained by ``SlimmableTraining``;
 - :func:`scale`: a narrower / shallower student of the same architecture (compound scaling);
 - :func:`convert_quantized`: the integer model of a quantization-aware-trained one;
@@ -17,5 +18,6 @@ from lightning_compress.export.quantization import convert as convert_quantized
 from lightning_compress.export.scaling import scale
 from lightning_compress.export.slimmable import slice_width
 from lightning_compress.export.pruning import thin
+from lightning_compress.export.pruning import to_semi_structured
 
-__all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin"]
+__all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin", "to_semi_structured"]

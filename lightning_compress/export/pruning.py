@@ -55,7 +55,7 @@ from lightning_compress.functional.pruning import unit_scores
 from lightning_compress.graph import ChannelGraph, analyze
 from lightning_compress.slicing import index_plan, slice_modules
 
-__all__ = ["dead_units", "thin"]
+__all__ = ["dead_units", "thin", "to_semi_structured"]
 
 log = logging.getLogger(__name__)
 _OUTPUT = "is a model output"
@@ -300,3 +300,60 @@ def _fold(
         log.info("thin: %r gets a bias (the constant its removed inputs fed it)", name)
     else:
         module.bias += delta.to(module.bias.dtype)
+
+
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def to_semi_structured(model: nn.Module) -> list[str]:
+    """Store the 2:4-sparse ``Linear`` weights of ``model`` as CUDA semi-structured sparse tensors, in place.
+
+    ``GradualPruning(pattern="2:4")`` leaves dense weights with exactly two zeros in every four inputs; this
+    explicit call hands the qualifying ones to ``torch.sparse.to_sparse_semi_structured``, whose matmul runs on
+    the sparse tensor cores of Ampere and later GPUs. A ``Linear`` qualifies when its weight is on a CUDA device,
+    in float16 or bfloat16, with both sizes multiples of 64, and 2:4 in every group (counted from the weight);
+    the others are left dense (logged). Inference only: the converted weights do not train.
+
+    Not run by this project's suite (no CUDA machine); ``benchmarks/gpu_check.py`` times it against dense.
+
+    Returns:
+        The names of the converted layers.
+
+    Raises:
+        RuntimeError: CUDA is not available (semi-structured sparse kernels exist only there).
+
+    Example:
+        >>> import torch
+        >>> if not torch.cuda.is_available():
+        ...     print("needs CUDA")
+        ... else:
+        ...     print(to_semi_structured(torch.nn.Sequential(torch.nn.Linear(8, 8))))  # 8 is below 64: left dense
+        needs CUDA
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "to_semi_structured needs CUDA: torch.sparse.to_sparse_semi_structured runs only on NVIDIA GPUs "
+            "(compute capability >= 8.0); on CPU keep the dense weights with their zeros"
+        )
+    from torch.sparse import to_sparse_semi_structured
+
+    from lightning_compress.functional.pruning import nm_fraction
+
+    converted = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        w = module.weight
+        reason = (
+            "not on a CUDA device" if w.device.type != "cuda"
+            else f"dtype {w.dtype} (float16/bfloat16 only)" if w.dtype not in _SEMI_STRUCTURED_DTYPES
+            else f"shape {tuple(w.shape)} (multiples of 64 only)" if w.shape[0] % 64 or w.shape[1] % 64
+            else "not 2:4 sparse in every group" if nm_fraction(w, 2, 4) < 1.0
+            else None
+        )
+        if reason is not None:
+            log.info("to_semi_structured: %r left dense: %s", name, reason)
+            continue
+        module.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
+        converted.append(name)
+    return converted

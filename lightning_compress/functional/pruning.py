@@ -6,7 +6,14 @@ ever shrink as the sparsity rises, and exactly ``round(sparsity * n)`` entries (
 are broken by position (a stable sort), never by a threshold that could take more.
 
 - unstructured: entries ranked by ``|w|`` (magnitude pruning, Han et al. 2015; Zhu & Gupta 2017);
-- structured: whole output units (rows of a ``Linear``, filters of a ``Conv``) ranked by their L1 or L2 norm.
+- structured: whole output units (rows of a ``Linear``, filters of a ``Conv``) ranked by their L1 or L2 norm;
+- N:M (semi-structured): in every group of ``M`` consecutive weights along the input dimension (a ``Linear``'s
+  columns, a ``Conv``'s input channels) at most ``N`` stay (:func:`nm_mask`; 2:4 is what sparse tensor cores run).
+
+Entries are ranked by a score (:func:`importance`), ``|w|`` unless given: ``activation`` scores
+``|w| * ||x_j||_2``, the weight times the L2 norm of its input channel over the data seen (Wanda: Sun, Liu, Bair &
+Kolter 2023, "A Simple and Effective Pruning Approach for Large Language Models"); ``movement`` scores are
+``-sum_t w * dL/dw`` accumulated over training steps (Sanh, Wolf & Rush 2020, "Movement Pruning").
 
 Globally (one ranking across several layers) unstructured magnitudes compare directly; for structured units the
 norm is divided by the unit's size (L1: mean ``|w|``, L2: root mean square) so that units of layers with different
@@ -35,6 +42,10 @@ import torch
 
 __all__ = [
     "global_structured_masks",
+    "importance",
+    "nm_fraction",
+    "nm_mask",
+    "parse_pattern",
     "global_unstructured_masks",
     "num_to_prune",
     "structured_mask",
@@ -55,26 +66,6 @@ def num_to_prune(sparsity: float, n: int) -> int:
     return min(n, max(0, int(round(sparsity * n))))
 
 
-def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th smallest value (1-based) of a flat float tensor, exactly.
-
-    A sample brackets the answer between two of its quantiles; only the entries inside that band are selected
-    from. If the band misses (unlucky sample), it falls back to ``kthvalue`` over everything.
-    """
-    n = flat.numel()
-    if n <= 1 << 16:
-        return torch.kthvalue(flat, k).values
-    g = torch.Generator(device=flat.device).manual_seed(n)
-    sample = flat[torch.randint(0, n, (1 << 14,), generator=g, device=flat.device)]
-    q = k / n
-    lo, hi = torch.quantile(sample, torch.tensor([max(q - 0.02, 0.0), min(q + 0.02, 1.0)], device=flat.device))
-    below = int(torch.count_nonzero(flat < lo))
-    band = flat[(flat >= lo) & (flat <= hi)]
-    if below < k <= below + band.numel():
-        return torch.kthvalue(band, k - below).values
-    return torch.kthvalue(flat, k).values
-
-
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask over flat ``scores`` with exactly the ``k`` lowest pruned (ties: earlier position first).
 
@@ -85,8 +76,8 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if k >= flat.numel():
         return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    threshold = _kth_smallest(flat, k)
-    if int(torch.count_nonzero(flat <= threshold)) == k:  # no tie straddles the cut: one comparison suffices
+    threshold, at_or_below = _kth_smallest_of([flat], k)
+    if at_or_below == k:  # no tie straddles the cut: one comparison suffices
         return flat > threshold
     prune = flat < threshold
     tied = flat == threshold
@@ -94,33 +85,79 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ~(prune | (tied & (torch.cumsum(tied, 0) <= room)))
 
 
-def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scores (>= 0) where already-pruned entries rank below every live one; ``mask`` is bool or 0/1 float."""
+_SIGNED_FLOOR = -1e30  # below any signed score, finite (quantiles interpolate), and summable over a group
+
+
+def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None, signed: bool = False) -> torch.Tensor:
+    """Scores where already-pruned entries rank below every live one; ``mask`` is bool or 0/1 float.
+
+    Scores are >= 0 unless ``signed`` (movement scores): pruned entries then score ``-1e30``.
+    """
     scores = scores.float()
     if mask is None:
         return scores
+    if signed:
+        return torch.where(mask.to(device=scores.device, dtype=torch.bool), scores, _SIGNED_FLOOR)
     keep = mask.to(device=scores.device, dtype=scores.dtype)
     # (keep - 1) + scores * keep: exactly the score where kept, -1 where pruned; float ops are the fastest here
     return (keep - 1.0).addcmul_(scores, keep)
 
 
-def unstructured_mask(weight: torch.Tensor, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep-mask pruning the ``round(sparsity * numel)`` smallest-magnitude entries of ``weight``.
+def importance(
+    weight: torch.Tensor,
+    criterion: str = "magnitude",
+    statistic: torch.Tensor | None = None,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Per-entry pruning scores of ``weight`` (lowest pruned first) for a ``criterion``.
 
-    Entries already ``False`` in ``mask`` are pruned first (so masks never grow back).
+    - ``magnitude``: ``|w|``;
+    - ``activation`` (Wanda): ``|w| * statistic[j]``, ``statistic`` the L2 norm of each input channel ``j`` (a
+      ``Linear``'s ``in_features``, a ``Conv``'s input channels; ``groups`` of a grouped conv);
+    - ``movement``: ``statistic`` itself, the accumulated ``-w * dL/dw`` (signed).
+
+    Example:
+        >>> importance(torch.tensor([[1.0, -2.0]]), "activation", torch.tensor([3.0, 0.5]))
+        tensor([[3., 1.]])
+    """
+    if criterion == "magnitude":
+        return weight.detach().abs()
+    if statistic is None:
+        raise ValueError(f"criterion {criterion!r} needs its statistic (input norms or movement scores)")
+    if criterion == "movement":
+        return statistic.float()
+    if criterion != "activation":
+        raise ValueError(f"`criterion` must be one of ['magnitude', 'activation', 'movement'], got {criterion!r}")
+    out, per_group = weight.shape[0], weight.shape[1]
+    norms = statistic.float().view(groups, 1, per_group).expand(groups, out // groups, per_group).reshape(out, per_group)
+    return weight.detach().abs().float() * norms.view(out, per_group, *([1] * (weight.dim() - 2)))
+
+
+def unstructured_mask(
+    weight: torch.Tensor,
+    sparsity: float,
+    mask: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    signed: bool = False,
+) -> torch.Tensor:
+    """Keep-mask pruning the ``round(sparsity * numel)`` entries of ``weight`` with the lowest score.
+
+    ``scores`` (see :func:`importance`; ``signed`` when they can be negative) default to ``|w|``. Entries already
+    ``False`` in ``mask`` are pruned first (so masks never grow back).
 
     Example:
         >>> unstructured_mask(torch.tensor([3.0, -1.0, 2.0, 0.5]), 0.5).tolist()
         [True, False, True, False]
     """
-    scores = _masked_scores(weight.detach().abs(), mask)
+    scores = _masked_scores(weight.detach().abs() if scores is None else scores, mask, signed)
     return _prune_lowest(scores, num_to_prune(sparsity, weight.numel())).view(weight.shape)
 
 
-def unit_scores(weight: torch.Tensor, norm: int = 1, normalize: bool = False) -> torch.Tensor:
+def unit_scores(weight: torch.Tensor, norm: int = 1, normalize: bool = False, signed: bool = False) -> torch.Tensor:
     """Norm of each output unit (dim 0) of ``weight``: L1 (``norm=1``) or L2 (``norm=2``).
 
     With ``normalize`` the norm is divided by the unit's size (L1 -> mean ``|w|``, L2 -> root mean square).
+    ``weight`` may be per-entry scores (:func:`importance`); ``signed`` scores (movement) are summed instead.
 
     Example:
         >>> unit_scores(torch.tensor([[3.0, 4.0], [1.0, 0.0]]), norm=2).tolist()
@@ -129,6 +166,8 @@ def unit_scores(weight: torch.Tensor, norm: int = 1, normalize: bool = False) ->
     if norm not in (1, 2):
         raise ValueError(f"`norm` must be 1 or 2, got {norm!r}")
     flat = weight.detach().float().reshape(weight.shape[0], -1)
+    if signed:
+        return flat.sum(1) / flat.shape[1] if normalize else flat.sum(1)
     scores = torch.linalg.vector_norm(flat, ord=norm, dim=1)
     if normalize:
         scores = scores / (flat.shape[1] ** (1.0 / norm))
@@ -140,46 +179,99 @@ def _unit_mask_to_weight(unit_keep: torch.Tensor, shape: torch.Size) -> torch.Te
 
 
 def structured_mask(
-    weight: torch.Tensor, sparsity: float, norm: int = 1, mask: torch.Tensor | None = None
+    weight: torch.Tensor,
+    sparsity: float,
+    norm: int = 1,
+    mask: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    signed: bool = False,
 ) -> torch.Tensor:
     """Keep-mask pruning the ``round(sparsity * units)`` output units (dim 0) of ``weight`` with the lowest norm.
 
-    Units with any entry already ``False`` in ``mask`` count as pruned and go first.
+    Units with any entry already ``False`` in ``mask`` count as pruned and go first. With per-entry ``scores``
+    units rank by the norm of their scores (by their sum when ``signed``).
 
     Example:
         >>> structured_mask(torch.tensor([[1.0], [3.0], [2.0], [0.0]]), 0.5).view(-1).tolist()
         [False, True, True, False]
     """
     unit_mask = None if mask is None else mask.reshape(mask.shape[0], -1).bool().all(dim=1)
-    scores = _masked_scores(unit_scores(weight, norm), unit_mask)
-    keep = _prune_lowest(scores, num_to_prune(sparsity, weight.shape[0]))
+    units = unit_scores(weight if scores is None else scores, norm, signed=signed)
+    keep = _prune_lowest(_masked_scores(units, unit_mask, signed), num_to_prune(sparsity, weight.shape[0]))
     return _unit_mask_to_weight(keep, weight.shape)
 
 
 def global_unstructured_masks(
-    weights: Mapping[str, torch.Tensor], sparsity: float, masks: Mapping[str, torch.Tensor] | None = None
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    scores: Mapping[str, torch.Tensor] | None = None,
+    signed: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Keep-masks for several tensors with one magnitude ranking across all of them.
+    """Keep-masks for several tensors with one ranking (by ``|w|``, or by ``scores``) across all of them.
 
-    Exactly ``round(sparsity * total)`` entries are pruned in all; layers end with different sparsities.
+    Exactly ``round(sparsity * total)`` entries are pruned in all; layers end with different sparsities. The
+    result is that of one ranking over all entries concatenated (ties: earlier tensor and position first), but
+    nothing is concatenated or sorted: the cut is found by selection inside a band bracketed by a sample, from
+    per-tensor counts (:func:`_kth_smallest_of`).
 
     Example:
         >>> ws = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.1, 0.2, 3.0, 4.0])}
         >>> {k: m.tolist() for k, m in global_unstructured_masks(ws, 0.5).items()}
         {'a': [False, True], 'b': [False, False, True, True]}
     """
-    masks = masks or {}
+    masks, scores = masks or {}, scores or {}
     names = list(weights)
     if not names:
         return {}
-    scores = torch.cat([_masked_scores(weights[n].detach().abs(), masks.get(n)).reshape(-1).cpu() for n in names])
-    keep = _prune_lowest(scores, num_to_prune(sparsity, scores.numel()))
-    out, offset = {}, 0
+    flat = {}
     for n in names:
-        w = weights[n]
-        out[n] = keep[offset : offset + w.numel()].view(w.shape).to(w.device)
-        offset += w.numel()
+        raw = scores[n] if n in scores else weights[n].detach().abs()
+        flat[n] = _masked_scores(raw, masks.get(n), signed).reshape(-1)
+    total = sum(f.numel() for f in flat.values())
+    k = num_to_prune(sparsity, total)
+    if k <= 0 or k >= total:
+        return {n: torch.full(weights[n].shape, k <= 0, dtype=torch.bool, device=weights[n].device) for n in names}
+    threshold, at_or_below = _kth_smallest_of(list(flat.values()), k)
+    out: dict[str, torch.Tensor] = {}
+    room = k - sum(int(torch.count_nonzero(f < threshold)) for f in flat.values()) if at_or_below != k else 0
+    for n in names:
+        f = flat[n]
+        if at_or_below == k:  # no tie straddles the cut: one comparison suffices
+            keep = f > threshold
+        else:  # the first `room` tied entries (in tensor order, then position) go
+            tied = f == threshold
+            keep = ~((f < threshold) | (tied & (torch.cumsum(tied, 0) <= room)))
+            room -= min(room, int(torch.count_nonzero(tied)))
+        out[n] = keep.view(weights[n].shape).to(weights[n].device)
     return out
+
+
+def _kth_smallest_of(parts: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
+    """The ``k``-th smallest value (1-based) over several flat tensors, as if concatenated, exactly, and how many
+    entries are at or below it.
+
+    Small inputs are concatenated. Otherwise a sample from every part (in proportion to its size) brackets the
+    answer between two quantiles; entries below the band are only counted, entries inside it are
+    selected from (about 2.5 %). An unlucky sample widens the band to everything.
+    """
+    n = sum(p.numel() for p in parts)
+    if n > 1 << 16:
+        g = torch.Generator().manual_seed(n)
+        sample = torch.cat([
+            p[torch.randint(0, p.numel(), (max(1, (p.numel() << 14) // n),), generator=g).to(p.device)].float().cpu()
+            for p in parts
+        ])
+        q = k / n
+        lo, hi = torch.quantile(sample, torch.tensor([max(q - 0.012, 0.0), min(q + 0.012, 1.0)])).tolist()
+        below = sum(int(torch.count_nonzero(p < lo)) for p in parts)
+        band = torch.cat([p[(p >= lo) & (p <= hi)].float().cpu() for p in parts])
+        if below < k <= below + band.numel():
+            threshold = torch.kthvalue(band, k - below).values
+            return threshold, below + int(torch.count_nonzero(band <= threshold))
+    everything = torch.cat([p.float().cpu() for p in parts])
+    threshold = torch.kthvalue(everything, k).values
+    return threshold, int(torch.count_nonzero(everything <= threshold))
 
 
 def global_structured_masks(
@@ -187,8 +279,13 @@ def global_structured_masks(
     sparsity: float,
     norm: int = 1,
     masks: Mapping[str, torch.Tensor] | None = None,
+    scores: Mapping[str, torch.Tensor] | None = None,
+    signed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks pruning whole output units across several layers, ranked by size-normalized norm.
+
+    With per-entry ``scores`` (:func:`importance`) units rank by the normalized norm of their scores (their mean
+    when ``signed``).
 
     Units are taken lowest score first until at least ``round(sparsity * total weights)`` weights are pruned, but
     never the last unit of a layer (a layer with no output would cut the network).
@@ -198,7 +295,7 @@ def global_structured_masks(
         >>> {k: m.view(-1).tolist() for k, m in global_structured_masks(ws, 0.5).items()}
         {'a': [True, True, False, False], 'b': [False, True]}
     """
-    masks = masks or {}
+    masks, entry_scores = masks or {}, scores or {}
     names = list(weights)
     if not names:
         return {}
@@ -207,7 +304,8 @@ def global_structured_masks(
         w = weights[n]
         m = masks.get(n)
         unit_mask = None if m is None else m.reshape(m.shape[0], -1).bool().all(dim=1)
-        scores.append(_masked_scores(unit_scores(w, norm, normalize=True), unit_mask).cpu())
+        units = unit_scores(entry_scores.get(n, w), norm, normalize=True, signed=signed)
+        scores.append(_masked_scores(units, unit_mask, signed).cpu())
         unit_size = math.prod(w.shape[1:])
         sizes.append(torch.full((w.shape[0],), unit_size, dtype=torch.long))
         owner.append(torch.full((w.shape[0],), i, dtype=torch.long))
@@ -229,3 +327,67 @@ def global_structured_masks(
         alive[i] -= 1
         pruned += int(all_sizes[j])
     return {n: _unit_mask_to_weight(keep[i], weights[n].shape).to(weights[n].device) for i, n in enumerate(names)}
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"N:M"`` -> ``(N, M)``, checking ``1 <= N < M``.
+
+    Example:
+        >>> parse_pattern("2:4")
+        (2, 4)
+    """
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 1 <= int(parts[0]) < int(parts[1]):
+        raise ValueError(f"`pattern` must be 'N:M' with integers 1 <= N < M (e.g. '2:4'), got {pattern!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    """View of ``t`` as rows of ``m`` consecutive entries along the input dimension (dim 1, moved last)."""
+    return t.movedim(1, -1).reshape(-1, m)
+
+
+def nm_mask(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    fraction: float = 1.0,
+    mask: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    signed: bool = False,
+) -> torch.Tensor:
+    """Keep-mask holding ``round(fraction * groups)`` groups of ``m`` input-dimension neighbours to at most ``n``.
+
+    Groups are ``m`` consecutive entries along dim 1 (a ``Linear``'s inputs; a ``Conv``'s input channels at one
+    output channel and kernel position), which must divide by ``m``. In a held group the ``m - n`` lowest-scoring
+    entries go. The groups held are those whose pruning removes the least score (the sum of their ``m - n``
+    lowest scores); groups already held (by ``mask``) stay held, so masks only shrink as ``fraction`` grows.
+
+    Example:
+        >>> nm_mask(torch.tensor([[1.0, -4.0, 3.0, 0.5, 2.0, 2.5, -1.0, 0.1]]), 2, 4).int().tolist()
+        [[0, 1, 1, 0, 1, 1, 0, 0]]
+    """
+    if weight.dim() < 2 or weight.shape[1] % m:
+        raise ValueError(f"N:M sparsity needs dim 1 divisible by M={m}, got a weight of shape {tuple(weight.shape)}")
+    entry = _masked_scores(weight.detach().abs() if scores is None else scores, mask, signed)
+    grouped = _groups(entry, m)
+    lowest = torch.argsort(grouped, dim=1, stable=True)[:, : m - n]
+    cost = grouped.gather(1, lowest).sum(1)
+    held = ~_prune_lowest(cost, num_to_prune(fraction, cost.numel()))
+    keep = torch.ones_like(grouped, dtype=torch.bool)
+    keep[held] = keep[held].scatter(1, lowest[held], False)
+    shape = weight.movedim(1, -1).shape
+    out = keep.reshape(shape).movedim(-1, 1)
+    return out if mask is None else out & mask.to(device=out.device, dtype=torch.bool)
+
+
+def nm_fraction(weight: torch.Tensor, n: int, m: int) -> float:
+    """Fraction of the groups of ``m`` input-dimension neighbours with at most ``n`` non-zeros.
+
+    Example:
+        >>> nm_fraction(torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0, 1.0, 1.0, 0.0]]), 2, 4)
+        0.5
+    """
+    if weight.dim() < 2 or weight.shape[1] % m:
+        return 0.0
+    return float((torch.count_nonzero(_groups(weight.detach(), m), dim=1) <= n).float().mean())

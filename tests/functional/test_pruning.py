@@ -77,3 +77,91 @@ def test_bad_arguments() -> None:
         masks.unstructured_mask(torch.ones(3), 1.5)
     with pytest.raises(ValueError, match="`norm` must be 1 or 2, got 3"):
         masks.unit_scores(torch.ones(3, 3), norm=3)
+
+
+def _concatenated_reference(weights: dict, sparsity: float, prev: dict, scores: dict, signed: bool) -> dict:
+    """The ranking as it was computed before: every score concatenated, one selection over all of them."""
+    flat = torch.cat([masks._masked_scores(scores.get(n, w.abs()), prev.get(n), signed).reshape(-1)
+                      for n, w in weights.items()])
+    keep = masks._prune_lowest(flat, masks.num_to_prune(sparsity, flat.numel()))
+    out, offset = {}, 0
+    for n, w in weights.items():
+        out[n] = keep[offset : offset + w.numel()].view(w.shape)
+        offset += w.numel()
+    return out
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("sparsity", [0.3, 0.9])
+def test_global_ranking_without_concatenation_equals_the_concatenated_one(sparsity: float, signed: bool) -> None:
+    # large enough for the sampled band (> 65,536 entries), with heavy ties (rounded values) and previous masks
+    ws = {"a": (_weight(300, 200, seed=1) * 4).round() / 4, "b": (_weight(100, 300, seed=2) * 4).round() / 4,
+          "c": torch.zeros(10, 10)}
+    prev = {"a": _weight(300, 200, seed=3) > -1.0, "b": _weight(100, 300, seed=4) > -1.5}
+    scores = {n: -w if signed else w.abs() for n, w in ws.items()}
+    ours = masks.global_unstructured_masks(ws, sparsity, prev, scores, signed)
+    reference = _concatenated_reference(ws, sparsity, prev, scores, signed)
+    for n in ws:
+        assert torch.equal(ours[n], reference[n]), n
+    assert sum(int((~m).sum()) for m in ours.values()) == masks.num_to_prune(sparsity, 90100)
+
+
+def test_activation_importance_is_weight_times_input_channel_norm() -> None:
+    w = _weight(6, 4)
+    norms = torch.tensor([1.0, 0.0, 2.0, 10.0])
+    assert torch.equal(masks.importance(w, "activation", norms), w.abs() * norms)
+    conv = nn.Conv2d(4, 6, 3, groups=2)  # each output channel sees 2 of the 4 input channels
+    scores = masks.importance(conv.weight, "activation", norms, groups=2)
+    assert torch.equal(scores[:3], conv.weight[:3].detach().abs() * norms[:2].view(1, 2, 1, 1))
+    assert torch.equal(scores[3:], conv.weight[3:].detach().abs() * norms[2:].view(1, 2, 1, 1))
+    # a channel that is always zero makes its weights the first to go, whatever their magnitude
+    keep = masks.unstructured_mask(w, 0.25, scores=masks.importance(w, "activation", norms))
+    assert not bool(keep[:, 1].any()) and int((~keep).sum()) == 6
+
+
+def test_movement_scores_are_signed_and_masks_never_grow_back() -> None:
+    movement = torch.tensor([[-5.0, 2.0, -0.5, 1.0]])
+    keep = masks.unstructured_mask(torch.ones(1, 4), 0.5, scores=movement, signed=True)
+    assert keep.tolist() == [[False, True, False, True]]
+    later = masks.unstructured_mask(torch.ones(1, 4), 0.75, keep, scores=torch.tensor([[9.0, 3.0, 9.0, -1.0]]),
+                                    signed=True)
+    assert later.tolist() == [[False, True, False, False]]
+    units = masks.structured_mask(torch.ones(3, 2), 1 / 3, scores=torch.tensor([[1.0, 1.0], [-3.0, 4.0], [0.0, 0.5]]),
+                                  signed=True)
+    assert units[:, 0].tolist() == [True, True, False]  # unit sums 2, 1, 0.5
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (4, 8, 3, 3)])
+def test_nm_mask_keeps_n_of_every_m_along_the_input_dimension(shape: tuple[int, ...]) -> None:
+    w = _weight(*shape)
+    keep = masks.nm_mask(w, 2, 4)
+    groups = keep.movedim(1, -1).reshape(-1, 4)
+    assert bool((groups.sum(1) == 2).all())
+    kept_min = torch.where(keep, w.abs(), float("inf")).movedim(1, -1).reshape(-1, 4).min(1).values
+    pruned_max = torch.where(keep, -1.0, w.abs()).movedim(1, -1).reshape(-1, 4).max(1).values
+    assert bool((pruned_max <= kept_min).all()), "a group lost a larger weight than one it kept"
+    assert masks.nm_fraction(w * keep, 2, 4) == 1.0 and masks.nm_fraction(w, 2, 4) == 0.0
+
+
+def test_nm_mask_gradual_holds_a_growing_fraction_of_groups() -> None:
+    w = _weight(16, 32)
+    previous = None
+    for fraction in (0.25, 0.5, 1.0):
+        keep = masks.nm_mask(w, 1, 4, fraction, previous)
+        per_group = keep.reshape(-1, 4).sum(1)
+        assert int((per_group == 1).sum()) == round(fraction * 128) and int((per_group == 4).sum()) == 128 - round(fraction * 128)
+        if previous is not None:
+            assert not bool((keep & ~previous).any())
+        previous = keep
+    # the first groups held are those whose pruned entries matter least
+    first = masks.nm_mask(w, 1, 4, 0.25).reshape(-1, 4).sum(1) == 1
+    cost = w.abs().reshape(-1, 4).sort(1).values[:, :3].sum(1)
+    assert cost[first].max() <= cost[~first].min()
+
+
+def test_nm_bad_arguments() -> None:
+    for bad in ("4:2", "2:2", "0:4", "2-4", "a:b", 24):
+        with pytest.raises(ValueError, match="`pattern` must be 'N:M' with integers 1 <= N < M"):
+            masks.parse_pattern(bad)
+    with pytest.raises(ValueError, match="divisible by M=4"):
+        masks.nm_mask(torch.ones(3, 6), 2, 4)

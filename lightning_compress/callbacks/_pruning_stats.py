@@ -1,0 +1,251 @@
+"""What a pruning criterion needs from training, gathered for :class:`~lightning_compress.GradualPruning`.
+
+- ``activation`` (Wanda, Sun et al. 2023): the squared L2 norm of every input channel of each pruned layer,
+  summed by forward pre-hooks over the training batches the model sees anyway (train mode, gradients on: no
+  extra data pass; validation and ``no_grad`` forwards are not counted), from the previous mask update (or the
+  start of training) to the next. Each rank sums its own batches; the sums are added across DDP ranks through
+  ``trainer.strategy.reduce`` when the masks are computed (and when a checkpoint is written), so every rank
+  computes the same masks.
+- ``movement`` (Sanh et al. 2020): ``-w * dL/dw`` added up at every optimizer step (before the step, on the
+  gradients DDP already averaged) from the start of training; pruned entries add nothing.
+- ``magnitude``: nothing.
+
+Gathering stops after the schedule's last mask update (the hooks are removed, the sums dropped), so a model
+fine-tuning at its final sparsity pays nothing for it.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> lin = nn.Linear(2, 1)
+    >>> stats = CriterionStats("activation")
+    >>> stats.attach({"weight": [lin]})
+    >>> _ = lin(torch.tensor([[3.0, 0.0], [4.0, 1.0]]))
+    >>> stats.statistic("weight", None)
+    tensor([5., 1.])
+    >>> stats.remove()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.functional import pruning as masks
+
+__all__: list[str] = []  # private to GradualPruning
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class CriterionStats:
+    """Statistics of one pruning criterion per weight (fully-qualified name), with their hooks.
+
+    Args:
+        criterion: ``magnitude``, ``activation`` or ``movement``.
+    """
+
+    def __init__(self, criterion: str) -> None:
+        self.criterion = criterion
+        self.sums: dict[str, torch.Tensor] = {}  # this rank's input sums of squares / movement scores
+        self.restored: dict[str, torch.Tensor] = {}  # activation sums from a checkpoint (already reduced)
+        self._handles: list[Any] = []
+
+    @property
+    def signed(self) -> bool:
+        """Whether the scores can be negative (movement)."""
+        return self.criterion == "movement"
+
+    def ready(self) -> bool:
+        """Whether masks can be computed: magnitude always, the others once a batch was seen."""
+        return self.criterion == "magnitude" or bool(self.sums) or bool(self.restored)
+
+    def attach(self, layers: dict[str, list[nn.Module]]) -> None:
+        """Hook every layer's input (``activation``); ``layers`` maps a weight to the modules using it."""
+        self.remove()
+        if self.criterion != "activation":
+            return
+        for fqn, modules in layers.items():
+            for module in modules:
+                self._handles.append(module.register_forward_pre_hook(self._hook(fqn, isinstance(module, _CONV))))
+
+    def _hook(self, fqn: str, conv: bool) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            x = args[0].detach()
+            if conv:  # channels at dim 1 ((N, C, ...)), or dim 0 for an unbatched input
+                x = x.movedim(1 if x.dim() == module.weight.dim() else 0, -1)
+            squares = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]).float(), dim=0).square()
+            total = self.sums.get(fqn)
+            self.sums[fqn] = squares if total is None else total.add_(squares)
+
+        return hook
+
+    @torch.no_grad()
+    def accumulate(self, weights: dict[str, nn.Parameter]) -> None:
+        """Add ``-w * grad`` to the movement scores (call before the optimizer step)."""
+        if self.criterion != "movement":
+            return
+        for fqn, weight in weights.items():
+            if weight.grad is None:
+                continue
+            score = self.sums.get(fqn)
+            if score is None or score.device != weight.device:
+                score = torch.zeros_like(weight, dtype=torch.float32) if score is None else score.to(weight.device)
+                self.sums[fqn] = score
+            score.addcmul_(weight.detach().float(), weight.grad.float(), value=-1.0)
+
+    def _reduced(self, strategy: Any) -> dict[str, torch.Tensor]:
+        sums = {fqn: s if strategy is None else strategy.reduce(s.clone(), reduce_op="sum") for fqn, s in self.sums.items()}
+        for fqn, restored in self.restored.items():
+            sums[fqn] = sums[fqn] + restored.to(sums[fqn].device) if fqn in sums else restored.clone()
+        return sums
+
+    def statistic(self, fqn: str, strategy: Any) -> torch.Tensor | None:
+        """Input norms (``activation``, summed over ranks) or movement scores of ``fqn``; ``None`` for magnitude."""
+        if self.criterion == "movement":
+            return self.sums.get(fqn)
+        if self.criterion == "activation":
+            total = self._reduced(strategy).get(fqn)
+            return None if total is None else total.sqrt()
+        return None
+
+    def all_statistics(self, fqns: list[str], strategy: Any) -> dict[str, torch.Tensor]:
+        """:meth:`statistic` for several weights, with one reduction across ranks."""
+        if self.criterion == "activation":
+            return {fqn: s.sqrt() for fqn, s in self._reduced(strategy).items() if fqn in fqns}
+        return {fqn: s for fqn, s in self.sums.items() if fqn in fqns} if self.criterion == "movement" else {}
+
+    def updated(self, last: bool) -> None:
+        """Masks were just computed: activation sums start over (movement scores keep adding up); after the
+        ``last`` update of the schedule nothing more is gathered."""
+        if self.criterion == "activation" or last:
+            self.sums, self.restored = {}, {}
+        if last:
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove the hooks (the sums stay: they are checkpointed state)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        """Remove the hooks and drop every sum."""
+        self.remove()
+        self.sums, self.restored = {}, {}
+
+    def state_dict(self, strategy: Any) -> dict[str, torch.Tensor]:
+        """Sums to checkpoint: activation sums added across ranks (every rank must call it, as Lightning does)."""
+        sums = self._reduced(strategy) if self.criterion == "activation" else dict(self.sums)
+        return {fqn: s.detach().cpu().clone() for fqn, s in sums.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s sums."""
+        self.sums, self.restored = {}, {}
+        if self.criterion == "activation":
+            self.restored = {fqn: s.float() for fqn, s in state.items()}
+        else:
+            self.sums = {fqn: s.float() for fqn, s in state.items()}
+
+
+def compute_masks(
+    weights: dict[str, nn.Parameter],
+    layers: dict[str, list[nn.Module]],
+    pooled: list[str],
+    previous: dict[str, torch.Tensor],
+    statistics: dict[str, torch.Tensor],
+    criterion: str,
+    mode: str,
+    norm: int,
+    nm: tuple[int, int] | None,
+    sparsity: dict[str, float],
+    fraction: float,
+) -> dict[str, torch.Tensor]:
+    """New keep-masks: the ``pooled`` weights ranked together (at the sparsity of their first), the others each on
+    its own at ``sparsity[fqn]``, or every one held to N:M in a ``fraction`` of its groups. A layer without
+    statistics (no training batch went through it) is ranked by magnitude."""
+    signed = criterion == "movement"
+    scores = {}
+    for fqn, weight in weights.items():
+        known = criterion if fqn in statistics else "magnitude"
+        scores[fqn] = masks.importance(weight, known, statistics.get(fqn), getattr(layers[fqn][0], "groups", 1))
+    new: dict[str, torch.Tensor] = {}
+    if pooled:
+        pool, target = {fqn: weights[fqn] for fqn in pooled}, sparsity[pooled[0]]
+        if mode == "structured":
+            new.update(masks.global_structured_masks(pool, target, norm, previous, scores, signed))
+        else:
+            new.update(masks.global_unstructured_masks(pool, target, previous, scores, signed))
+    for fqn, weight in weights.items():
+        if fqn in new:
+            continue
+        if nm is not None:
+            new[fqn] = masks.nm_mask(weight, *nm, fraction, previous.get(fqn), scores[fqn], signed)
+        elif mode == "structured":
+            new[fqn] = masks.structured_mask(weight, sparsity[fqn], norm, previous.get(fqn), scores[fqn], signed)
+        else:
+            new[fqn] = masks.unstructured_mask(weight, sparsity[fqn], previous.get(fqn), scores[fqn], signed)
+    return new
+
+
+def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, nn.Parameter]) -> None:
+    """Raise unless the masks from a checkpoint are for exactly these weights, shape for shape."""
+    if set(restored) != set(weights):
+        raise ValueError(
+            f"GradualPruning: the checkpoint's masks are for {sorted(restored)}, but this run prunes "
+            f"{sorted(weights)}; resume with the same `targets`/`exclude`"
+        )
+    for fqn, mask in restored.items():
+        if mask.shape != weights[fqn].shape:
+            raise ValueError(f"GradualPruning: mask for {fqn!r} has shape {tuple(mask.shape)}, weight has "
+                             f"{tuple(weights[fqn].shape)}")
+
+
+def mask_factors(
+    keep: dict[str, torch.Tensor], weights: dict[str, nn.Parameter], biases: dict[str, nn.Parameter]
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """``(parameter, 0/1 factor in its dtype)`` for every masked weight and bias (of pruned units): a float
+    multiply is several times faster than a masked fill or a multiply by a ``bool`` tensor."""
+    factors = []
+    for fqn, mask in keep.items():
+        weight, bias = weights[fqn], biases.get(fqn)
+        factors.append((weight, mask.to(weight.dtype)))
+        if bias is not None:
+            factors.append((bias, mask.reshape(mask.shape[0], -1)[:, 0].to(bias.dtype)))
+    return factors
+
+
+@torch.no_grad()
+def multiply(factors: list[tuple[nn.Parameter, torch.Tensor]], params: set[int] | None, grads: bool = False) -> None:
+    """Zero the pruned entries of the parameters in ``params`` (all when ``None``), or of their gradients, in one
+    ``torch._foreach_mul_``."""
+    pairs = [(p.grad if grads else p, keep) for p, keep in factors if params is None or id(p) in params]
+    pairs = [(t, keep) for t, keep in pairs if t is not None]
+    if pairs:
+        torch._foreach_mul_([t for t, _ in pairs], [keep for _, keep in pairs])
+
+
+def check_pattern(
+    pattern: str | None, mode: str, layer_sparsity: Any, layer: str | None = None, weight: torch.Tensor | None = None
+) -> tuple[int, int] | None:
+    """``(N, M)`` of ``pattern`` (``None`` without one), refusing what it cannot combine with, or a ``layer``
+    whose input size does not divide by M."""
+    if pattern is None:
+        return None
+    n, m = masks.parse_pattern(pattern)
+    if mode == "structured" or layer_sparsity:
+        raise ValueError(f"`pattern`={pattern!r} prunes within rows: it takes neither `mode='structured'` nor "
+                         "`layer_sparsity`")
+    if weight is not None and weight.shape[1] % m:
+        raise ValueError(f"`pattern`={pattern!r}: {layer!r} has {weight.shape[1]} inputs, not a multiple of {m}; "
+                         "leave it out with `exclude`")
+    return n, m
+
+
+def layer_numel(model: nn.Module) -> int:
+    """Entries of all layer weights (tensors with >= 2 dims, tied ones once), as the monitor counts them."""
+    weights = {id(w): w for m in model.modules() if isinstance(w := getattr(m, "weight", None), torch.Tensor)}
+    return sum(w.numel() for w in weights.values() if w.dim() >= 2)
