@@ -63,7 +63,7 @@ class Element:
 
     @property
     def bits(self) -> int:
-        return 1 + self.ebits + self.mbits
+        return 1 + self.ebits + self.mbits if self.ebits else 8  # the integer element: 8-bit two's complement
 
     @property
     def bias(self) -> int:
