@@ -57,8 +57,8 @@ class QuantConfig:
         for name in ("symmetric", "learn_scale", "dynamic"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
-        self._check_activations()
         self._check_weights()
+        self._check_activations()
 
     def _check_activations(self) -> None:
         ab, fmt_bits = self.activation_bits, self.format_bits
