@@ -4,13 +4,14 @@ torchao's QAT.
     python benchmarks/formats.py            # kernel table + 3 seeds x 7 formats x 2 frameworks (~20 min on 2 cores)
     python benchmarks/formats.py --quick    # fewer timing rounds, 1 seed, 10 epochs
     python benchmarks/formats.py --kernel-only
+    python benchmarks/formats.py --epochs 15  # the stored run: 3 seeds, 15 epochs (QAT from epoch 5)
 
 1. Kernel: a 4096x4096 Linear at batch 1 and 16, one thread, side by side in one process (alternating rounds,
    median): fp32 ``nn.Linear``, bf16 ``nn.Linear``, and our converted W4 group-128 layer (``GroupwiseLinear`` on
    ``torch.ops.aten._weight_int4pack_mm_for_cpu``, bf16 activations), with its error against the fake-quantized
    fp32 layer it came from.
 2. Quality: DigitsMLP 64-256-128-10 (every in_features a multiple of 32, as groups of 32 and MX blocks need),
-   30 epochs, Adam 1e-3; QAT rows train in float for 10 epochs, then fake-quantize (observers frozen at 25 for the
+   30 epochs (the stored run: 15, see --epochs), Adam 1e-3, one thread; QAT rows train in float for 10 epochs, then fake-quantize (observers frozen at 25 for the
    static row). Accuracy (%) on the held-out test split, mean ± std over seeds, of our fake-quantized and converted
    models; bits per weight counted from the converted layers' stored tensors (codes + scales + zero points) over
    the quantized layers; torchao 0.18's QAT (``quantize_(model, QATConfig(..., step="prepare"))`` at the same
@@ -144,7 +145,7 @@ def train_row(name: str | None, seed: int, epochs: int, framework: str) -> dict[
     dm = DigitsDataModule(batch_size=64)
     dm.setup("fit")
     model = DigitsMLP(hidden_sizes=[256, 128])
-    start, freeze = (START, FREEZE) if epochs == 30 else (epochs // 3, epochs - 2)
+    start, freeze = (START, FREEZE) if epochs == 30 else (epochs // 3, epochs - epochs // 6)
     callbacks: list[Callback] = []
     if name is not None and framework == "ours":
         cfg = dict(ROWS[name])
@@ -190,11 +191,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--kernel-only", action="store_true")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (QAT from a third of them)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     out: dict[str, Any] = {"torch": torch.__version__, "quick": args.quick}
-    out["kernel"] = kernel_table(rounds=5 if args.quick else 15)
+    out["kernel"] = kernel_table(rounds=5 if args.quick else 11)
     k = out["kernel"]
     print("| 4096x4096 Linear, 1 thread | fp32 (ms) | bf16 (ms) | W4 g128 ours (ms) | ours vs fp32 | ours vs bf16 |")
     print("|---|---|---|---|---|---|")
@@ -206,9 +208,9 @@ def main() -> None:
         import torchao
 
         out["torchao"] = torchao.__version__
-        torch.set_num_threads(torch.get_num_threads())
         seeds = [0] if args.quick else [0, 1, 2]
-        out["quality"] = quality(seeds, epochs=10 if args.quick else 30)
+        out["epochs"] = 10 if args.quick else args.epochs
+        out["quality"] = quality(seeds, epochs=out["epochs"])
         out["seeds"] = seeds
         print("| format | bits/weight | ours fake-quant (%) | ours converted (%) | torchao QAT (%) |")
         print("|---|---|---|---|---|")
