@@ -20,7 +20,7 @@ compressed-tensors' ``QuantizationArgs`` where they exist: ``{"weights": {"type"
 "symmetric", "strategy": "tensor" | "channel" | "group", "group_size", "element" (fp8/MX element name or None),
 "scale_dtype": "bfloat16" | "float32" | "e8m0", "tensors": {role: buffer name}, "packing"}, "input_activations":
 None | {"type", "num_bits", "strategy": "tensor" | "token" | "group", "dynamic", "symmetric"}, "format":
-suggested compressed-tensors format name}``; tensors are read from the layer by those buffer names.
+suggested compressed-tensors format name}``; ``getattr(layer, name)`` gives each tensor named in ``tensors``.
 
 Example:
     >>> import torch
@@ -52,7 +52,7 @@ from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import pack_bits, pack_codes, unpack_bits, unpack_codes
 from lightning_compress.layers.quantization import quantize_input_dynamic
 
-__all__ = ["LOW_BIT_LAYERS", "Float8Linear", "GroupwiseLinear", "MXLinear", "weight_storage_bits"]
+__all__ = ["LOW_BIT_LAYERS", "Float8Linear", "GroupwiseLinear", "MXLinear", "quant_format", "weight_storage_bits"]
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -248,6 +248,39 @@ def weight_storage_bits(layer: nn.Module) -> float:
     if hasattr(layer, "qparams"):  # Int8Linear / PackedLinear: weight steps are the first entries of qparams
         total += layer.weight_scale.numel() * 4
     return 8.0 * total / layer.weight.numel()
+
+
+def quant_format(layer: nn.Module) -> dict[str, Any]:
+    """The format description (see the module docstring) of any converted Linear: the low-bit layers here, and
+    ``Int8Linear`` / ``PackedLinear`` of :mod:`~lightning_compress.export.quantization` (per-channel or per-tensor
+    int weights; inputs static per tensor, per token at run time, or float).
+
+    Example:
+        >>> quant_format(MXLinear(torch.randn(4, 32), "mxfp4", None))["format"]
+        'mxfp4-pack-quantized'
+    """
+    if isinstance(layer, LOW_BIT_LAYERS):
+        return layer.quant_format()
+    from lightning_compress.export.quantization import Int8Linear, PackedLinear
+
+    if not isinstance(layer, (Int8Linear, PackedLinear)) or getattr(layer, "kind", "uniform") != "uniform":
+        raise ValueError(f"no quantization format description for a {type(layer).__name__}")
+    int8 = isinstance(layer, Int8Linear)
+    zp = layer.weight_zero_point if int8 else layer.zero_point
+    tensors = {"codes": "weight_int8" if int8 else "packed", "scale": "weight_scale"}
+    if zp is not None:
+        tensors["zero_point"] = "weight_zero_point" if int8 else "zero_point"
+    static = layer.input_scale is not None
+    dynamic = int8 and not static or getattr(layer, "dynamic_input", False)
+    inputs = None if not (static or dynamic) else {
+        "type": "int", "num_bits": 8, "strategy": "token" if dynamic else "tensor", "dynamic": dynamic,
+        "symmetric": False, "element": None}
+    bits = 8 if int8 else layer.bits
+    return {"format": "int-quantized" if int8 and inputs else "pack-quantized", "input_activations": inputs,
+            "weights": {"type": "int", "num_bits": bits, "symmetric": zp is None, "group_size": None, "element": None,
+                        "strategy": "channel" if layer.weight_scale.numel() > 1 else "tensor",
+                        "scale_dtype": "float32", "tensors": tensors,
+                        "packing": "int8 (out, in)" if int8 else f"codes - qmin in {bits}-bit slots, row-major (out, in)"}}
 
 
 def convert_linear(m: nn.Module, w: torch.Tensor, bias: torch.Tensor | None,

@@ -195,3 +195,24 @@ def test_bad_layers_are_named() -> None:
     with pytest.raises(ValueError):
         prepare_qat(net, ["0", "1"], QuantConfig(8, None, scheme="mxfp8"))
     assert type(net[0]) is nn.Linear  # nothing was prepared before the error
+
+
+def test_the_int8_layers_describe_their_format_too() -> None:
+    from lightning_compress.export.low_bit import quant_format
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    dyn = convert(_prepared(nn.Sequential(nn.Linear(32, 16)), x, weight_bits=8, activation_bits=8,
+                            activation_granularity="per_token", dynamic=True))[0]
+    static = convert(_prepared(nn.Sequential(nn.Linear(32, 16)), x, weight_bits=8, activation_bits=8))[0]
+    packed = convert(_prepared(nn.Sequential(nn.Linear(32, 16)), x, weight_bits=4, activation_bits=None))[0]
+    assert quant_format(dyn)["input_activations"]["strategy"] == "token" and quant_format(dyn)["input_activations"]["dynamic"]
+    assert quant_format(static)["input_activations"] == {"type": "int", "num_bits": 8, "strategy": "tensor",
+                                                         "dynamic": False, "symmetric": False, "element": None}
+    assert quant_format(packed)["input_activations"] is None and quant_format(packed)["weights"]["num_bits"] == 4
+    assert quant_format(packed)["weights"]["strategy"] == "channel"
+    with pytest.raises(ValueError, match="no quantization format description for a Linear"):
+        quant_format(nn.Linear(2, 2))
+    for layer in (dyn, static, packed):
+        for name in quant_format(layer)["weights"]["tensors"].values():
+            assert isinstance(getattr(layer, name), torch.Tensor)
