@@ -90,8 +90,8 @@ def kernel_table(rounds: int) -> dict[str, Any]:
         xb = x.to(torch.bfloat16)
         ref = qat(x)
         y = int4(x)
-        t = _median_times({"fp32": lambda: fp32(x), "bf16": lambda: bf16(xb), "int4 g128 (ours)": lambda: int4(x)},
-                          rounds, inner=10 if batch == 1 else 4)
+        t = _median_times({"fp32": lambda x=x: fp32(x), "bf16": lambda xb=xb: bf16(xb),
+                           "int4 g128 (ours)": lambda x=x: int4(x)}, rounds, inner=10 if batch == 1 else 4)
         out[f"batch_{batch}"] = {
             "ms": {k: 1e3 * v for k, v in t.items()},
             "speedup_vs_fp32": {k: t["fp32"] / v for k, v in t.items()},

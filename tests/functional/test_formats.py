@@ -112,7 +112,7 @@ def test_grouped_lsq_step_gets_a_gradient_per_group() -> None:
 def test_per_token_grid_is_each_rows_own() -> None:
     x = torch.randn(3, 5, 24) * torch.tensor([0.01, 1.0, 100.0]).reshape(3, 1, 1)
     fq = qf.fake_quantize_per_token(x)
-    for row, out in zip(x.reshape(-1, 24), fq.reshape(-1, 24)):
+    for row, out in zip(x.reshape(-1, 24), fq.reshape(-1, 24), strict=True):
         s, z = qf.activation_qparams(row.amin().reshape(1), row.amax().reshape(1))
         assert torch.equal(out, qf.fake_quantize_uniform(row, s, z, 0, 255))
     assert qf.sqnr_db(x[0], fq[0]) > 40  # the small rows keep their own resolution
