@@ -54,11 +54,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import GradualPruning
-from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.callbacks.weight_sharing import WeightSharing
-from lightning_compress.cli import run_cli
-from lightning_compress.cli import model_from_config
+from lightning_compress.cli import model_from_config, run_cli
 from lightning_compress.export.lcdc import load_compressed, save_compressed
+from lightning_compress.functional import weight_sharing as kmeans
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits_deep_compression.yaml"

@@ -58,7 +58,8 @@ def semi_structured(repeats: int, size: int = 4096, batch: int = 1024) -> dict[s
         converted = to_semi_structured(sparse)
         x = torch.randn(batch, size, device="cuda", dtype=dtype)
         error = float((sparse(x) - dense(x)).abs().max() / dense(x).abs().max())
-        dense_ms, sparse_ms = _time_ms(lambda: dense(x), repeats), _time_ms(lambda: sparse(x), repeats)
+        dense_ms = _time_ms(lambda d=dense, x=x: d(x), repeats)
+        sparse_ms = _time_ms(lambda s=sparse, x=x: s(x), repeats)
         rows[str(dtype).removeprefix("torch.")] = {
             "converted": converted, "relative_max_error": error, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
             "speedup": dense_ms / sparse_ms,

@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import quiet_trainer, test_accuracy
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _common import quiet_trainer, test_accuracy
 from lightning_compress import GradualPruning
 from lightning_compress.examples import DigitsDataModule, DigitsMLP
 from lightning_compress.schedules import interpolate

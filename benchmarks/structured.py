@@ -38,8 +38,8 @@ from torch import nn
 from lightning_compress.callbacks.pruning import GradualPruning
 from lightning_compress.callbacks.slimmable import SlimmableTraining
 from lightning_compress.examples import DigitsCNN, DigitsDataModule, DigitsMLP
-from lightning_compress.export.slimmable import slice_width
 from lightning_compress.export.pruning import thin
+from lightning_compress.export.slimmable import slice_width
 from lightning_compress.graph import channels_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,15 @@ from typing_extensions import override
 from lightning_compress import claims
 from lightning_compress._validation import check_choice, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
-from lightning_compress.callbacks._pruning_stats import (CriterionStats, check_pattern, check_restored_masks,
-                                                         compute_masks, layer_numel, mask_factors, multiply)
+from lightning_compress.callbacks._pruning_stats import (
+    CriterionStats,
+    check_pattern,
+    check_restored_masks,
+    compute_masks,
+    layer_numel,
+    mask_factors,
+    multiply,
+)
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.functional import pruning as masks
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window

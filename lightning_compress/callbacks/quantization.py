@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_compress import claims
 from lightning_compress._validation import check_bool, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
+from lightning_compress.export.low_bit import LOW_BIT_LAYERS
 from lightning_compress.export.quantization import (
     Int8Conv2d,
     Int8Linear,
@@ -63,8 +64,11 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         activation_bits: ``8`` to quantize each targeted layer's input (unsigned affine, EMA min/max observer),
             ``None`` for weight-only quantization.
         scheme: ``uniform`` (affine integer levels) or ``power_of_two`` (levels ``0, +/- s * 2^-k``, Miyashita
-            et al. 2016; weights only, symmetric).
-        granularity: one step per output channel (``per_channel``) or per layer (``per_tensor``).
+            et al. 2016; weights only, symmetric); ``fp8_e4m3``/``fp8_e5m2`` (fp8 with an amax scale per channel
+            or tensor) or the OCP MX formats ``mxfp8``/``mxfp6``/``mxfp4``/``mxint8`` (blocks of 32 inputs sharing
+            a power-of-two E8M0 scale); for these ``weight_bits`` is the element width, Linear layers only.
+        granularity: one step per output channel (``per_channel``), per layer (``per_tensor``) or per group of
+            ``group_size`` consecutive inputs of each output channel (``per_group``, Linear layers only).
         symmetric: symmetric weight grid (zero point 0, ``[-(2^(b-1)-1), 2^(b-1)-1]``); ``False``: affine with
             an integer zero point.
         learn_scale: learn the weight step as a parameter (LSQ, Esser et al. 2020); it joins the optimizer,
@@ -82,6 +86,11 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
             integer model; ``trainer.test(model, ckpt_path="last")`` loads that fake-quantized checkpoint and runs
             its integer model). A run stopped before quantization started (e.g. by ``EarlyStopping``) stays in
             float, with a warning.
+        group_size: inputs per weight step with ``granularity="per_group"`` (it must divide each in_features).
+        activation_granularity: ``per_tensor`` (one observed range per layer) or ``per_token`` (each row of
+            the input at run time; needs ``dynamic``).
+        dynamic: quantize layer inputs at run time from their own ranges (no observer): 8-bit per token for
+            integer schemes, the weight's fp8/MX format otherwise.
 
     Raises:
         ValueError: bits out of range, an unknown scheme/granularity, power-of-two with an asymmetric grid, LSQ
@@ -103,8 +112,8 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         self,
         weight_bits: int = 8,
         activation_bits: int | None = 8,
-        scheme: Literal["uniform", "power_of_two"] = "uniform",
-        granularity: Literal["per_tensor", "per_channel"] = "per_channel",
+        scheme: Literal["uniform", "power_of_two", "fp8_e4m3", "fp8_e5m2", "mxfp8", "mxfp6", "mxfp4", "mxint8"] = "uniform",
+        granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel",
         symmetric: bool = True,
         learn_scale: bool = False,
         start_epoch: float | None = None,
@@ -116,9 +125,13 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         convert_on_fit_end: bool = True,
+        group_size: int | None = None,
+        activation_granularity: Literal["per_tensor", "per_token"] = "per_tensor",
+        dynamic: bool = False,
     ) -> None:
         super().__init__()
-        self._config = QuantConfig(weight_bits, activation_bits, scheme, granularity, symmetric, learn_scale)
+        self._config = QuantConfig(weight_bits, activation_bits, scheme, granularity, symmetric, learn_scale,
+                                   group_size, activation_granularity, dynamic)
         for what in ("start", "freeze_observers", "freeze_bn"):
             _check_point(locals()[f"{what}_step"], locals()[f"{what}_epoch"], what)
         validate_patterns(targets, "targets")
@@ -131,6 +144,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         self.freeze_bn_epoch, self.freeze_bn_step = freeze_bn_epoch, freeze_bn_step
         self.targets, self.exclude = targets, exclude
         self.convert_on_fit_end = convert_on_fit_end
+        self.group_size, self.activation_granularity, self.dynamic = group_size, activation_granularity, dynamic
         self._layers: list[str] = []
         self._bn_pairs: dict[str, str] = {}
         self._steps: dict[str, int | None] = {}
@@ -307,7 +321,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
 def _is_converted(model: nn.Module) -> bool:
     """Whether ``model`` holds integer layers made by ``convert`` and no fake-quantized one."""
     modules = list(model.modules())
-    integer = (Int8Linear, Int8Conv2d, PackedLinear, PackedConv)
+    integer = (Int8Linear, Int8Conv2d, PackedLinear, PackedConv, *LOW_BIT_LAYERS)
     return any(isinstance(m, integer) for m in modules) and not any(is_qat_module(m) for m in modules)
 
 

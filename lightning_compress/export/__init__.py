@@ -14,10 +14,9 @@ Example:
 """
 
 from lightning_compress.export.lcdc import load_compressed, save_compressed
+from lightning_compress.export.pruning import thin, to_semi_structured
 from lightning_compress.export.quantization import convert as convert_quantized
 from lightning_compress.export.scaling import scale
 from lightning_compress.export.slimmable import slice_width
-from lightning_compress.export.pruning import thin
-from lightning_compress.export.pruning import to_semi_structured
 
 __all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin", "to_semi_structured"]

@@ -10,6 +10,8 @@
 - every other layer (2-7 bits, power-of-two levels, other convs) becomes a :class:`PackedLinear` /
   :class:`PackedConv`: codes packed 2, 4 or 8 bits per weight plus per-channel scales; the forward unpacks,
   dequantizes and runs the float op (correct, not faster).
+- group-wise, fp8 and MX weights become the layers of :mod:`~lightning_compress.export.low_bit` (4-bit groups on
+  the int4 kernel); layers trained with dynamic per-token inputs quantize their inputs per row at run time.
 - a BatchNorm folded during training is folded into its conv for good and replaced by ``nn.Identity``.
 
 Choice of the int8 kernel (measured in ``benchmarks/quantization.py``, torch 2.13 CPU, 1 thread, 1024-wide MLP,
@@ -47,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.export import low_bit
 from lightning_compress.functional import quantization as qf
-from lightning_compress.functional.quantization import bn_factor
-from lightning_compress.layers.quantization import is_qat_module
 from lightning_compress.functional.packing import pack_codes, unpack_codes
+from lightning_compress.functional.quantization import bn_factor
+from lightning_compress.layers.quantization import is_qat_module, quantize_input_dynamic
 
 __all__ = [
     "INT8_BACKEND",
@@ -254,6 +257,8 @@ class _PackedBase(_FloatParams):
         return qf.dequantize_uniform(codes + self.qmin, self.weight_scale, zp)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "dynamic_input", False):
+            return quantize_input_dynamic(x, "uniform", "per_token")
         if self.input_scale is None:
             return x
         return qf.fake_quantize_uniform(x, self.input_scale, self.input_zero_point, 0, 255)
@@ -313,8 +318,16 @@ def _convert_layer(m: nn.Module, name: str, dynamic_activations: bool) -> nn.Mod
         beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(factor)
         bias = (b - bn.running_mean) * factor + beta
     input_qparams = None
-    if m.input_quant is not None:
-        iq = m.input_quant
+    iq = m.input_quant
+    if cfg.per_group or cfg.is_fp8 or cfg.is_mx:
+        spec = None if iq is None else {"dynamic": iq.dynamic, "scheme": iq.scheme, "granularity": iq.granularity,
+                                        "bits": iq.bits, "scale": iq.scale, "zero_point": iq.zero_point}
+        if spec is not None and not iq.dynamic and not bool(iq.initialized):
+            raise ValueError(f"layer {name!r} has no observed input range: run a training step with fake quantization first")
+        return low_bit.convert_linear(m, w, bias, spec)
+    if iq is not None and iq.dynamic:  # per-token ranges at run time: the int8 layer's dynamic path
+        dynamic_activations = True
+    elif iq is not None:
         if not bool(iq.initialized):
             raise ValueError(
                 f"layer {name!r} has no observed input range: run at least one training step with fake "
@@ -333,7 +346,9 @@ def _convert_layer(m: nn.Module, name: str, dynamic_activations: bool) -> nn.Mod
         if int8 and _int8_conv_ok(m):
             return Int8Conv2d(m, codes.reshape(codes.shape[0], -1), wq.scale, wq.zero_point, bias, input_qparams)
         args = ("uniform", cfg.weight_bits, codes, wq.scale, wq.zero_point, qmin, bias, input_qparams)
-    return PackedLinear(*args) if isinstance(m, nn.Linear) else PackedConv(m, *args)
+    new = PackedLinear(*args) if isinstance(m, nn.Linear) else PackedConv(m, *args)
+    new.dynamic_input = iq is not None and iq.dynamic
+    return new
 
 
 def convert(model: nn.Module, inplace: bool = False, dynamic_activations: bool = True) -> nn.Module:

@@ -2,7 +2,8 @@
 
 - :mod:`~lightning_compress.functional.pruning`: masks from magnitudes / unit norms (``GradualPruning``);
 - :mod:`~lightning_compress.functional.quantization`: integer grids, fake quantization, LSQ, power-of-two levels
-  (``QuantizationAwareTraining``), with :mod:`~lightning_compress.functional.packing` for sub-byte codes;
+  (``QuantizationAwareTraining``), with :mod:`~lightning_compress.functional.packing` for sub-byte codes and
+  :mod:`~lightning_compress.functional.formats` for fp8 and OCP MX number formats;
 - :mod:`~lightning_compress.functional.distillation`: soft-target and feature losses, output selectors
   (``KnowledgeDistillation``);
 - :mod:`~lightning_compress.functional.low_rank`: truncated SVD and rank selection (``LowRankFactorization``);

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["container_bits", "pack_codes", "packed_bytes", "unpack_codes"]
+__all__ = ["container_bits", "pack_bits", "pack_codes", "packed_bytes", "unpack_bits", "unpack_codes"]
 
 
 def container_bits(bits: int) -> int:
@@ -67,3 +67,30 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: Sequence[int]) -> torch
     shifts = torch.arange(per, dtype=torch.int64) * width
     codes = (packed.to(torch.int64).unsqueeze(1) >> shifts) & (2**width - 1)
     return codes.reshape(-1)[:numel].reshape(tuple(shape))
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative ``codes`` (< ``2**bits``) at exactly ``bits`` bits each (no slot padding: 6-bit codes
+    take 3 bytes per 4), lowest bit first, into a flat ``uint8`` tensor.
+
+    Example:
+        >>> packed = pack_bits(torch.tensor([63, 0, 5, 33]), bits=6)
+        >>> packed.numel(), unpack_bits(packed, 6, (4,)).tolist()
+        (3, [63, 0, 5, 33])
+    """
+    flat = codes.reshape(-1).to(torch.uint8)
+    planes = (flat.unsqueeze(1) >> torch.arange(bits, dtype=torch.uint8)) & 1
+    stream = planes.reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    return (stream.reshape(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``uint8`` codes of the given ``shape``."""
+    numel = math.prod(shape)
+    stream = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: numel * bits]
+    weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.uint8)
+    return (stream.reshape(-1, bits) * weights).sum(1, dtype=torch.int32).to(torch.uint8).reshape(tuple(shape))

@@ -34,15 +34,21 @@ import torch
 __all__ = [
     "activation_qparams",
     "bn_factor",
+    "dequantize_grouped",
     "dequantize_pow2",
     "dequantize_uniform",
+    "fake_quantize_grouped",
+    "fake_quantize_per_token",
     "fake_quantize_pow2",
     "fake_quantize_uniform",
+    "group_qparams",
     "grad_scale",
     "int_range",
     "lsq_init_scale",
     "pow2_levels",
+    "per_token_qparams",
     "pow2_scale",
+    "quantize_grouped",
     "quantize_pow2",
     "quantize_uniform",
     "round_ste",
@@ -231,6 +237,89 @@ def dequantize_pow2(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torc
     mags = torch.exp2(-torch.arange(n, dtype=torch.float32))
     table = torch.cat([torch.zeros(1), mags, -mags])
     return table[codes.long()] * _shape(scale, codes)
+
+
+def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(C, K)`` -> ``(C * K / g, g)``: one row per group of ``group_size`` consecutive inputs of a channel."""
+    if x.dim() != 2 or x.shape[1] % group_size:
+        raise ValueError(f"groups of {group_size} need a 2-D tensor whose dim 1 they divide, got shape {tuple(x.shape)}")
+    return x.reshape(-1, group_size)
+
+
+def group_qparams(
+    x: torch.Tensor, bits: int, symmetric: bool, group_size: int, lsq: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point of each group of ``group_size`` inputs of each output channel, shape ``(C, K / g)``.
+
+    The min/max grid of :func:`uniform_qparams` (or LSQ's initial step, ``lsq=True``) taken per group.
+
+    Example:
+        >>> w = torch.tensor([[1.0, -2.0, 0.5, 0.25]])
+        >>> s, z = group_qparams(w, 4, symmetric=True, group_size=2)
+        >>> (s * 7).tolist(), z.tolist()
+        ([[2.0, 0.5]], [[0.0, 0.0]])
+    """
+    rows = _groups(x, group_size)
+    scale, zero_point = uniform_qparams(rows, bits, symmetric, per_channel=True)
+    if lsq:
+        scale = lsq_init_scale(rows, bits, symmetric, per_channel=True)
+    return scale.reshape(x.shape[0], -1), zero_point.reshape(x.shape[0], -1)
+
+
+def fake_quantize_grouped(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """:func:`fake_quantize_uniform` with one step (and zero point) per group: ``scale`` is ``(C, K / g)``.
+
+    The LSQ gradient of a learned ``scale`` is scaled by ``1 / sqrt(g * qmax)``, ``g`` values per step.
+    """
+    g = x.shape[1] // scale.shape[1]
+    out = fake_quantize_uniform(_groups(x, g), scale.reshape(-1), zero_point.reshape(-1), qmin, qmax)
+    return out.reshape(x.shape)
+
+
+def quantize_grouped(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Integer codes (int32, shape of ``x``) of :func:`fake_quantize_grouped`."""
+    g = x.shape[1] // scale.shape[1]
+    return quantize_uniform(_groups(x, g), scale.reshape(-1), zero_point.reshape(-1), qmin, qmax).reshape(x.shape)
+
+
+def dequantize_grouped(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Float values of grouped integer ``codes``: ``(q - z) * s`` with the step of each group.
+
+    Example:
+        >>> dequantize_grouped(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[0.5, 2.0]]), torch.zeros(1, 2))
+        tensor([[0.5000, 1.0000, 6.0000, 8.0000]])
+    """
+    g = codes.shape[1] // scale.shape[1]
+    rows = dequantize_uniform(_groups(codes, g), scale.reshape(-1).float(), zero_point.reshape(-1).float())
+    return rows.reshape(codes.shape)
+
+
+def per_token_qparams(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsigned affine step and zero point of each row of ``x`` (a token: all dims but the last), shape ``(..., 1)``.
+
+    The same numbers as :func:`activation_qparams` applied to each row's min and max.
+    """
+    x = x.detach()
+    return activation_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits)
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic per-token fake quantization: each row of ``x`` on its own unsigned ``bits`` grid (STE, no observer).
+
+    Example:
+        >>> x = torch.tensor([[0.0, 1.0, 2.0], [-4.0, 0.0, 4.0]])
+        >>> torch.equal(fake_quantize_per_token(x), x)
+        False
+        >>> (fake_quantize_per_token(x) - x).abs().max().item() < 4.0 / 255
+        True
+    """
+    scale, zero_point = per_token_qparams(x, bits)
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
+    return (q - zero_point) * scale
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

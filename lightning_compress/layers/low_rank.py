@@ -40,8 +40,8 @@ from torch import nn
 
 from lightning_compress.functional.low_rank import (
     _check_layer,
-    dense_params,
-    factorized_params,
+    dense_params,  # noqa: F401  (re-exported: the module docstring uses it)
+    factorized_params,  # noqa: F401  (re-exported: the module docstring uses it)
     full_rank,
     truncated_svd,
     weight_matrix,

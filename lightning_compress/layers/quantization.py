@@ -29,15 +29,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress._validation import check_bool, check_choice, check_number
+from lightning_compress.functional import formats as ff
 from lightning_compress.functional import quantization as qf
+from lightning_compress.layers._quant_config import QuantConfig
 
 __all__ = [
     "ActivationFakeQuantize",
@@ -53,59 +53,6 @@ __all__ = [
     "set_qat_flags",
 ]
 
-SCHEMES = ("uniform", "power_of_two")
-GRANULARITIES = ("per_tensor", "per_channel")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """How weights (and layer inputs) are fake-quantized; see ``QuantizationAwareTraining`` for the meaning.
-
-    Raises:
-        ValueError: bits out of range, an unknown scheme/granularity, or a combination the levels cannot
-            represent (power-of-two is symmetric by construction, its step is not learned, and activations
-            are quantized uniformly at 8 bits or not at all).
-        TypeError: a value of the wrong type.
-
-    Example:
-        >>> QuantConfig(weight_bits=9)
-        Traceback (most recent call last):
-        ...
-        ValueError: `weight_bits` must be an integer in [2, 8], got 9
-    """
-
-    weight_bits: int = 8
-    activation_bits: int | None = 8
-    scheme: str = "uniform"
-    granularity: str = "per_channel"
-    symmetric: bool = True
-    learn_scale: bool = False
-
-    def __post_init__(self) -> None:
-        check_number(self.weight_bits, "weight_bits", low=2, high=8, integer=True)
-        ab = self.activation_bits
-        if ab is not None and (isinstance(ab, bool) or ab != 8):
-            raise ValueError(
-                f"`activation_bits` must be 8 (uniform 8-bit layer inputs) or None (weight-only), got {ab!r}"
-                + ("; power-of-two levels are for weights only" if self.scheme == "power_of_two" else "")
-            )
-        check_choice(self.scheme, "scheme", SCHEMES)
-        check_choice(self.granularity, "granularity", GRANULARITIES)
-        for name in ("symmetric", "learn_scale"):
-            check_bool(getattr(self, name), name)
-        if self.scheme == "power_of_two" and not self.symmetric:
-            raise ValueError("`scheme`='power_of_two' has levels +/- s*2^-k, symmetric around 0: set `symmetric`=True")
-        if self.scheme == "power_of_two" and self.learn_scale:
-            raise ValueError("`learn_scale`=True (LSQ) learns a uniform step; it is not available with `scheme`='power_of_two'")
-
-    @property
-    def per_channel(self) -> bool:
-        return self.granularity == "per_channel"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class WeightFakeQuantize(nn.Module):
     """Fake-quantizes a weight tensor (channel on dim 0) on the grid of ``config``.
 
@@ -114,15 +61,17 @@ class WeightFakeQuantize(nn.Module):
     parameter, initialized once from the weights when fake quantization first runs.
     """
 
-    def __init__(self, config: QuantConfig, channels: int) -> None:
+    def __init__(self, config: QuantConfig, channels: int, in_features: int | None = None) -> None:
         super().__init__()
         self.config = config
-        n = channels if config.per_channel else 1
+        shape = (channels if config.per_channel and not config.is_mx else 1,)
+        if config.per_group:
+            shape = (channels, (in_features or config.group_size) // config.group_size)
         if config.learn_scale:
-            self.scale = nn.Parameter(torch.ones(n))
+            self.scale = nn.Parameter(torch.ones(shape))
         else:
-            self.register_buffer("scale", torch.ones(n))
-        self.register_buffer("zero_point", torch.zeros(n))
+            self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
@@ -137,6 +86,14 @@ class WeightFakeQuantize(nn.Module):
         c = self.config
         if c.scheme == "power_of_two":
             self.scale.copy_(qf.pow2_scale(w, c.per_channel))
+        elif c.is_fp8:
+            self.scale.copy_(ff.fp8_scale(w, c.scheme, c.per_channel))
+        elif c.is_mx:  # the shared scales are computed from each block as it is quantized
+            pass
+        elif c.per_group:
+            scale, zp = qf.group_qparams(w, c.weight_bits, c.symmetric, c.group_size, lsq=c.learn_scale)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
         elif c.learn_scale:
             self.scale.copy_(qf.lsq_init_scale(w, c.weight_bits, c.symmetric, c.per_channel))
             if not c.symmetric:
@@ -158,7 +115,13 @@ class WeightFakeQuantize(nn.Module):
         c = self.config
         if c.scheme == "power_of_two":
             return qf.fake_quantize_pow2(w, self.scale, c.weight_bits)
+        if c.is_fp8:
+            return ff.fake_quantize_fp8(w, self.scale, c.scheme)
+        if c.is_mx:
+            return ff.fake_quantize_mx(w, c.scheme)
         qmin, qmax = self.qrange
+        if c.per_group:
+            return qf.fake_quantize_grouped(w, self.scale, self.zero_point, qmin, qmax)
         return qf.fake_quantize_uniform(w, self.scale, self.zero_point, qmin, qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -171,19 +134,36 @@ class WeightFakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"bits={c.weight_bits}, scheme={c.scheme}, {c.granularity}, symmetric={c.symmetric}, lsq={c.learn_scale}"
+        group = f", group_size={c.group_size}" if c.per_group else ""
+        return f"bits={c.weight_bits}, scheme={c.scheme}, {c.granularity}{group}, symmetric={c.symmetric}, lsq={c.learn_scale}"
+
+
+def quantize_input_dynamic(x: torch.Tensor, scheme: str, granularity: str, bits: int = 8) -> torch.Tensor:
+    """Fake-quantize a layer input at run time (no observer): unsigned ``bits`` affine per token for integer
+    schemes, the fp8 format with an ``amax`` scale per token (or per tensor), or MX blocks along the last dim.
+    Converted layers call it too, so they compute exactly what was trained."""
+    if scheme.startswith("fp8_"):
+        rows = x.reshape(-1, x.shape[-1]) if granularity == "per_token" else x
+        return ff.fake_quantize_fp8(rows, ff.fp8_scale(rows, scheme, granularity == "per_token"), scheme).reshape(x.shape)
+    if scheme in ff.MX_ELEMENT:
+        return ff.fake_quantize_mx(x, scheme)
+    return qf.fake_quantize_per_token(x, bits)
 
 
 class ActivationFakeQuantize(nn.Module):
     """Fake-quantizes a layer input to unsigned 8-bit affine levels (zero point exact) from an EMA min/max.
 
     The observer updates in training mode only (``momentum`` of the moving average, first batch taken as is).
+    With ``dynamic`` there is no observer: each input is quantized with its own ranges at run time (see
+    :func:`quantize_input_dynamic`; ``scheme`` and ``granularity`` say how).
     """
 
-    def __init__(self, bits: int = 8, momentum: float = 0.01) -> None:
+    def __init__(self, bits: int = 8, momentum: float = 0.01, dynamic: bool = False, scheme: str = "uniform",
+                 granularity: str = "per_tensor") -> None:
         super().__init__()
         self.bits = bits
         self.momentum = momentum
+        self.dynamic, self.scheme, self.granularity = dynamic, scheme, granularity
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("min_val", torch.zeros(1))
@@ -209,11 +189,16 @@ class ActivationFakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.fake_quant_enabled):
             return x
+        if self.dynamic:
+            self.initialized.fill_(1)
+            return quantize_input_dynamic(x, self.scheme, self.granularity, self.bits)
         if not bool(self.initialized) or (self.training and bool(self.observer_enabled)):
             self._observe(x)
         return qf.fake_quantize_uniform(x, self.scale, self.zero_point, 0, 2**self.bits - 1)
 
     def extra_repr(self) -> str:
+        if self.dynamic:
+            return f"bits={self.bits}, dynamic, {self.scheme}, {self.granularity}"
         return f"bits={self.bits}, momentum={self.momentum}"
 
 
@@ -355,26 +340,49 @@ def prepare_qat(
         ValueError: a layer is not exactly one of the supported types (a subclass may have its own forward).
     """
     bn_pairs = dict(bn_pairs or {})
+    names = list(names)
+    for name in names:
+        _check_layer(name, model.get_submodule(name), config)
     for name in names:
         module = model.get_submodule(name)
         if is_qat_module(module):
             continue
-        cls = QAT_CLASSES.get(type(module))
-        if cls is None:
-            raise ValueError(
-                f"layer {name!r} is a {type(module).__name__}; quantization-aware training supports exactly "
-                f"{[t.__name__ for t in QAT_CLASSES]} (not subclasses, whose forward it would replace)"
-            )
-        new = _swap_class(module, cls)
-        channels = module.weight.shape[0]
-        new.weight_quant = WeightFakeQuantize(config, channels).to(module.weight.device)
-        new.input_quant = (
-            ActivationFakeQuantize(config.activation_bits).to(module.weight.device) if config.activation_bits else None
-        )
+        new = _swap_class(module, QAT_CLASSES[type(module)])
+        channels, fan_in = module.weight.shape[0], module.weight[0].numel()
+        new.weight_quant = WeightFakeQuantize(config, channels, fan_in).to(module.weight.device)
+        new.input_quant = None
+        if config.activation_bits:
+            new.input_quant = ActivationFakeQuantize(
+                config.activation_bits, dynamic=config.dynamic, scheme=config.scheme,
+                granularity=config.activation_granularity,
+            ).to(module.weight.device)
         if name in bn_pairs:
             new.__dict__["_bn"] = model.get_submodule(bn_pairs[name])
             new.__dict__["_bn_name"] = bn_pairs[name]
         _set_submodule(model, name, new)
+
+
+def _check_layer(name: str, module: nn.Module, config: QuantConfig) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``config`` cannot quantize ``module``."""
+    if is_qat_module(module):
+        return
+    if type(module) not in QAT_CLASSES:
+        raise ValueError(
+            f"layer {name!r} is a {type(module).__name__}; quantization-aware training supports exactly "
+            f"{[t.__name__ for t in QAT_CLASSES]} (not subclasses, whose forward it would replace)"
+        )
+    c = config
+    new_kind = c.per_group or c.is_fp8 or c.is_mx or c.dynamic
+    if new_kind and type(module) is not nn.Linear:
+        raise ValueError(
+            f"layer {name!r} is a {type(module).__name__}: `scheme`={c.scheme!r}, `granularity`={c.granularity!r}, "
+            f"`dynamic`={c.dynamic} quantize Linear layers only; leave it out with `exclude`"
+        )
+    k = module.weight.shape[1]
+    if c.per_group and k % c.group_size:
+        raise ValueError(f"layer {name!r}: `group_size`={c.group_size} does not divide its in_features={k}")
+    if c.is_mx and k % ff.MX_BLOCK:
+        raise ValueError(f"layer {name!r}: `scheme`={c.scheme!r} needs in_features divisible by {ff.MX_BLOCK}, got {k}")
 
 
 def set_qat_flags(model: nn.Module, fake_quant: bool | None = None, observe: bool | None = None) -> None:

@@ -17,7 +17,7 @@ from lightning_compress import CompressionMonitor, GradualPruning, QuantizationA
 from lightning_compress.export import convert_quantized
 from lightning_compress.functional import pruning as masks
 from lightning_compress.schedules import Schedule
-from tests.conftest import TinyModule
+from tests.helpers import TinyModule
 from tests.helpers import run_python
 
 
@@ -117,7 +117,7 @@ def test_ddp_activation_masks_identical_on_every_rank(tmp_path: Path) -> None:
         import torch
         from lightning.pytorch import Trainer, seed_everything
         from lightning_compress import GradualPruning
-        from tests.conftest import TinyModule
+        from tests.helpers import TinyModule
 
         if __name__ == "__main__":
             seed_everything(0)

@@ -14,11 +14,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 
 from lightning_compress import CompressionMonitor, GradualPruning
-from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.callbacks.weight_sharing import WeightSharing
 from lightning_compress.export.lcdc import load_compressed
-from tests.helpers import StopAt, TinyModule
-from tests.helpers import run_python
+from lightning_compress.functional import weight_sharing as kmeans
+from tests.helpers import StopAt, TinyModule, run_python
 
 WEIGHTS = ("net.0.weight", "net.2.weight")
 

@@ -11,11 +11,11 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
-from lightning_compress.functional import weight_sharing as kmeans
+from lightning_compress.cli import export_main
 from lightning_compress.examples import DigitsDataModule, DigitsMLP
 from lightning_compress.export import lcdc as compressed
-from lightning_compress.cli import export_main
 from lightning_compress.export.lcdc import load_compressed, save_compressed
+from lightning_compress.functional import weight_sharing as kmeans
 
 
 def _pruned_shared(net: nn.Module, sparsity: float, bits: int, seed: int = 0) -> nn.Module:

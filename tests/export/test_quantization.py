@@ -15,8 +15,8 @@ from lightning_compress.export.quantization import (
     int8_matmul,
     serialized_size,
 )
-from lightning_compress.layers.quantization import QuantConfig, prepare_qat, set_qat_flags
 from lightning_compress.functional.quantization import sqnr_db
+from lightning_compress.layers.quantization import QuantConfig, prepare_qat, set_qat_flags
 
 
 def _prepared(net: nn.Module, names: list[str], x: torch.Tensor, **cfg) -> nn.Module:

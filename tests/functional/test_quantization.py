@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from lightning_compress.layers.quantization import QuantConfig
 from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import container_bits, pack_codes, packed_bytes, unpack_codes
+from lightning_compress.layers.quantization import QuantConfig
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
