@@ -4,7 +4,8 @@
 - :func:`slice_width`: one width of a network trained by ``SlimmableTraining``;
 - :func:`scale`: a narrower / shallower student of the same architecture (compound scaling);
 - :func:`convert_quantized`: the integer model of a quantization-aware-trained one;
-- :func:`save_compressed` / :func:`load_compressed`: the Huffman-coded Deep Compression file.
+- :func:`save_compressed` / :func:`load_compressed`: the Huffman-coded Deep Compression file;
+- :func:`to_onnx`: an ONNX file for onnxruntime (QDQ with integer weights for quantized models).
 
 Example:
     >>> from lightning_compress import export
@@ -17,5 +18,6 @@ from lightning_compress.export.quantization import convert as convert_quantized
 from lightning_compress.export.scaling import scale
 from lightning_compress.export.slimmable import slice_width
 from lightning_compress.export.pruning import thin
+from lightning_compress.export.onnx import to_onnx
 
-__all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin"]
+__all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin", "to_onnx"]

@@ -9,27 +9,30 @@ its scheme and its activations (the one table of format choices):
 =====================  ===========  ========  ==========================================================================
 scheme                 activations  weight    ONNX pattern (and what onnxruntime's CPU provider runs)
 =====================  ===========  ========  ==========================================================================
-uniform, 2-8 bits      static       int8      QuantizeLinear/DequantizeLinear on the input with its trained scale and
+uniform, 2-8 bits      static       (u)int8   QuantizeLinear/DequantizeLinear on the input with its trained scale and
                                               zero point, DequantizeLinear on the int8 weight (``axis`` per channel)
                                               -> MatMul/Conv (fused to QGemm / QLinearConv: integer kernels)
-uniform, 8 bits        dynamic      int8      DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add (fused to
+uniform, 8 bits        dynamic      uint8     DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add (fused to
                                               DynamicQuantizeMatMul); Linear only
-uniform, 2-8 bits      none         int8      DequantizeLinear on the weight -> float op (weight-only: smaller file)
+uniform, 2-8 bits      none         (u)int8   DequantizeLinear on the weight -> float op (weight-only: smaller file)
 power of two, 2-4 bits static/none  int8      levels ``+/- s 2^-k`` stored exactly as integers ``2^(n-1-k)`` with
                                               step ``s 2^-(n-1)``
 power of two, 5-6 bits static/none  int32     the same, the integers need more than 8 bits
 =====================  ===========  ========  ==========================================================================
 
 Weights of 2-7 bits are exported exactly at their trained levels in int8 storage (int4 storage is not used: the
-integer kernels of onnxruntime take int8). A prepared model is exported as the fake-quantized model computes
+integer kernels of onnxruntime take 8-bit weights); 8-bit weights as the same values moved to uint8 (see
+``weight_dtype`` in :func:`to_onnx`). A prepared model is exported as the fake-quantized model computes
 (weight-only layers keep float inputs); a converted model as it computes, except that its per-row dynamic input
 quantization becomes onnxruntime's per-tensor ``DynamicQuantizeLinear``.
 
-Tolerances (tested in ``tests/export/test_onnx.py``): a float model's onnxruntime outputs match PyTorch within
-``1e-4`` of the output's magnitude; a quantized model's within ``ONNX_QUANT_RTOL`` (5 %) of the output's magnitude,
-because onnxruntime's fused kernels requantize with their own rounding (a value at a rounding boundary moves one
-step, and that step propagates through the following layers). Dynamic layers differ more (per tensor instead of per
-row) and are checked against the model at 10 %.
+Tolerances (tested in ``tests/export/test_onnx.py``, largest absolute difference over the largest absolute
+output): a float model's onnxruntime outputs match PyTorch within ``1e-4``; a quantized model's within
+``ONNX_QUANT_RTOL`` (5 %), because onnxruntime's fused kernels requantize with their own rounding (a value at a
+rounding boundary moves one step, which propagates through the following layers) and its weight-only kernel
+(MatMulNBits) computes differently from a float MatMul (measured ~1 %); ``weight_dtype="int8"`` on a CPU without
+VNNI may saturate (see :func:`to_onnx`), which this tolerance does not cover. A converted
+model's dynamic layers (per-row input steps in PyTorch, per-tensor in ONNX) are held to the same 5 %.
 
 New schemes (group-wise int4, fp8, MX, ...) are added as rows of :data:`ONNX_FORMATS` plus a reader in
 ``_READERS`` that describes their converted layer as a :class:`QuantizedWeight`.
@@ -45,14 +48,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
+import contextlib, io  # noqa: E401
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,6 @@ from lightning_compress.functional.packing import unpack_codes
 from lightning_compress.layers.quantization import is_qat_module
 
 __all__ = ["DEFAULT_OPSET", "ONNX_FORMATS", "ONNX_QUANT_RTOL", "OnnxFormat", "QuantizedWeight", "to_onnx"]
-
-log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 21
 ONNX_QUANT_RTOL = 0.05
@@ -82,9 +81,7 @@ class OnnxFormat:
 
 
 _ALL = frozenset({"linear", "conv"})
-# 8-bit codes are stored as uint8 with the zero point moved by 128 (the same values): on x86 CPUs without VNNI,
-# onnxruntime's uint8 x int8 kernels add pairs of products in int16 and saturate with 8-bit weights (measured: 17 %
-# output error on a small MLP); uint8 x uint8 does not. Narrower codes cannot saturate and stay int8.
+# 8-bit codes are stored as uint8 (the same values and zero point moved by 128): see `weight_dtype` in to_onnx
 _INT8 = {**{b: torch.int8 for b in range(2, 8)}, 8: torch.uint8}
 
 #: (scheme, activations) -> encoding. ``activations`` is "static" (trained scale), "dynamic" (run time) or "none".
@@ -246,8 +243,8 @@ class _QDQLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "dynamic":
-            bias = self.bias if self.bias is not None else torch.zeros(self.codes.shape[1])
             n = self.codes.shape[1]
+            bias = self.bias if self.bias is not None else torch.zeros(n)
             scale, zp = self.scale.expand(n).contiguous(), self.zero_point.expand(n).contiguous()
             return _dynamic_int8_matmul(x, self.codes, zp, scale, bias)
         if self.activations == "static":
@@ -263,7 +260,7 @@ class _QDQLayer(nn.Module):
         return op(x, w, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
 
 
-def _qdq_layer(name: str, layer: nn.Module) -> _QDQLayer:
+def _qdq_layer(name: str, layer: nn.Module, weight_dtype: str) -> _QDQLayer:
     q = _READERS[type(layer)](layer)
     fmt = ONNX_FORMATS.get((q.scheme, q.activations))
     kind = "conv" if q.conv else "linear"
@@ -274,7 +271,10 @@ def _qdq_layer(name: str, layer: nn.Module) -> _QDQLayer:
             f"has no ONNX encoding; encodings (bits, layers): {allowed}"
             + ("; convert with dynamic_activations=False to keep its inputs in float" if q.activations == "dynamic" else "")
         )
-    return _QDQLayer(q, fmt.storage[q.bits])
+    dtype = fmt.storage[q.bits]
+    if weight_dtype == "int8" and dtype == torch.uint8:
+        dtype = torch.int8
+    return _QDQLayer(q, dtype)
 
 
 def _as_args(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -308,7 +308,7 @@ def _writable_target(path: str | os.PathLike) -> str:
     return path
 
 
-def prepare_for_onnx(model: nn.Module) -> tuple[nn.Module, int]:
+def prepare_for_onnx(model: nn.Module, weight_dtype: str = "uint8") -> tuple[nn.Module, int]:
     """A copy of ``model`` in eval mode whose quantized layers are in their export form; the number of them.
 
     Raises:
@@ -320,7 +320,7 @@ def prepare_for_onnx(model: nn.Module) -> tuple[nn.Module, int]:
         convert(out, inplace=True, dynamic_activations=False)
     layers = [(n, m) for n, m in out.named_modules() if type(m) in _READERS]
     for name, layer in layers:
-        new = _qdq_layer(name, layer)
+        new = _qdq_layer(name, layer, weight_dtype)
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child, new)
     return out, len(layers)
@@ -333,6 +333,7 @@ def to_onnx(
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    weight_dtype: Literal["int8", "uint8"] = "uint8",
 ) -> str:
     """Write ``model`` as an ONNX file for onnxruntime (float graph, or QDQ with integer weights if quantized).
 
@@ -344,6 +345,12 @@ def to_onnx(
             keyword inputs); defaults to the model's ``example_input_array``.
         opset: the ONNX opset (default :data:`DEFAULT_OPSET`, 21; at least 13 for per-channel quantization).
         dynamic_batch: let dimension 0 of every input vary (otherwise the example's shapes are fixed).
+        weight_dtype: storage of 8-bit weight codes. ``"uint8"`` (default) stores the codes and zero point moved
+            by 128 (the same values): onnxruntime runs uint8 x uint8 kernels, which never saturate. ``"int8"``
+            (what onnxruntime's own quantizer writes) selects its uint8 x int8 kernels; on x86 CPUs without VNNI
+            these add pairs of products in int16 and saturate with 8-bit weights (onnxruntime's documented
+            caveat; measured here up to 27 % output error on a small MLP), so it is only for VNNI/ARM targets.
+            Codes of 2-7 bits cannot saturate and are always int8.
 
     Returns:
         ``path`` as a string.
@@ -363,9 +370,11 @@ def to_onnx(
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise ValueError(f"`opset` must be an integer >= 13 (per-channel QuantizeLinear/DequantizeLinear), got {opset!r}")
+    if weight_dtype not in ("int8", "uint8"):
+        raise ValueError(f"`weight_dtype` must be one of ['int8', 'uint8'], got {weight_dtype!r}")
     example = resolve_example(model, example_input)
     path = _writable_target(path)
-    export_model, n_quant = prepare_for_onnx(model)
+    export_model, n_quant = prepare_for_onnx(model, weight_dtype)
     args, kwargs = _as_args(example)
     shapes = None
     if dynamic_batch:
@@ -377,6 +386,8 @@ def to_onnx(
                                         dynamic_shapes=shapes, custom_translation_table=table, verbose=False)
     except Exception as err:  # the exporter's own errors are many types; one ValueError with its reason
         raise ValueError(f"torch.onnx could not export {type(model).__name__}: {str(err).strip().splitlines()[0]}") from err
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.clear()  # the exporter's debug records (source names): a third of a small file
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
@@ -385,5 +396,4 @@ def to_onnx(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    log.info("wrote %s (%d quantized layers)", path, n_quant)
     return path
