@@ -5,7 +5,9 @@
 - :func:`scale`: a narrower / shallower student of the same architecture (compound scaling);
 - :func:`convert_quantized`: the integer model of a quantization-aware-trained one;
 - :func:`save_compressed` / :func:`load_compressed`: the Huffman-coded Deep Compression file;
-- :func:`to_onnx`: an ONNX file for onnxruntime (QDQ with integer weights for quantized models).
+- :func:`to_onnx`: an ONNX file for onnxruntime (QDQ with integer weights for quantized models);
+- :func:`save_pretrained` / :func:`load_safetensors`: Hugging Face safetensors in the compressed-tensors layout;
+- :func:`export_model`: any of these formats by name (what ``lightning-compress export --format`` calls).
 
 Example:
     >>> from lightning_compress import export
@@ -19,5 +21,8 @@ from lightning_compress.export.scaling import scale
 from lightning_compress.export.slimmable import slice_width
 from lightning_compress.export.pruning import thin
 from lightning_compress.export.onnx import to_onnx
+from lightning_compress.export.safetensors import load_safetensors, save_pretrained
+from lightning_compress.export.deploy import export_model
 
-__all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin", "to_onnx"]
+__all__ = ["convert_quantized", "load_compressed", "save_compressed", "scale", "slice_width", "thin"]
+__all__ += ["export_model", "load_safetensors", "save_pretrained", "to_onnx"]

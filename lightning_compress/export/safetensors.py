@@ -14,7 +14,7 @@ uniform, 8 bits   static       ``int-quantized``     ``weight`` int8, ``weight_s
                                                      ``weight_zero_point`` if asymmetric, ``input_scale`` and
                                                      ``input_zero_point`` (int8: our uint8 zero point - 128)
 uniform, 8 bits   none         ``naive-quantized``   ``weight`` int8 and its scale (weight-only)
-uniform, 2-7 bits none/static  ``pack-quantized``    ``weight_packed`` (int32, compressed-tensors' own packer),
+uniform, 2-7 bits none/static  ``pack-quantized``    symmetric only: ``weight_packed`` (int32, compressed-tensors' packer),
                                                      ``weight_shape``, ``weight_scale``, input qparams if static
 ================  ===========  ====================  ===============================================================
 
@@ -66,18 +66,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spe
 
 @dataclass(frozen=True)
 class CtFormat:
-    """One compressed-tensors encoding: its format name and the weight bit widths it takes."""
+    """One compressed-tensors encoding: its format name, the weight bit widths it takes, and whether an asymmetric
+    weight grid (a zero point per channel) loads back."""
 
     format: str
     bits: frozenset[int]
+    asymmetric: bool = True
 
 
 #: (scheme, activations) -> compressed-tensors format; activations "static" (trained input scale) or "none".
 CT_FORMATS: dict[tuple[str, str, bool], CtFormat] = {
     ("uniform", "static", True): CtFormat("int-quantized", frozenset({8})),
     ("uniform", "none", True): CtFormat("naive-quantized", frozenset({8})),
-    ("uniform", "static", False): CtFormat("pack-quantized", frozenset(range(2, 8))),
-    ("uniform", "none", False): CtFormat("pack-quantized", frozenset(range(2, 8))),
+    # packed zero points: transformers 5.25 + compressed-tensors 0.20 refuse them at load (size mismatch)
+    ("uniform", "static", False): CtFormat("pack-quantized", frozenset(range(2, 8)), asymmetric=False),
+    ("uniform", "none", False): CtFormat("pack-quantized", frozenset(range(2, 8)), asymmetric=False),
 }
 
 
@@ -97,13 +100,14 @@ def _find_hf_model(model: nn.Module) -> nn.Module | None:
 
 def _ct_args(q: QuantizedWeight, name: str) -> tuple[CtFormat, dict[str, Any]]:
     row = CT_FORMATS.get((q.scheme, q.activations, q.bits == 8))
-    if row is None or q.bits not in row.bits or q.conv:
-        raise ValueError(
-            f"layer {name!r} ({q.scheme}, {q.bits} bits, {q.activations} activations"
-            f"{', conv' if q.conv else ''}) has no compressed-tensors encoding; supported: Linear layers with "
-            f"{sorted({f'{s}/{a}' for s, a, _ in CT_FORMATS})} weights of 2-8 bits (use to_onnx for the others)"
-        )
     symmetric = not bool((q.zero_point != 0).any())
+    if row is None or q.bits not in row.bits or q.conv or not (symmetric or row.asymmetric):
+        raise ValueError(
+            f"layer {name!r} ({q.scheme}, {q.bits} bits, {'symmetric' if symmetric else 'asymmetric'}, "
+            f"{q.activations} activations{', conv' if q.conv else ''}) has no compressed-tensors encoding; "
+            f"supported: Linear layers with uniform weights, 8 bits (static or no input quantization) or 2-7 bits "
+            f"symmetric (use to_onnx for the others)"
+        )
     weights = {"num_bits": q.bits, "type": "int", "symmetric": symmetric,
                "strategy": "tensor" if q.scale.numel() == 1 else "channel", "dynamic": False}
     if not symmetric:
@@ -267,11 +271,15 @@ def load_safetensors(directory: str | os.PathLike, model: nn.Module) -> nn.Modul
                 iq.zero_point.copy_(state.pop(p + "input_zero_point").float() + 128)
                 iq.initialized.fill_(1)
                 iq.fake_quant_enabled.fill_(1)
+                iq.observer_enabled.fill_(0)  # the saved range, also if the model is in training mode
                 layer.register_forward_pre_hook(lambda m, args, iq=iq: (iq(args[0]),) + tuple(args[1:]))
                 layer.input_quant_loaded = iq
             for k in ("weight_scale", "weight_zero_point", "weight_packed", "weight_shape"):
                 state.pop(p + k, None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"the tensors in {path!r} do not fit {type(model).__name__}: {err}") from err
     if missing or unexpected:
         raise ValueError(f"the tensors in {path!r} do not fit {type(model).__name__}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")

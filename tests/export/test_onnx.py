@@ -195,3 +195,17 @@ def test_errors_before_any_file_is_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="torch.onnx could not export DataDependent"):
         to_onnx(DataDependent(), tmp_path / "a.onnx", x)
     assert os.listdir(tmp_path) == []  # no file, no temporary file left
+
+
+def test_export_model_dispatches_each_format(tmp_path: Path) -> None:
+    from lightning_compress.export import export_model, load_compressed
+
+    net, x = _mlp(), torch.randn(4, 16)
+    onnx_path = export_model(net, "onnx", tmp_path / "m.onnx", x)
+    assert _rel(_run(onnx_path, x), net(x)) < FLOAT_RTOL
+    st = export_model(net, "safetensors", tmp_path / "st")
+    assert sorted(os.listdir(st)) == ["model.safetensors", "quantization_config.json"]
+    lcdc = export_model(net, "lcdc", tmp_path / "m.lcdc")
+    assert torch.equal(load_compressed(lcdc)["0.weight"], net[0].weight)
+    with pytest.raises(ValueError, match="`format` must be one of"):
+        export_model(net, "tflite", tmp_path / "m.tflite")  # type: ignore[arg-type]
