@@ -12,7 +12,7 @@
 Example:
     >>> from lightning_compress import export
     >>> sorted(export.__all__)[:3]
-    ['convert_quantized', 'load_compressed', 'save_compressed']
+    ['convert_quantized', 'export_model', 'load_compressed']
 """
 
 from lightning_compress.export.lcdc import load_compressed, save_compressed
