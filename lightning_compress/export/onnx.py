@@ -48,7 +48,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib, io  # noqa: E401
+import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -280,9 +281,7 @@ def _qdq_layer(name: str, layer: nn.Module, weight_dtype: str) -> _QDQLayer:
 def _as_args(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example, dict):
         return (), dict(example)
-    if isinstance(example, (tuple, list)):
-        return tuple(example), {}
-    return (example,), {}
+    return (tuple(example), {}) if isinstance(example, (tuple, list)) else ((example,), {})
 
 
 def _batch_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
