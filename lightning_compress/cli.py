@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -72,6 +73,12 @@ class LightningCompressCLI(LightningCLI):
             sub.set_defaults(swapped)
         super().parse_arguments(parser, args)
 
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last`` resumes where the last run wrote: see :func:`_resolve_last_checkpoint`."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if config.get("ckpt_path") == "last":
+            _resolve_last_checkpoint(config)
+
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.interrupted:
@@ -81,6 +88,41 @@ class LightningCompressCLI(LightningCLI):
         )
         if has_test and type(self.model).test_step is not LightningModule.test_step:
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def _resolve_last_checkpoint(config: Any) -> None:
+    """Make ``ckpt_path: last`` resume the last run: its logger version and its newest checkpoint.
+
+    The recipes' logger writes each run to a new ``<save_dir>/<name>/version_<n>`` folder and Lightning's
+    default checkpoints go to its ``checkpoints`` subfolder, so a rerun would look for "last" in a new, empty
+    folder and train from the start. Here the newest ``version_<n>`` that holds a checkpoint is reused as the
+    logger's version (logs and checkpoints continue there) and ``ckpt_path`` becomes its ``last*.ckpt`` or,
+    without one, its most recently written ``.ckpt``. With no such folder (or a logger with a fixed version)
+    nothing changes and Lightning resolves ``last`` itself.
+    """
+    logger = (config.get("trainer") or {}).get("logger")
+    init = logger.get("init_args") if hasattr(logger, "get") else None
+    if init is None or init.get("version") is not None or init.get("save_dir") is None:
+        return
+    root = Path(init["save_dir"]) / (init.get("name") or "")
+    versions = sorted(
+        (int(d.name.split("_", 1)[1]), d)
+        for d in (root.glob("version_*") if root.is_dir() else [])
+        if d.name.split("_", 1)[1].isdigit() and any((d / "checkpoints").glob("*.ckpt"))
+    )
+    if not versions:
+        print(
+            f"lightning-compress: --ckpt_path last: no checkpoint under {root}/version_*/checkpoints",
+            file=sys.stderr,
+        )
+        return
+    number, folder = versions[-1]
+    files = sorted(
+        (folder / "checkpoints").glob("*.ckpt"), key=lambda f: (f.stem.startswith("last"), f.stat().st_mtime)
+    )
+    init["version"] = number
+    config["ckpt_path"] = str(files[-1])
+    print(f"lightning-compress: resuming from {files[-1]} (logging to {folder})", file=sys.stderr)
 
 
 def run_cli(
