@@ -12,11 +12,13 @@ the Deep Compression file of a trained checkpoint (see :func:`lightning_compress
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -72,6 +74,7 @@ class LightningCompressCLI(LightningCLI):
         for sub in parsers:
             sub.set_defaults(swapped)
         super().parse_arguments(parser, args)
+        _report_recipe_settings(args, self.config.get(self.config.get("subcommand") or "", self.config))
 
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last`` resumes where the last run wrote: see :func:`_resolve_last_checkpoint`."""
@@ -88,6 +91,37 @@ class LightningCompressCLI(LightningCLI):
         )
         if has_test and type(self.model).test_step is not LightningModule.test_step:
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def _report_recipe_settings(args: Any, config: Any) -> None:
+    """Say which of a recipe's ``model``/``data`` settings went to the class that ``--model``/``--data`` swapped in.
+
+    The recipes set ``init_args`` for the digits example (``hidden_sizes``, ``lr``, ``batch_size``). When the
+    command line names another class, jsonargparse keeps the values whose names the new class takes and drops the
+    others; both happen silently, so this prints them (to stderr) before anything is built.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if args is None else args if isinstance(args, list) else [])]
+    recipe: dict[str, Any] = {}
+    for arg, following in zip(argv, [*argv[1:], ""], strict=True):
+        path = (
+            arg.partition("=")[2] if arg.startswith("--config=") else following if arg == "--config" else ""
+        )
+        if path and Path(path).is_file():
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            recipe.update({k: v for k, v in loaded.items() if k in ("model", "data") and isinstance(v, dict)})
+    for key, given in recipe.items():
+        final = config.get(key) or {}
+        wanted, used = given.get("init_args") or {}, final.get("init_args") or {}
+        if not wanted or given.get("class_path") in (None, final.get("class_path")):
+            continue
+        applied = ", ".join(f"{k}={v!r}" for k, v in wanted.items() if k in used and used[k] == v)
+        dropped = ", ".join(f"{k}={v!r}" for k, v in wanted.items() if k not in used)
+        print(
+            f"lightning-compress: the recipe's {key} settings were written for {given.get('class_path')}; "
+            f"on {final.get('class_path')} applied: {applied or 'none'}; dropped: {dropped or 'none'}"
+            + (" (not arguments of that class)" if dropped else ""),
+            file=sys.stderr,
+        )
 
 
 def _resolve_last_checkpoint(config: Any) -> None:
@@ -165,6 +199,8 @@ def main(args: Sequence[str] | None = None) -> int:
         from lightning_compress.export.lcdc import export_main
 
         return export_main(argv[1:])
+    if os.getcwd() not in sys.path and "" not in sys.path:  # import the user's modules as `python -m` would
+        sys.path.insert(0, os.getcwd())
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{EXPORT_HELP}\n")
     run_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself

@@ -92,6 +92,64 @@ def test_swap_in_user_model_and_data(tmp_path: Path) -> None:
     assert config["model"]["class_path"] == "my_pkg.MyModule"
 
 
+def _console_command() -> list[str]:
+    """The installed `lightning-compress` script, or the same entry point run without the cwd on sys.path."""
+    exe = Path(sys.executable).with_name("lightning-compress")
+    if exe.exists():
+        return [str(exe)]
+    entry = "import sys; sys.path.remove(''); from lightning_compress.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", entry]
+
+
+def test_own_model_imports_from_the_working_directory_and_recipe_model_settings_are_reported(
+    tmp_path: Path,
+) -> None:
+    """As README shows it: the user's module sits in the folder the command runs from (no PYTHONPATH=.); the
+    recipe's settings for the example model go to the user's class only where it takes them, and the command
+    says which were applied and which were dropped."""
+    (tmp_path / "my_pkg.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from lightning.pytorch import LightningModule, LightningDataModule\n"
+        "class MyModule(LightningModule):\n"
+        "    def __init__(self, width: int = 8, lr: float = 0.1):\n"
+        "        super().__init__()\n"
+        "        self.save_hyperparameters()\n"
+        "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))\n"
+        "    def training_step(self, batch, batch_idx):\n"
+        "        x, y = batch\n"
+        "        return nn.functional.cross_entropy(self.net(x), y)\n"
+        "    def configure_optimizers(self):\n"
+        "        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)\n"
+        "class MyData(LightningDataModule):\n"
+        "    def __init__(self, batch_size: int = 8, noise: float = 1.0):\n"
+        "        super().__init__()\n"
+        "        self.batch_size = batch_size\n"
+        "    def train_dataloader(self):\n"
+        "        g = torch.Generator().manual_seed(0)\n"
+        "        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)), batch_size=self.batch_size)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    recipe = REPO_ROOT / "recipes" / "digits_baseline.yaml"  # model: hidden_sizes, lr; data: batch_size
+    args = ["fit", "--config", str(recipe), "--model", "my_pkg.MyModule", "--data", "my_pkg.MyData"]
+    proc = subprocess.run(
+        [*_console_command(), *args, "--trainer.max_epochs=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(
+        r"my_pkg\.MyModule.*applied: lr=0\.001.*dropped: hidden_sizes=\[300, 100\]", proc.stderr
+    ), proc.stderr[-3000:]
+    assert re.search(r"my_pkg\.MyData.*applied: batch_size=64", proc.stderr), proc.stderr[-3000:]
+    config = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
+    assert config["model"] == {"class_path": "my_pkg.MyModule", "init_args": {"width": 8, "lr": 0.001}}
+
+
 def test_console_script_help() -> None:
     exe = Path(sys.executable).with_name("lightning-compress")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_compress.cli"]
