@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -18,6 +18,7 @@ from lightning_compress import claims
 from lightning_compress.functional import pruning as masks
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
+from lightning_compress.graph import output_layers
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
 
@@ -57,7 +58,10 @@ class GradualPruning(_ReleasesModelOnException):
         update_every: optimizer steps between mask updates inside the window (the last update is at the end).
         schedule: ``cubic``, ``linear``, ``exponential``, or ``constant``/``one_shot`` (all at once at the start).
         mode: ``unstructured`` (single weights by magnitude) or ``structured`` (whole output neurons of a
-            ``Linear`` / filters of a ``Conv`` by the norm of their weights).
+            ``Linear`` / filters of a ``Conv`` by the norm of their weights). ``structured`` leaves out the
+            layers whose outputs are the model's outputs (the classifier: its units are the classes), found by
+            tracing the forward (:func:`~lightning_compress.graph.output_layers`); naming one in ``targets`` is
+            an error.
         norm: 1 or 2, the norm that ranks units in ``structured`` mode.
         scope: ``global`` (one ranking across all targeted layers, so layers end with different sparsities)
             or ``layer`` (every layer pruned to the scheduled sparsity).
@@ -179,6 +183,8 @@ class GradualPruning(_ReleasesModelOnException):
         if self.targets is None:  # by default Linear/Conv layers only; an Embedding is pruned when named
             types = tuple(t for t in types if t != "Embedding")
         modules = select_modules(pl_module, self.targets, self.exclude, types=types)
+        if self.mode == "structured":
+            modules = self._without_output_layers(pl_module, modules)
         names = {id(p): n for n, p in pl_module.named_parameters(remove_duplicate=False)}
         overrides = dict(self.layer_sparsity or {})
         unmatched = [p for p in overrides if not any(match(p, m) for m in modules)]
@@ -216,6 +222,19 @@ class GradualPruning(_ReleasesModelOnException):
         self._model_layer_numel = sum(
             m.weight.numel() for m in {id(m.weight): m for m in pl_module.modules() if _is_layer(m)}.values()
         )
+
+    def _without_output_layers(self, pl_module: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """Structured mode leaves out the layers whose output units are the model's outputs (classes, ...)."""
+        outputs = [name for name in output_layers(pl_module) if name in modules]
+        if outputs and self.targets is not None:
+            raise ValueError(
+                f"GradualPruning: `targets` {self.targets} select {outputs}, whose output units are the output of "
+                "the model: structured pruning would remove them (whole classes); leave them out of `targets` or add them "
+                "to `exclude`"
+            )
+        if outputs:
+            rank_zero_info(f"GradualPruning: structured mode leaves the model's output layer(s) {outputs} whole")
+        return {name: module for name, module in modules.items() if name not in outputs}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
