@@ -58,6 +58,7 @@ from tests.contract_cases import (
     callbacks_for,
     case_by_name,
     fit,
+    small_mlp,
     state_of,
     teacher_checkpoint,
 )
@@ -326,6 +327,46 @@ def test_cli_sigkill_then_resume_last_equals_uninterrupted_run(
     (resumed_cb,) = [c for c in resumed.trainer.callbacks if type(c).__name__ == "GradualPruning"]
     _same(resumed_cb.state_dict(), straight_cb.state_dict(), "pruning state")
     _same(resumed.model.state_dict(), straight.model.state_dict(), "weights")
+
+
+class RaiseAt(Callback):
+    """Raises at the end of optimizer step ``step`` (after every case's compression has started)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("fit failed")
+
+
+def _modes(model: torch.nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
+    grads = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    return grads, {n: m.training for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("run", _run_params("exception"))
+def test_a_fit_that_raises_restores_requires_grad_and_train_eval_mode(
+    run: Any, workdir: Path, tmp_path: Path
+) -> None:
+    """README: a fit that raises leaves the model as it was. The model enters the fit in eval mode with one
+    parameter frozen; every layer that still has its name afterwards has its mode and `requires_grad` back
+    (a factorized layer's new parts take the mode of the layer they replace)."""
+    name = run if isinstance(run, str) else run.name
+    model = small_mlp()
+    model.eval()
+    model.net[3].bias.requires_grad_(False)
+    grads, modes = _modes(model)
+    with pytest.raises(RuntimeError, match="fit failed"):
+        fit([*callbacks_for(name, workdir), RaiseAt(11)], tmp_path, model=model, checkpoints=False)
+    after_grads, after_modes = _modes(model)
+    assert {n: g for n, g in after_grads.items() if n in grads} == {
+        n: grads[n] for n in after_grads if n in grads
+    }
+    assert all(not training for training in after_modes.values()), [n for n, t in after_modes.items() if t]
+    assert grads["net.3.bias"] is False and any(not g for g in after_grads.values())
 
 
 # -- DDP -----------------------------------------------------------------------------------------------
