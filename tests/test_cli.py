@@ -201,3 +201,16 @@ def test_deep_compression_recipe_and_export_command(tmp_path: Path, monkeypatch:
     assert (tmp_path / "main.lcdc").read_bytes() == written.read_bytes()
     with pytest.raises(SystemExit):  # argparse: --out is required
         main(["export", "--ckpt", str(ckpt)])
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_baseline_recipe_runs_at_other_precisions(
+    precision: str, dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning's model summary ran the example's float32 `example_input_array` through a bf16/fp64 model
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO_ROOT / "recipes" / "digits_baseline.yaml"
+    cli = run_cli(["fit", "--config", str(recipe), *FAST, "--trainer.max_epochs=1", f"--trainer.precision={precision}"])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 3
+    assert {p.dtype for p in cli.model.parameters()} == {dtype}
+    assert "test/acc" in cli.trainer.callback_metrics
