@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,47 @@ def main(args: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{EXPORT_HELP}\n")
-    run_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        run_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+    except (ValueError, TypeError) as err:
+        message = _our_error(err)
+        if message is None or os.environ.get("LIGHTNING_COMPRESS_TRACEBACK"):
+            raise
+        print(f"lightning-compress: error: {message}", file=sys.stderr)
+        print("(set LIGHTNING_COMPRESS_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _our_error(err: BaseException) -> str | None:
+    """The message of a ``ValueError``/``TypeError`` that this package raised (also when jsonargparse or Lightning
+    re-raised it as another error), prefixed by the class that raised it (``GradualPruning: ...``); ``None`` for
+    an error from elsewhere (the user's code, Lightning, torch), whose traceback the user needs."""
+    package = Path(__file__).resolve().parent
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = [frame for frame, _ in traceback.walk_tb(current.__traceback__)]
+        raised_in = Path(frames[-1].f_code.co_filename).resolve() if frames else None
+        if (
+            isinstance(current, (ValueError, TypeError))
+            and raised_in is not None
+            and raised_in.is_relative_to(package)
+            and raised_in != Path(__file__).resolve()
+        ):
+            owner = next(
+                (
+                    type(f.f_locals["self"]).__name__
+                    for f in reversed(frames)
+                    if type(f.f_locals.get("self")).__module__.startswith("lightning_compress.")
+                ),
+                None,
+            )
+            text = str(current)
+            return text if owner is None or text.startswith(owner) else f"{owner}: {text}"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

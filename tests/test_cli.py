@@ -214,3 +214,50 @@ def test_baseline_recipe_runs_at_other_precisions(
     assert cli.trainer.state.finished and cli.trainer.global_step == 3
     assert {p.dtype for p in cli.model.parameters()} == {dtype}
     assert "test/acc" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("recipe", "edit", "args", "message"),
+    [
+        (
+            "digits_gradual_pruning.yaml",
+            ("final_sparsity: 0.95", "final_sparsity: 1.5"),
+            [],
+            r"GradualPruning: `final_sparsity` must be a number in \[0, 1\), got 1.5",
+        ),
+        (
+            "digits_gradual_pruning.yaml",
+            None,
+            ["--trainer.max_epochs=2"],
+            r"GradualPruning: `end_epoch` puts the end of the schedule at optimizer step \d+, but this run has only",
+        ),
+        (
+            "digits_qat_int8.yaml",
+            None,
+            ["--trainer.fast_dev_run=true"],
+            r"QuantizationAwareTraining: .*this run has only 1 optimizer step",
+        ),
+    ],
+    ids=["bad-value", "max-epochs-2", "fast-dev-run"],
+)
+def test_errors_of_a_recipe_are_a_few_readable_lines_naming_the_callback(
+    recipe: str,
+    edit: tuple[str, str] | None,
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a bad value printed an 84-line double traceback ending in "Does not validate against any of the Union
+    # subtypes"; a schedule too long for the run did not say which callback's schedule it was
+    monkeypatch.chdir(tmp_path)
+    path = REPO_ROOT / "recipes" / recipe
+    if edit is not None:
+        (tmp_path / recipe).write_text(path.read_text().replace(*edit))
+        path = tmp_path / recipe
+    capsys.readouterr()
+    assert main(["fit", "--config", str(path), "--trainer.enable_model_summary=false", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err[-3000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 4, err[-3000:]

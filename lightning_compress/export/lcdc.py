@@ -492,9 +492,31 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         parser.error(f"--ckpt {args.ckpt!r} holds no 'state_dict': not a Lightning checkpoint")
+    unexportable = _written_by_a_layer_changing_callback(checkpoint)
+    if unexportable:
+        parser.error(f"--ckpt {args.ckpt!r} {unexportable}")
     target: nn.Module | Mapping[str, torch.Tensor] = checkpoint["state_dict"]
     if args.config is not None:
         target = model_from_config(args.config)
         target.load_state_dict(checkpoint["state_dict"], strict=True)
     save_compressed(target, args.out, verbose=not args.quiet)
     return 0
+
+
+def _written_by_a_layer_changing_callback(checkpoint: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint's weights are not the model's own layers (QAT's fake-quantized layers, factorized
+    layers), with how to load it instead; ``None`` when they are."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        name, layers = str(key).partition("{")[0], []
+        if name == "QuantizationAwareTraining" and isinstance(state, Mapping):
+            layers = list(state.get("layers") or [])
+            how = "load it with `convert_quantized(load_quantized_checkpoint(Model(), ckpt))` (an integer model)"
+        elif name == "LowRankFactorization" and isinstance(state, Mapping) and state.get("factorized"):
+            layers = list(state.get("factorized_layers") or [])
+            how = "load it with `load_factorized_checkpoint(Model(), ckpt)`"
+        if layers:
+            return (
+                f"was written by {name}: its layers {layers} are not the model's own layers, which a Deep "
+                f"Compression file holds; {how} and save that with torch.save"
+            )
+    return None
