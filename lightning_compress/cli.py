@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 __all__ = ["LightningCompressCLI", "main", "run_cli"]
@@ -145,11 +145,17 @@ def _resolve_last_checkpoint(config: Any) -> None:
         for d in (root.glob("version_*") if root.is_dir() else [])
         if d.name.split("_", 1)[1].isdigit() and any((d / "checkpoints").glob("*.ckpt"))
     )
-    if not versions:
+    explicit = [
+        cb
+        for cb in (config.get("trainer") or {}).get("callbacks") or []
+        if hasattr(cb, "get") and (cb.get("init_args") or {}).get("dirpath")
+    ]
+    if not versions and not explicit:  # (a ModelCheckpoint `dirpath` is searched by Lightning itself)
         print(
             f"lightning-compress: --ckpt_path last: no checkpoint under {root}/version_*/checkpoints",
             file=sys.stderr,
         )
+    if not versions:
         return
     number, folder = versions[-1]
     files = sorted(
@@ -196,12 +202,12 @@ def main(args: Sequence[str] | None = None) -> int:
         SystemExit: 0
     """
     argv = list(sys.argv[1:] if args is None else args)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # import the user's modules as `python -m` would
+        sys.path.insert(0, os.getcwd())
     if argv[:1] == ["export"]:
         from lightning_compress.export.lcdc import export_main
 
         return export_main(argv[1:])
-    if os.getcwd() not in sys.path and "" not in sys.path:  # import the user's modules as `python -m` would
-        sys.path.insert(0, os.getcwd())
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{EXPORT_HELP}\n")
     try:
@@ -233,13 +239,10 @@ def _our_error(err: BaseException) -> str | None:
             and raised_in.is_relative_to(package)
             and raised_in != Path(__file__).resolve()
         ):
-            owner = next(
-                (
-                    type(f.f_locals["self"]).__name__
-                    for f in reversed(frames)
-                    if type(f.f_locals.get("self")).__module__.startswith("lightning_compress.")
-                ),
-                None,
+            selves = [f.f_locals.get("self") for f in reversed(frames)]
+            ours = [s for s in selves if type(s).__module__.startswith("lightning_compress.")]
+            owner = next((type(s).__name__ for s in ours if isinstance(s, Callback)), None) or next(
+                (type(s).__name__ for s in ours), None
             )
             text = str(current)
             return text if owner is None or text.startswith(owner) else f"{owner}: {text}"
