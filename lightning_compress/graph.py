@@ -48,6 +48,7 @@ __all__ = [
     "Segments",
     "analyze",
     "channels_at",
+    "output_layers",
 ]
 
 Segments = tuple[tuple[int, int], ...]  # ((group, number of channels), ...) in channel order
@@ -279,6 +280,41 @@ def analyze(model: nn.Module) -> ChannelGraph:
             pin_inputs(node, "is a model output")
         infos[node] = out
     return cg
+
+
+def output_layers(model: nn.Module) -> list[str]:
+    """The ``Linear``/``Conv`` layers whose outputs are the model's outputs (no other such layer in between).
+
+    Found by tracing ``model.forward`` with ``torch.fx`` and walking back from its output through everything
+    that is not a ``Linear``/``Conv`` (activations, softmax, dict/tuple packing, residual adds). A forward that
+    cannot be traced falls back to the last such layer in registration order.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.head, self.body = nn.Linear(8, 3), nn.Linear(4, 8)
+        ...     def forward(self, x):
+        ...         return torch.log_softmax(self.head(torch.relu(self.body(x))), dim=-1)
+        >>> output_layers(Net())
+        ['head']
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception:  # fx raises TraceError, TypeError, ... depending on what it met
+        return [name for name, m in modules.items() if isinstance(m, _PRODUCERS)][-1:]
+    found, seen, stack = set(), set(), [node for node in graph.nodes if node.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), _PRODUCERS):
+            found.add(str(node.target))
+        else:
+            stack.extend(node.all_input_nodes)
+    return [name for name in modules if name in found]
 
 
 def _producer(cg: ChannelGraph, name: str, module: nn.Module, x: _Info | None, what: str) -> _Info:

@@ -47,7 +47,11 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class ModelStats:
-    """Counts for a whole model's parameters (layer weights also listed per layer); buffers are not counted."""
+    """Counts for a whole model's parameters (layer weights also listed per layer); buffers are not counted.
+
+    ``dense_fp32_bytes`` is the model as it was before compression: factorized layers count as the layers they
+    replaced.
+    """
 
     layers: tuple[LayerStats, ...]
     total_params: int
@@ -135,4 +139,15 @@ def model_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> Mode
         total += p.numel()
         nonzero += int(torch.count_nonzero(p.detach()).item())
         compressed += math.ceil(p.numel() * int(bits.get(fqn, p.element_size() * 8)) / 8)
-    return ModelStats(tuple(layers), total, nonzero, total * 4, compressed)
+    return ModelStats(tuple(layers), total, nonzero, 4 * (total + _grown_by_compression(model)), compressed)
+
+
+def _grown_by_compression(model: nn.Module) -> int:
+    """Parameters a model had before structural compression minus those it has now: a layer that stands for a
+    bigger one (a factorized layer) tells the size of the original with a ``dense_numel`` attribute."""
+    extra = 0
+    for module in model.modules():
+        dense = getattr(module, "dense_numel", None)
+        if isinstance(dense, int):
+            extra += dense - sum(p.numel() for p in module.parameters())
+    return extra

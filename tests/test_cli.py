@@ -92,6 +92,64 @@ def test_swap_in_user_model_and_data(tmp_path: Path) -> None:
     assert config["model"]["class_path"] == "my_pkg.MyModule"
 
 
+def _console_command() -> list[str]:
+    """The installed `lightning-compress` script, or the same entry point run without the cwd on sys.path."""
+    exe = Path(sys.executable).with_name("lightning-compress")
+    if exe.exists():
+        return [str(exe)]
+    entry = "import sys; sys.path.remove(''); from lightning_compress.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", entry]
+
+
+def test_own_model_imports_from_the_working_directory_and_recipe_model_settings_are_reported(
+    tmp_path: Path,
+) -> None:
+    """As README shows it: the user's module sits in the folder the command runs from (no PYTHONPATH=.); the
+    recipe's settings for the example model go to the user's class only where it takes them, and the command
+    says which were applied and which were dropped."""
+    (tmp_path / "my_pkg.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from lightning.pytorch import LightningModule, LightningDataModule\n"
+        "class MyModule(LightningModule):\n"
+        "    def __init__(self, width: int = 8, lr: float = 0.1):\n"
+        "        super().__init__()\n"
+        "        self.save_hyperparameters()\n"
+        "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))\n"
+        "    def training_step(self, batch, batch_idx):\n"
+        "        x, y = batch\n"
+        "        return nn.functional.cross_entropy(self.net(x), y)\n"
+        "    def configure_optimizers(self):\n"
+        "        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)\n"
+        "class MyData(LightningDataModule):\n"
+        "    def __init__(self, batch_size: int = 8, noise: float = 1.0):\n"
+        "        super().__init__()\n"
+        "        self.batch_size = batch_size\n"
+        "    def train_dataloader(self):\n"
+        "        g = torch.Generator().manual_seed(0)\n"
+        "        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)), batch_size=self.batch_size)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    recipe = REPO_ROOT / "recipes" / "digits_baseline.yaml"  # model: hidden_sizes, lr; data: batch_size
+    args = ["fit", "--config", str(recipe), "--model", "my_pkg.MyModule", "--data", "my_pkg.MyData"]
+    proc = subprocess.run(
+        [*_console_command(), *args, "--trainer.max_epochs=1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(
+        r"my_pkg\.MyModule.*applied: lr=0\.001.*dropped: hidden_sizes=\[300, 100\]", proc.stderr
+    ), proc.stderr[-3000:]
+    assert re.search(r"my_pkg\.MyData.*applied: batch_size=64", proc.stderr), proc.stderr[-3000:]
+    config = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
+    assert config["model"] == {"class_path": "my_pkg.MyModule", "init_args": {"width": 8, "lr": 0.001}}
+
+
 def test_console_script_help() -> None:
     exe = Path(sys.executable).with_name("lightning-compress")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_compress.cli"]
@@ -143,3 +201,63 @@ def test_deep_compression_recipe_and_export_command(tmp_path: Path, monkeypatch:
     assert (tmp_path / "main.lcdc").read_bytes() == written.read_bytes()
     with pytest.raises(SystemExit):  # argparse: --out is required
         main(["export", "--ckpt", str(ckpt)])
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_baseline_recipe_runs_at_other_precisions(
+    precision: str, dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning's model summary ran the example's float32 `example_input_array` through a bf16/fp64 model
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO_ROOT / "recipes" / "digits_baseline.yaml"
+    cli = run_cli(["fit", "--config", str(recipe), *FAST, "--trainer.max_epochs=1", f"--trainer.precision={precision}"])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 3
+    assert {p.dtype for p in cli.model.parameters()} == {dtype}
+    assert "test/acc" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("recipe", "edit", "args", "message"),
+    [
+        (
+            "digits_gradual_pruning.yaml",
+            ("final_sparsity: 0.95", "final_sparsity: 1.5"),
+            [],
+            r"GradualPruning: `final_sparsity` must be a number in \[0, 1\), got 1.5",
+        ),
+        (
+            "digits_gradual_pruning.yaml",
+            None,
+            ["--trainer.max_epochs=2"],
+            r"GradualPruning: `end_epoch` puts the end of the schedule at optimizer step \d+, but this run has only",
+        ),
+        (
+            "digits_qat_int8.yaml",
+            None,
+            ["--trainer.fast_dev_run=true"],
+            r"QuantizationAwareTraining: .*this run has only 1 optimizer step",
+        ),
+    ],
+    ids=["bad-value", "max-epochs-2", "fast-dev-run"],
+)
+def test_errors_of_a_recipe_are_a_few_readable_lines_naming_the_callback(
+    recipe: str,
+    edit: tuple[str, str] | None,
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a bad value printed an 84-line double traceback ending in "Does not validate against any of the Union
+    # subtypes"; a schedule too long for the run did not say which callback's schedule it was
+    monkeypatch.chdir(tmp_path)
+    path = REPO_ROOT / "recipes" / recipe
+    if edit is not None:
+        (tmp_path / recipe).write_text(path.read_text().replace(*edit))
+        path = tmp_path / recipe
+    capsys.readouterr()
+    assert main(["fit", "--config", str(path), "--trainer.enable_model_summary=false", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err[-3000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 4, err[-3000:]

@@ -58,6 +58,7 @@ from tests.contract_cases import (
     callbacks_for,
     case_by_name,
     fit,
+    small_mlp,
     state_of,
     teacher_checkpoint,
 )
@@ -264,6 +265,110 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
                 assert _sha(out / "ckpt" / file) == digest, f"{file} changed by the resumed run"
         _same(state_of(name, callbacks, model), expected_state, f"state after crash at {step}")
         _same(model.state_dict(), straight.state_dict(), f"weights after crash at {step}")
+
+
+def _cli_recipe(workdir: Path, kill_at: int | None = None) -> dict[str, Any]:
+    """The pruning case as a user's recipe: the CLI's own TensorBoard logger and Lightning's default
+    checkpointing (no ``dirpath``: checkpoints go to the logger's ``version_<n>/checkpoints``)."""
+    recipe = _recipe(case_by_name("pruning"), workdir, root=Path("."))
+    trainer = recipe["trainer"]
+    del trainer["logger"]
+    trainer.update(max_epochs=TOTAL_STEPS // STEPS_PER_EPOCH, deterministic=True)
+    trainer["callbacks"].append(
+        {
+            "class_path": "lightning_compress.CompressionMonitor",
+            "init_args": {"log_every_n_steps": 2, "print_table": False},
+        }
+    )
+    if kill_at is not None:
+        trainer["callbacks"].append(
+            {"class_path": "tests.contract_cases.KillAt", "init_args": {"step": kill_at}}
+        )
+    recipe["model"]["init_args"]["lr"] = 0.01
+    recipe["test_after_fit"] = False
+    return recipe
+
+
+@pytest.mark.slow
+def test_cli_sigkill_then_resume_last_equals_uninterrupted_run(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lightning-compress fit --config R` killed with SIGKILL, then `... --ckpt_path last` from the same folder,
+    resumes where the killed run wrote (same `version_<n>` folder, latest checkpoint) and ends equal to a straight
+    run."""
+    straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
+    for path in (straight_dir, run_dir):
+        path.mkdir()
+        (path / "recipe.yaml").write_text(yaml.safe_dump(_cli_recipe(workdir)))
+    (run_dir / "crash.yaml").write_text(yaml.safe_dump(_cli_recipe(workdir, kill_at=10)))
+    monkeypatch.chdir(straight_dir)
+    straight = run_cli(["fit", "--config", "recipe.yaml"])
+    assert straight.trainer.global_step == TOTAL_STEPS
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_compress.cli", "fit", "--config", "crash.yaml"],
+        cwd=run_dir,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    written = sorted(
+        p.name for p in (run_dir / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    )
+    assert written == ["epoch=1-step=8.ckpt"], written  # what the killed run left
+
+    monkeypatch.chdir(run_dir)
+    resumed = run_cli(["fit", "--config", "recipe.yaml", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == TOTAL_STEPS
+    assert [p.name for p in (run_dir / "lightning_logs").iterdir()] == ["version_0"], (
+        "resumed in a new folder"
+    )
+    (straight_cb,) = [c for c in straight.trainer.callbacks if type(c).__name__ == "GradualPruning"]
+    (resumed_cb,) = [c for c in resumed.trainer.callbacks if type(c).__name__ == "GradualPruning"]
+    _same(resumed_cb.state_dict(), straight_cb.state_dict(), "pruning state")
+    _same(resumed.model.state_dict(), straight.model.state_dict(), "weights")
+
+
+class RaiseAt(Callback):
+    """Raises at the end of optimizer step ``step`` (after every case's compression has started)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("fit failed")
+
+
+def _modes(model: torch.nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
+    grads = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    return grads, {n: m.training for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("run", _run_params("exception"))
+def test_a_fit_that_raises_restores_requires_grad_and_train_eval_mode(
+    run: Any, workdir: Path, tmp_path: Path
+) -> None:
+    """README: a fit that raises leaves the model as it was. The model enters the fit in eval mode with one
+    parameter frozen; every layer that still has its name afterwards has its mode and `requires_grad` back
+    (a factorized layer's new parts take the mode of the layer they replace)."""
+    name = run if isinstance(run, str) else run.name
+    model = small_mlp()
+    model.eval()
+    model.net[3].bias.requires_grad_(False)
+    grads, modes = _modes(model)
+    with pytest.raises(RuntimeError, match="fit failed"):
+        fit([*callbacks_for(name, workdir), RaiseAt(11)], tmp_path, model=model, checkpoints=False)
+    after_grads, after_modes = _modes(model)
+    assert {n: g for n, g in after_grads.items() if n in grads} == {
+        n: grads[n] for n in after_grads if n in grads
+    }
+    assert all(not training for training in after_modes.values()), [n for n, t in after_modes.items() if t]
+    assert grads["net.3.bias"] is False and any(not g for g in after_grads.values())
 
 
 # -- DDP -----------------------------------------------------------------------------------------------
@@ -686,7 +791,9 @@ def test_random_plausible_settings_train_or_are_refused_before_the_first_step(
     import typing
 
     hints = typing.get_type_hints(case.cls.__init__)
-    strategies = {n: s for n in inspect.signature(case.cls).parameters if (s := _plausible(hints.get(n))) is not None}
+    strategies = {
+        n: s for n in inspect.signature(case.cls).parameters if (s := _plausible(hints.get(n))) is not None
+    }
     keys = data.draw(st.lists(st.sampled_from(sorted(strategies)), min_size=1, max_size=4, unique=True))
     overrides = {k: data.draw(strategies[k], label=k) for k in keys}
     with tempfile.TemporaryDirectory() as tmp:

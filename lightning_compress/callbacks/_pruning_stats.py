@@ -30,9 +30,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_compress.functional import pruning as masks
+from lightning_compress.graph import output_layers
 
 __all__: list[str] = []  # private to GradualPruning
 
@@ -249,3 +251,34 @@ def layer_numel(model: nn.Module) -> int:
     """Entries of all layer weights (tensors with >= 2 dims, tied ones once), as the monitor counts them."""
     weights = {id(w): w for m in model.modules() if isinstance(w := getattr(m, "weight", None), torch.Tensor)}
     return sum(w.numel() for w in weights.values() if w.dim() >= 2)
+
+
+def without_output_layers(
+    model: nn.Module, modules: dict[str, nn.Module], targets: list[str] | None
+) -> dict[str, nn.Module]:
+    """Structured mode leaves out the layers whose output units are the model's outputs (classes, ...).
+
+    Raises:
+        ValueError: ``targets`` names such a layer explicitly.
+    """
+    outputs = [name for name in output_layers(model) if name in modules]
+    if outputs and targets is not None:
+        raise ValueError(
+            f"GradualPruning: `targets` {targets} select {outputs}, whose output units are the output of "
+            "the model: structured pruning would remove them (whole classes); leave them out of `targets` or add them "
+            "to `exclude`"
+        )
+    if outputs:
+        rank_zero_info(f"GradualPruning: structured mode leaves the model's output layer(s) {outputs} whole")
+    return {name: module for name, module in modules.items() if name not in outputs}
+
+
+def check_keeps_a_unit(argument: str, sparsity: float, layer: str, units: int) -> None:
+    """Raise ``ValueError`` when structured ``sparsity`` would prune every output unit of ``layer``."""
+    if masks.num_to_prune(sparsity, units) >= units:
+        raise ValueError(
+            f"`{argument}`={sparsity} in structured mode would prune all {units} output units of {layer!r} "
+            f"(round({sparsity} * {units}) = {units}), cutting the network there; at most {(units - 1) / units:g} "
+            "keeps one: lower it, leave the layer out with `exclude`, or give it its own `layer_sparsity`"
+        )
+

@@ -215,6 +215,9 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
         self._teacher_module.eval().requires_grad_(False)
         return self._teacher_module
 
+    def _touched_modules(self) -> list[nn.Module]:
+        return [self.teacher] if isinstance(self.teacher, nn.Module) else []
+
     def values_at(self, step: int) -> tuple[float, float]:
         """``(temperature, alpha)`` at optimizer step ``step`` (schedules resolved at train start)."""
         t = self._schedules["temperature"].value_at(step) if "temperature" in self._schedules else self.temperature
@@ -232,6 +235,14 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
                 "with manual optimization add `kd_loss` from lightning_compress.functional.distillation to your loss yourself"
             )
         student = self._named(pl_module, self.student_module, "student_module")
+        if isinstance(self.teacher, nn.Module) and (
+            self.teacher is pl_module
+            or {id(p) for p in self.teacher.parameters()} & {id(p) for p in pl_module.parameters()}
+        ):
+            raise ValueError(
+                "KnowledgeDistillation: `teacher` is the student (or shares parameters with it); the teacher is "
+                "frozen, so the student could not train: give a separately trained model as `teacher`"
+            )
         teacher = self.load_teacher()
         self._student_hook = student.register_forward_hook(self._record_student, with_kwargs=True)
         if self.feature_pairs and stage == "fit":  # validation measures agreement only: no features, no projections

@@ -18,15 +18,16 @@ from lightning_compress._validation import check_choice, check_number, check_sta
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._pruning_stats import (
     CriterionStats,
+    check_keeps_a_unit,
     check_pattern,
     check_restored_masks,
     compute_masks,
     layer_numel,
     mask_factors,
     multiply,
+    without_output_layers,
 )
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
-from lightning_compress.functional import pruning as masks
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 _UNSTRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Embedding")
 _STRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")  # also the types activation / N:M prune
-_CRITERIA = ("magnitude", "activation", "movement")
 _COUNTER = itertools.count(1)
 _VERSION = 2  # 2: criterion statistics
 
@@ -69,7 +69,10 @@ class GradualPruning(_ReleasesModelOnException):
         update_every: optimizer steps between mask updates inside the window (the last update is at the end).
         schedule: ``cubic``, ``linear``, ``exponential``, or ``constant``/``one_shot`` (all at once at the start).
         mode: ``unstructured`` (single weights by magnitude) or ``structured`` (whole output neurons of a
-            ``Linear`` / filters of a ``Conv`` by the norm of their weights).
+            ``Linear`` / filters of a ``Conv`` by the norm of their weights). ``structured`` leaves out the
+            layers whose outputs are the model's outputs (the classifier: its units are the classes), found by
+            tracing the forward (:func:`~lightning_compress.graph.output_layers`); naming one in ``targets`` is
+            an error.
         norm: 1 or 2, the norm that ranks units in ``structured`` mode.
         scope: ``global`` (one ranking across all targeted layers, so layers end with different sparsities)
             or ``layer`` (every layer pruned to the scheduled sparsity).
@@ -155,7 +158,7 @@ class GradualPruning(_ReleasesModelOnException):
         self.exclude = exclude
         self.layer_sparsity = layer_sparsity
         self.prune_bias = prune_bias
-        check_choice(criterion, "criterion", _CRITERIA)
+        check_choice(criterion, "criterion", ("magnitude", "activation", "movement"))
         self._nm = check_pattern(pattern, mode, layer_sparsity)
         self.criterion = criterion
         self.pattern = pattern
@@ -209,6 +212,8 @@ class GradualPruning(_ReleasesModelOnException):
         if self.targets is None:  # by default Linear/Conv layers only; an Embedding is pruned when named
             types = tuple(t for t in types if t != "Embedding")
         modules = select_modules(pl_module, self.targets, self.exclude, types=types)
+        if self.mode == "structured":
+            modules = without_output_layers(pl_module, modules, self.targets)
         names = {id(p): n for n, p in pl_module.named_parameters(remove_duplicate=False)}
         overrides = dict(self.layer_sparsity or {})
         unmatched = [p for p in overrides if not any(match(p, m) for m in modules)]
@@ -240,7 +245,7 @@ class GradualPruning(_ReleasesModelOnException):
                 self._pooled.append(fqn)
             elif self.mode == "structured":  # ranked on its own: no global keep-one-unit rule
                 argument = "final_sparsity" if pattern is None else f"layer_sparsity[{pattern!r}]"
-                _check_keeps_a_unit(argument, self._final[fqn], module_name, weight.shape[0])
+                check_keeps_a_unit(argument, self._final[fqn], module_name, weight.shape[0])
         if not self._weights:
             raise ValueError(f"GradualPruning: every targeted layer has frozen weights: {list(modules)}")
         claimed = list(self._weights) + [names[id(b)] for b in self._biases.values()]
@@ -393,15 +398,3 @@ class GradualPruning(_ReleasesModelOnException):
         self._masks = {fqn: mask.bool() for fqn, mask in state_dict.get("masks", {}).items()}
         self._last_update_step = int(state_dict.get("last_update_step", -1))
         self._stats.load_state_dict(state_dict.get("criterion_stats", {}))
-
-
-
-
-def _check_keeps_a_unit(argument: str, sparsity: float, layer: str, units: int) -> None:
-    if masks.num_to_prune(sparsity, units) >= units:
-        raise ValueError(
-            f"`{argument}`={sparsity} in structured mode would prune all {units} output units of {layer!r} "
-            f"(round({sparsity} * {units}) = {units}), cutting the network there; at most {(units - 1) / units:g} "
-            "keeps one: lower it, leave the layer out with `exclude`, or give it its own `layer_sparsity`"
-        )
-

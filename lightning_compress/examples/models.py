@@ -41,6 +41,18 @@ class DigitsClassifier(LightningModule):
         # Lightning's model summary reports layer shapes with it, and `export.thin(model)` needs no argument
         self.example_input_array = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
+    @property
+    def example_input_array(self) -> torch.Tensor | None:  # type: ignore[override]
+        """The fixed example batch in the dtype of the model's weights, so that a ``bf16-true``/``64-true`` run
+        (which casts the model, not this tensor) can show its model summary."""
+        x = self._example_input_array
+        ref = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return x.to(ref.dtype) if isinstance(x, torch.Tensor) and ref is not None else x
+
+    @example_input_array.setter
+    def example_input_array(self, example: torch.Tensor | None) -> None:
+        self._example_input_array = example
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 

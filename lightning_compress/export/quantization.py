@@ -369,6 +369,12 @@ def convert(model: nn.Module, inplace: bool = False, dynamic_activations: bool =
     if not inplace:
         model = copy.deepcopy(model)
     layers = [(n, m) for n, m in model.named_modules() if is_qat_module(m)]
+    done = [f"{n!r} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, _FloatParams)]
+    if not layers and done:
+        raise ValueError(
+            f"`model` is already converted: its layers {', '.join(done)} are integer layers (as after "
+            "`convert_on_fit_end=True`); use it as it is"
+        )
     if not layers:
         raise ValueError("`model` has no fake-quantized layer: prepare it with QuantizationAwareTraining or prepare_qat first")
     for name, m in layers:

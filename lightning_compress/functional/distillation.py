@@ -322,8 +322,15 @@ def load_teacher_weights(module: nn.Module, path: str | Path) -> None:
         raise FileNotFoundError(f"`teacher_checkpoint`: no file at {str(path)!r}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a Lightning checkpoint with custom objects in its hyper-parameters
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):  # e.g. a Lightning checkpoint with custom objects
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # torch.load raises UnpicklingError, EOFError, RuntimeError, ... on other files
+            raise ValueError(
+                f"`teacher_checkpoint` {str(path)!r} is not a file torch.load can read ({type(err).__name__}: "
+                f"{err}); give the .ckpt a teacher's fit wrote, or a file saved with "
+                "torch.save(model.state_dict(), path)"
+            ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"`teacher_checkpoint` {str(path)!r} holds neither a Lightning checkpoint nor a state_dict")

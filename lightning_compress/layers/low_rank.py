@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -82,6 +83,12 @@ class LowRankLinear(nn.Sequential):
         )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
 
+    @property
+    def dense_numel(self) -> int:
+        """Parameters of the ``Linear`` this layer replaced (what size and ratio reports compare with)."""
+        bias = self.up.bias.numel() if self.up.bias is not None else 0
+        return self.in_features * self.out_features + bias
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
@@ -118,6 +125,12 @@ class LowRankConv2d(nn.Sequential):
         )
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.kernel_size = tuple(kernel_size)
+
+    @property
+    def dense_numel(self) -> int:
+        """Parameters of the ``Conv2d`` this layer replaced (what size and ratio reports compare with)."""
+        bias = self.up.bias.numel() if self.up.bias is not None else 0
+        return self.in_channels * self.out_channels * math.prod(self.kernel_size) + bias
 
     def extra_repr(self) -> str:
         return (

@@ -485,3 +485,15 @@ def test_validate_a_student_converted_to_integers_in_true_half_precision(make_tr
     metrics = trainer.validate(student, verbose=False)[0]
     assert 0.0 <= metrics["distill/agreement"] <= 1.0
     assert teacher.net[0].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"\x80\x02garbage"])
+def test_a_teacher_checkpoint_that_is_not_a_checkpoint_is_a_clear_error(
+    content: bytes, tmp_path: Path, make_trainer
+) -> None:
+    # it raised `UnpicklingError: invalid load key` from inside torch.load
+    path = tmp_path / "teacher.ckpt"
+    path.write_bytes(content)
+    kd = KnowledgeDistillation(teacher=_teacher(), teacher_checkpoint=str(path))
+    with pytest.raises(ValueError, match=r"`teacher_checkpoint` '.*teacher.ckpt' is not a file torch.load can read"):
+        make_trainer(max_steps=1, callbacks=[kd]).fit(_student())

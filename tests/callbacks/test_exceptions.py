@@ -36,3 +36,25 @@ def test_a_fit_that_raises_leaves_the_model_refittable(name: str, make_trainer, 
     trainer = make_trainer(max_steps=6, callbacks=[FACTORIES[name]()])
     trainer.fit(tiny_module)  # would raise "already prunes/quantizes/..." with a stale claim
     assert trainer.global_step == 6
+
+
+def test_the_student_as_its_own_teacher_is_refused_and_the_model_stays_trainable(make_trainer) -> None:
+    # it failed at the first step ("element 0 of tensors does not require grad") and left every parameter of the
+    # student frozen and the module in eval mode
+    student = TinyModule()
+    for teacher in (student, student.net):  # the same object, or one that shares its parameters
+        trainer = make_trainer(max_steps=2, callbacks=[KnowledgeDistillation(teacher=teacher)])
+        with pytest.raises(ValueError, match="`teacher` is the student"):
+            trainer.fit(student)
+        assert trainer.global_step == 0
+        assert all(p.requires_grad for p in student.parameters())
+        assert all(m.training for m in student.modules())
+
+
+def test_a_teacher_module_given_by_the_user_gets_its_modes_back_when_fit_raises(make_trainer) -> None:
+    teacher = nn.Sequential(nn.Linear(16, 8), nn.Dropout(0.1), nn.Linear(8, 4))
+    teacher[2].weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(max_steps=6, callbacks=[KnowledgeDistillation(teacher=teacher), StopAt(2, action="raise", message="boom")]).fit(TinyModule())
+    assert [p.requires_grad for p in teacher.parameters()] == [True, True, False, True]
+    assert all(m.training for m in teacher.modules())

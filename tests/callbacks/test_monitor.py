@@ -232,3 +232,27 @@ def test_a_monitor_reused_in_a_new_run_logs_from_its_first_step(make_trainer, tm
         step = lines[0].split(",").index("step")
         steps.append([int(r.split(",")[step]) for r in lines[1:] if r.split(",")[column]])
     assert steps[0] == steps[1] == [8]  # the validation at the end of the epoch: 8 optimizer steps
+
+
+def test_low_rank_is_reported_against_the_model_before_factorization(make_trainer, tmp_path: Path, capsys) -> None:
+    # after the low-rank recipe the table said "53,368 B dense fp32 -> 53,368 B compressed (1.00x)" and
+    # compression/ratio stayed 1.0 although the factorized layers had 4x fewer parameters
+    from lightning_compress import LowRankFactorization
+    from lightning_compress.examples import DigitsDataModule, DigitsMLP
+
+    model = DigitsMLP(hidden_sizes=[64, 32])
+    dense = sum(p.numel() for p in model.parameters())
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    lowrank = LowRankFactorization(param_ratio=0.25, start_step=2, targets=["net.1", "net.3"])
+    monitor = CompressionMonitor(log_every_n_steps=2, histograms=False)
+    trainer = make_trainer(callbacks=[lowrank, monitor], max_steps=4, logger=logger, limit_val_batches=0)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    now = sum(p.numel() for p in model.parameters())
+    assert now < 0.5 * dense
+    stats = monitor.last_stats
+    assert stats.total_params == now and stats.dense_fp32_bytes == 4 * dense
+    assert stats.compressed_bytes == 4 * now and stats.compression_ratio == pytest.approx(dense / now)
+    logged = _scalars(logger.log_dir)
+    assert logged["compression/ratio"][0][1] == pytest.approx(1.0)  # step 2: before factorization
+    assert logged["compression/ratio"][-1][1] == pytest.approx(dense / now, rel=1e-4)
+    assert f"{4 * dense:,} B dense fp32" in capsys.readouterr().out

@@ -301,15 +301,16 @@ def test_two_pruning_callbacks_on_one_layer_refused(make_trainer) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "layer"),
     [
-        ({"final_sparsity": 0.9, "scope": "layer"}, "net.2"),  # round(0.9 * 4) = 4 of net.2's 4 output units
-        ({"final_sparsity": 0.5, "layer_sparsity": {"net.2": 0.9}}, "net.2"),  # overrides are ranked on their own
+        ({"final_sparsity": 0.9, "scope": "layer"}, "net.0"),  # round(0.9 * 4) = 4 of net.0's 4 output units
+        ({"final_sparsity": 0.5, "layer_sparsity": {"net.0": 0.9}}, "net.0"),  # overrides are ranked on their own
     ],
 )
 def test_structured_pruning_that_would_remove_every_unit_of_a_layer_is_refused(
-    kwargs: dict[str, Any], layer: str, tiny_module, make_trainer
+    kwargs: dict[str, Any], layer: str, make_trainer
 ) -> None:
-    # layer-wise structured masks prune round(s * units) units: at 90% every unit of a 4-unit classifier went,
-    # the model's output became a constant (the global ranking keeps a unit per layer; the layer-wise one did not)
+    # layer-wise structured masks prune round(s * units) units: at 90% every unit of a 4-unit layer went, the
+    # model's output became a constant (the global ranking keeps a unit per layer; the layer-wise one did not)
+    tiny_module = TinyModule(hidden=4)
     before = {k: v.clone() for k, v in tiny_module.state_dict().items()}
     trainer = make_trainer(callbacks=[GradualPruning(mode="structured", end_step=4, **kwargs)])
     with pytest.raises(ValueError, match=rf"would prune all 4 output units of {layer!r}"):
@@ -319,8 +320,41 @@ def test_structured_pruning_that_would_remove_every_unit_of_a_layer_is_refused(
     # at most 3 of 4 units (0.75) is accepted, and one unit survives
     seed_everything(0)
     ok = GradualPruning(mode="structured", scope="layer", final_sparsity=0.75, end_step=4)
-    make_trainer(callbacks=[ok]).fit(TinyModule())
-    assert int(ok.masks["net.2.weight"][:, 0].sum()) == 1
+    make_trainer(callbacks=[ok]).fit(TinyModule(hidden=4))
+    assert int(ok.masks["net.0.weight"][:, 0].sum()) == 1
+
+
+class HeadFirst(nn.Module):
+    """A 3-class classifier whose output layer is registered first (registration order is not forward order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head(self.body(x)), dim=-1)
+
+
+class HeadFirstModule(TinyModule):
+    def __init__(self) -> None:
+        super().__init__(out_features=3)
+        self.net = HeadFirst()
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_structured_pruning_leaves_the_output_layer_whole(scope: str, make_trainer) -> None:
+    # with default targets, 2 of the 3 output rows of the classifier were zeroed: whole classes dead
+    seed_everything(0)
+    model = HeadFirstModule()
+    pruning = GradualPruning(mode="structured", final_sparsity=0.5, scope=scope, start_step=0, end_step=2)
+    make_trainer(callbacks=[pruning], max_epochs=1).fit(model)
+    assert sorted(pruning.masks) == ["net.body.0.weight"]
+    assert int((model.net.body[0].weight == 0).all(dim=1).sum()) == 4  # the hidden layer: half its units
+    assert not bool((model.net.head.weight == 0).all(dim=1).any())  # every class keeps its output unit
+    named = GradualPruning(mode="structured", final_sparsity=0.5, targets=["net.head", "net.body.0"], end_step=2)
+    with pytest.raises(ValueError, match=r"'net.head'.*output of the model.*`exclude`"):
+        make_trainer(callbacks=[named], max_epochs=1).fit(HeadFirstModule())
 
 
 def test_a_callback_reused_for_another_model_prunes_that_model_from_its_own_weights(make_trainer) -> None:

@@ -17,8 +17,7 @@ from lightning_compress import CompressionMonitor, GradualPruning, QuantizationA
 from lightning_compress.export import convert_quantized
 from lightning_compress.functional import pruning as masks
 from lightning_compress.schedules import Schedule
-from tests.helpers import TinyModule
-from tests.helpers import run_python
+from tests.helpers import TinyModule, run_python
 
 
 class Witness(Callback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -214,3 +215,46 @@ def test_export_command_from_checkpoint_and_config(
     config.write_text(config.read_text().replace("[16]", "[17]"))
     with pytest.raises(RuntimeError, match="size mismatch"):
         export_main(["--ckpt", str(ckpt), "--config", str(config), "--out", str(tmp_path / "c.lcdc")])
+
+
+@pytest.mark.parametrize("method", ["quantization", "low_rank"])
+def test_export_of_a_qat_or_factorized_checkpoint_is_refused_with_what_to_do(
+    method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # with --config: a raw `load_state_dict` error; without: the fake-quantized / factorized float weights were
+    # written silently, and the file loaded into no model of the recipe
+    from lightning_compress import LowRankFactorization, QuantizationAwareTraining
+
+    seed_everything(0)
+    callback = (
+        QuantizationAwareTraining(weight_bits=8, convert_on_fit_end=False)
+        if method == "quantization"
+        else LowRankFactorization(rank_ratio=0.5, start_step=0, targets=["net.1"])
+    )
+    trainer = Trainer(
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
+        callbacks=[callback],
+    )
+    trainer.fit(DigitsMLP(hidden_sizes=[32]), DigitsDataModule())
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  class_path: lightning_compress.examples.DigitsMLP\n  init_args:\n    hidden_sizes: [32]\n"
+    )
+    expected = {
+        "quantization": r"QuantizationAwareTraining.*convert_quantized\(load_quantized_checkpoint",
+        "low_rank": r"LowRankFactorization.*'net.1'.*load_factorized_checkpoint",
+    }[method]
+    for extra in ([], ["--config", str(config)]):
+        with pytest.raises(SystemExit) as exit_info:
+            export_main(["--ckpt", str(ckpt), *extra, "--out", str(tmp_path / "x.lcdc")])
+        assert exit_info.value.code == 2
+        assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "x.lcdc").exists()

@@ -187,3 +187,13 @@ def test_int8_conv_takes_an_unbatched_image_as_nn_conv2d_does() -> None:
     assert type(int_net[0]) is Int8Conv2d
     torch.testing.assert_close(int_net(x[0]), int_net(x[:1])[0])
     torch.testing.assert_close(int_net(x[0]), net(x[0]), atol=1e-5, rtol=0)
+
+
+def test_converting_a_converted_model_says_it_is_converted_already() -> None:
+    # it said "prepare it with QuantizationAwareTraining first" about a model the fit had converted
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    converted = convert(_prepared(model, ["0", "2"], torch.randn(4, 8), weight_bits=8, activation_bits=8))
+    with pytest.raises(ValueError, match=r"already converted.*'0'.*Int8Linear"):
+        convert(converted)
+    with pytest.raises(ValueError, match="no fake-quantized layer: prepare it"):
+        convert(nn.Sequential(nn.Linear(8, 2)))
