@@ -292,9 +292,9 @@ class SentenceDataModule(LightningDataModule):
     """Standard-library docstring sentences, tokenized once, with the original model's embeddings as targets.
 
     The split is fixed by the sentence text: the ``max_sentences`` sentences of :func:`stdlib_sentences` with the
-    smallest MD5 hash (salt ``"select"``) are used, and each goes to validation, test or training by another hash
-    (salt ``"split"``) compared with ``val_fraction`` and ``test_fraction``: the same sentence always lands in the
-    same split, on every machine and run. Targets are the embeddings of the model built by
+    smallest MD5 hash (salt ``"select"``) are used, ranked by another hash (salt ``"split"``): the first
+    ``round(val_fraction * n)`` (at least 1) are the validation set, the next ``round(test_fraction * n)`` the test
+    set, the rest the training set; the same on every machine and run (for one Python version's docstrings). Targets are the embeddings of the model built by
     :func:`build_bert` from ``config``/``init_seed`` (give the same values as the :class:`SentenceEncoder`'s:
     ``None`` is the pretrained MiniLM), computed once in ``setup``.
 
@@ -341,12 +341,12 @@ class SentenceDataModule(LightningDataModule):
         self.sets: dict[str, _DictDataset] = {}
 
     def split_sentences(self) -> dict[str, list[str]]:
-        """``{"train": [...], "val": [...], "test": [...]}`` (see the class docstring)."""
+        """``{"val": [...], "test": [...], "train": [...]}`` (see the class docstring)."""
         chosen = sorted(stdlib_sentences(), key=lambda s: _hash(s, "select"))[: self.max_sentences]
-        out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-        for s in sorted(chosen):
-            u = (_hash(s, "split") % 10_000) / 10_000
-            out["val" if u < self.val_fraction else "test" if u < self.val_fraction + self.test_fraction else "train"].append(s)
+        ranked = sorted(chosen, key=lambda s: _hash(s, "split"))
+        n_val = max(1, round(self.val_fraction * len(ranked)))
+        n_test = max(1, round(self.test_fraction * len(ranked)))
+        out = {"val": ranked[:n_val], "test": ranked[n_val : n_val + n_test], "train": ranked[n_val + n_test :]}
         return out
 
     def setup(self, stage: str | None = None) -> None:

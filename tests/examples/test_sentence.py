@@ -46,7 +46,7 @@ def test_split_is_fixed_disjoint_and_tokenized_once(data: SentenceDataModule) ->
     assert again.split_sentences() == data.sentences
     splits = [set(data.sentences[k]) for k in ("train", "val", "test")]
     assert sum(map(len, splits)) == 160 and not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
-    assert 5 <= len(splits[1]) <= 30 and 5 <= len(splits[2]) <= 30
+    assert len(splits[1]) == 16 == len(splits[2])
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape == (16, 16) and batch["target"].shape == (16, 32)
     torch.testing.assert_close(batch["target"].norm(dim=-1), torch.ones(16))
