@@ -20,7 +20,8 @@ from tests.helpers import REPO_ROOT
 
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 # the pretrained MiniLM recipes load a 22.7M-parameter model: slow, and run on a small corpus (targets computed once)
-MINILM_SMALL = ["--data.init_args.max_sentences=48", "--data.init_args.max_length=16", "--data.init_args.batch_size=8"]
+MINILM_SMALL = ["--data.init_args.max_sentences=48", "--data.init_args.max_length=16", "--data.init_args.batch_size=8",
+                "--model.init_args.max_length=16"]
 RECIPE_PARAMS = [pytest.param(r, id=r.stem, marks=[pytest.mark.slow] if r.stem.startswith("minilm_") else [])
                  for r in RECIPES]
 FAST = [
