@@ -90,7 +90,10 @@ def stored(model: nn.Module) -> tuple[int, int, int]:
     for k, v in state.items():
         if isinstance(v, torch.Tensor) and (k.endswith("weight") or k.endswith("bias")) and v.numel() > 1:
             total += v.numel()
-            nonzero += int(torch.count_nonzero(v.dequantize() if v.is_quantized else v))
+            try:
+                nonzero += int(torch.count_nonzero(v.dequantize() if v.is_quantized else v))
+            except NotImplementedError:  # a tensor subclass without count_nonzero (torchao): count it dense
+                nonzero += v.numel()
     buf = io.BytesIO()
     torch.save(state, buf)
     return total, nonzero, buf.getbuffer().nbytes
