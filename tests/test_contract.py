@@ -859,7 +859,9 @@ def test_every_callback_of_the_package_has_a_case() -> None:
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize("recipe", [  # the MiniLM recipes load the 22.7M-parameter model: slow
+    pytest.param(r, id=r.stem, marks=[pytest.mark.slow] if r.stem.startswith("minilm_") else []) for r in RECIPES
+])
 def test_every_recipe_prints_a_config_that_builds_the_same_callbacks(
     recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -176,7 +176,7 @@ class _TeacherSide(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._captured = None
-        self._capturing = True
+        self._capturing = getattr(self, "loss", "kl") == "kl"  # agreement of predicted classes: logits only
 
     @override
     def on_validation_batch_end(
@@ -211,6 +211,22 @@ class _TeacherSide(Callback):
         if self._pending_projections is not None:  # loaded, not set up yet: hand the loaded weights on unchanged
             return {k: v.detach().cpu().clone() for k, v in self._pending_projections.items()}
         return {k: v.detach().cpu().clone() for k, v in self._projections.state_dict().items()}
+
+    # -- capturing the student's forward (training: for the loss; validation: for agreement) ----------------
+    def _record_student(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._capturing and self._captured is None:
+            self._captured = (args, kwargs, output)
+
+    def _start_capture(self) -> None:
+        self._captured = None
+        self._capturing = True
+        if self._student_features is not None:
+            self._student_features.start()
+
+    def _stop_capture(self) -> None:
+        self._capturing = False
+        if self._student_features is not None:
+            self._student_features.stop()
 
 
 def _follow_input_dtype(teacher: nn.Module, inputs: Any) -> None:

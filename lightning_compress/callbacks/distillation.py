@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -18,8 +18,8 @@ from lightning_compress.callbacks._wrap_step import TrainingStepWrapper
 from lightning_compress.functional.distillation import (
     FeatureRecorder,
     build_module,
+    distill_loss,
     feature_loss,
-    kd_loss,
     load_teacher_weights,
     project_features,
     resolve_class,
@@ -49,7 +49,9 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
         ``(1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))
         + feature_weight * mean_over_pairs(MSE(proj(student_feature), teacher_feature))``
 
-    (Hinton et al. 2015; FitNets hints for ``feature_pairs``). Because the loss is replaced where Lightning
+    (Hinton et al. 2015; FitNets hints for ``feature_pairs``). With ``loss="mse"`` or ``"cosine"`` the KL term is
+    the mean squared error or ``1 - cos`` of the selected outputs instead (no temperature): embedding and
+    regression models, e.g. a sentence encoder distilled from its original. Because the loss is replaced where Lightning
     receives it, gradient accumulation, automatic optimization, mixed precision and DDP work unchanged.
     The teacher is kept on the callback, not on the student: it is frozen, in eval mode, moved to the
     student's device and parameter dtype at fit start, never in the optimizer, and never in the student's
@@ -61,7 +63,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
     Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/feature_loss`` (with ``feature_pairs``), and
     ``distill/alpha`` / ``distill/temperature`` when they are scheduled, every training step; and
     ``distill/agreement`` (fraction of validation samples where student and teacher predict the same class) at
-    each validation end.
+    each validation end (``loss="kl"`` only: outputs that are not logits have no predicted class).
 
     Args:
         teacher: ``{"class_path": ..., "init_args": {...}}`` of the teacher module (from YAML), or, from Python,
@@ -76,6 +78,8 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
             LightningModule itself); the teacher receives the same inputs.
         feature_pairs: student layer name -> teacher layer name, for an MSE hint loss on their outputs.
         feature_weight: weight of the feature loss (``>= 0``).
+        loss: how the selected outputs are matched: ``"kl"`` (soft targets of logits), ``"mse"`` or ``"cosine"``
+            (see :func:`~lightning_compress.functional.distillation.distill_loss`).
         final_temperature: if given, the temperature moves from ``temperature`` to this value.
         temperature_schedule: kind of that move (``linear``, ``cubic``, ``exponential``, ``constant``, ``one_shot``).
         temperature_start_step: optimizer step where the move starts (or give ``temperature_start_epoch``).
@@ -90,7 +94,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
         alpha_end_epoch: as for the temperature.
 
     Raises:
-        ValueError: ``temperature <= 0``, ``alpha`` outside [0, 1], a bad schedule or teacher spec (in ``__init__``);
+        ValueError: ``temperature <= 0``, ``alpha`` outside [0, 1], an unknown ``loss``, a bad schedule or teacher spec (in ``__init__``);
             a ``student_module`` or ``feature_pairs`` layer that does not exist, a checkpoint that does not fit the
             teacher, manual optimization (in ``setup``); a selector that does not exist, outputs of different
             shapes or a teacher that cannot run on the student's inputs (at the first training step, before the
@@ -131,6 +135,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
         alpha_end_step: int | None = None,
         alpha_start_epoch: float | None = None,
         alpha_end_epoch: float | None = None,
+        loss: Literal["kl", "mse", "cosine"] = "kl",
     ) -> None:
         super().__init__()
         if isinstance(teacher, Mapping):
@@ -159,6 +164,8 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
             or not all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in feature_pairs.items())
         ):
             raise ValueError(f"`feature_pairs` must map student layer names to teacher layer names, got {feature_pairs!r}")
+        if loss not in ("kl", "mse", "cosine"):
+            raise ValueError(f"`loss` must be 'kl', 'mse' or 'cosine', got {loss!r}")
         validate_kind(temperature_schedule, "temperature_schedule")
         validate_kind(alpha_schedule, "alpha_schedule")
         validate_window(temperature_start_step, temperature_end_step, temperature_start_epoch, temperature_end_epoch,
@@ -182,6 +189,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
         self.alpha_schedule = alpha_schedule
         self.alpha_start_step, self.alpha_end_step = alpha_start_step, alpha_end_step
         self.alpha_start_epoch, self.alpha_end_epoch = alpha_start_epoch, alpha_end_epoch
+        self.loss = loss
 
         self._teacher_module: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
         self._loaded_checkpoint = False
@@ -294,21 +302,6 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
             self._wrapper = None
 
     # -- the distillation step -------------------------------------------------------------------------
-    def _record_student(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._capturing and self._captured is None:
-            self._captured = (args, kwargs, output)
-
-    def _start_capture(self) -> None:
-        self._captured = None
-        self._capturing = True
-        if self._student_features is not None:
-            self._student_features.start()
-
-    def _stop_capture(self) -> None:
-        self._capturing = False
-        if self._student_features is not None:
-            self._student_features.stop()
-
     def _distill_step(self, step: Any, *args: Any, **kwargs: Any) -> Any:
         """The student's ``training_step``, followed by the distillation loss (wrapped around it during fit)."""
         module = self._wrapper.module if self._wrapper is not None else None
@@ -344,7 +337,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
         student = select_output(output, self.student_output, "student_output")
         teacher = self._run_teacher(args, kwargs)
         temperature, alpha = self.values_at(pl_module.trainer.global_step)
-        kd = kd_loss(student, teacher, temperature)
+        kd = distill_loss(student, teacher, self.loss, temperature)
         loss = (1.0 - alpha) * task_loss + alpha * kd
         logs = {"distill/task_loss": task_loss, "distill/kd_loss": kd}
         if self._student_features is not None and self._teacher_features is not None:

@@ -4,6 +4,7 @@
 state; everything here is a plain function of tensors and modules.
 
 - :func:`kd_loss`: Hinton et al. (2015) soft-target loss, ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
+- :func:`distill_loss`: that loss (``"kl"``), or ``"mse"`` / ``"cosine"`` for embedding and regression outputs.
 - :func:`feature_loss`: mean squared error between (projected) student and teacher features (FitNets hints).
 - :func:`select_output`: pick the logits out of a tensor, dict, tuple or HF-style output object.
 - :func:`layer_width`: the feature width of a layer and the dimension it lives in, for projections.
@@ -38,6 +39,7 @@ __all__ = [
     "FeatureRecorder",
     "agreement_counts",
     "build_module",
+    "distill_loss",
     "feature_loss",
     "kd_loss",
     "layer_width",
@@ -80,6 +82,42 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t = teacher_logits.detach().to(dtype).reshape(-1, c) / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl", temperature: float = 1.0
+) -> torch.Tensor:
+    """The output-matching loss of distillation, by ``kind``:
+
+    - ``"kl"``: :func:`kd_loss` (soft targets of logits, ``T^2``-scaled KL divergence);
+    - ``"mse"``: mean squared error between the outputs (regression, embeddings); ``temperature`` is not used;
+    - ``"cosine"``: ``1 - cos(student, teacher)`` along the last dimension, averaged over every other
+      (embeddings whose direction matters, e.g. sentence encoders); ``temperature`` is not used.
+
+    The teacher is detached; computed in float32 at least.
+
+    Raises:
+        ValueError: an unknown ``kind``, different shapes, or ``temperature <= 0`` for ``"kl"``.
+
+    Example:
+        >>> s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+        >>> float(distill_loss(s, t, "mse")), float(distill_loss(s, t, "cosine")), float(distill_loss(s, 2 * s, "cosine"))
+        (5.0, 1.0, 0.0)
+    """
+    if kind == "kl":
+        return kd_loss(student, teacher, temperature)
+    if kind not in ("mse", "cosine"):
+        raise ValueError(f"`loss` must be 'kl', 'mse' or 'cosine', got {kind!r}")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher outputs have different shapes: {tuple(student.shape)} vs {tuple(teacher.shape)}; "
+            "select matching outputs with `student_output`/`teacher_output`"
+        )
+    dtype = _at_least_float32(student)
+    s, t = student.to(dtype), teacher.detach().to(dtype)
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
 def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

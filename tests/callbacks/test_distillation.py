@@ -243,6 +243,7 @@ def test_errors_before_the_first_update(make_trainer, kwargs, error, match) -> N
         (dict(student_output=""), ValueError, "`student_output` must be a non-empty"),
         (dict(alpha_schedule="steep"), ValueError, "`alpha_schedule` must be one of"),
         (dict(alpha_start_epoch=2.0, alpha_end_epoch=1.0), ValueError, "`alpha_end_epoch`=1.0 < `alpha_start_epoch`=2.0"),
+        (dict(loss="l1"), ValueError, "`loss` must be 'kl', 'mse' or 'cosine', got 'l1'"),
     ],
 )
 def test_init_errors(kwargs, error, match) -> None:
@@ -497,3 +498,25 @@ def test_a_teacher_checkpoint_that_is_not_a_checkpoint_is_a_clear_error(
     kd = KnowledgeDistillation(teacher=_teacher(), teacher_checkpoint=str(path))
     with pytest.raises(ValueError, match=r"`teacher_checkpoint` '.*teacher.ckpt' is not a file torch.load can read"):
         make_trainer(max_steps=1, callbacks=[kd]).fit(_student())
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_embedding_losses_train_on_the_selected_outputs(make_trainer, loss: str) -> None:
+    """``loss="mse"``/``"cosine"``: one step moves the weights as a hand-written (1-a)*CE + a*loss step does;
+    the temperature plays no part and validation logs no class agreement."""
+    teacher, student = _teacher(), _student()
+    reference = copy.deepcopy(student)
+    kd = KnowledgeDistillation(teacher=teacher, temperature=7.0, alpha=0.6, loss=loss)
+    trainer = make_trainer(max_steps=1, limit_val_batches=1, callbacks=[kd])
+    trainer.fit(student)
+
+    (x, y), = _first_batches(1)
+    out, target = reference(x), teacher(x).detach()
+    match = F.mse_loss(out, target) if loss == "mse" else (1 - F.cosine_similarity(out, target, dim=-1)).mean()
+    (0.4 * F.cross_entropy(out, y) + 0.6 * match).backward()
+    torch.optim.SGD(reference.parameters(), lr=reference.lr).step()
+    for (name, a), b in zip(student.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(trainer.callback_metrics["distill/kd_loss"], match.detach())
+    assert "distill/agreement" not in trainer.callback_metrics
+    assert kd.loss == loss

@@ -14,6 +14,7 @@ from lightning_compress.functional.distillation import (
     FeatureRecorder,
     agreement_counts,
     build_module,
+    distill_loss,
     feature_loss,
     kd_loss,
     layer_width,
@@ -179,3 +180,23 @@ def test_load_teacher_weights_errors_name_the_keys(tmp_path: Path) -> None:
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="neither a Lightning checkpoint nor a state_dict"):
         load_teacher_weights(nn.Linear(1, 1), tmp_path / "list.pt")
+
+
+def test_distill_loss_kinds_match_torch_and_detach_the_teacher() -> None:
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    t = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    torch.testing.assert_close(distill_loss(s, t, "kl", 2.0), kd_loss(s, t, 2.0))
+    torch.testing.assert_close(distill_loss(s, t, "mse"), F.mse_loss(s, t))
+    torch.testing.assert_close(distill_loss(s, t, "cosine"), 1 - F.cosine_similarity(s, t, dim=-1).mean())
+    assert float(distill_loss(s, 3 * s, "cosine")) == pytest.approx(0.0, abs=1e-6)  # direction only
+    distill_loss(s, t, "cosine").backward()
+    assert s.grad is not None and t.grad is None
+    assert distill_loss(s.half(), t.half(), "mse").dtype == torch.float32
+
+
+def test_distill_loss_errors() -> None:
+    with pytest.raises(ValueError, match="`loss` must be 'kl', 'mse' or 'cosine', got 'l2'"):
+        distill_loss(torch.zeros(2, 3), torch.zeros(2, 3), "l2")
+    with pytest.raises(ValueError, match=r"different shapes: \(2, 3\) vs \(2, 4\)"):
+        distill_loss(torch.zeros(2, 3), torch.zeros(2, 4), "cosine")
