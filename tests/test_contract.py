@@ -282,7 +282,7 @@ def _cli_recipe(workdir: Path, kill_at: int | None = None) -> dict[str, Any]:
     )
     if kill_at is not None:
         trainer["callbacks"].append(
-            {"class_path": "tests.contract_cases.KillAt", "init_args": {"step": kill_at}}
+            {"class_path": "tests.helpers.StopAt", "init_args": {"step": kill_at, "action": "kill"}}
         )
     recipe["model"]["init_args"]["lr"] = 0.01
     recipe["test_after_fit"] = False
