@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,3 +40,19 @@ def test_accuracy(model: nn.Module, dm: DigitsDataModule) -> float:
         correct += int((model(x).argmax(-1) == y).sum())
         total += len(y)
     return 100.0 * correct / total
+
+
+def median_times(fns: dict[str, Callable[[], Any]], rounds: int, inner: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, rounds interleaved across them (A, B, A, B, ...), after
+    ``warmup`` calls of each: ratios between them are measured under the same machine load."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}

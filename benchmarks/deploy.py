@@ -27,7 +27,6 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from _common import quiet_trainer
+from _common import median_times, quiet_trainer
 from lightning.pytorch import seed_everything
 
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
@@ -123,18 +122,10 @@ def latency(paths: dict[str, str], rounds: int, inner: int) -> dict[str, dict[st
         for batch in (1, 32):
             x = rng.random((batch, 1, 8, 8), dtype=np.float32)
             feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-            for k, s in sessions.items():
-                for _ in range(3):
-                    s.run(None, feeds[k])
-            times: dict[str, list[float]] = {k: [] for k in sessions}
-            for _ in range(rounds):
-                for k, s in sessions.items():
-                    t0 = time.perf_counter()
-                    for _ in range(inner):
-                        s.run(None, feeds[k])
-                    times[k].append((time.perf_counter() - t0) / inner * 1e3)
+            fns = {k: (lambda s=s, feed=feeds[k]: s.run(None, feed)) for k, s in sessions.items()}
+            times = median_times(fns, rounds, inner)
             key = f"{'1 thread' if threads == 1 else 'all threads'}, batch {batch}"
-            out[key] = {k: statistics.median(v) for k, v in times.items()}
+            out[key] = {k: 1e3 * v for k, v in times.items()}
     return out
 
 

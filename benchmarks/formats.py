@@ -29,13 +29,12 @@ import json
 import logging
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import quiet_trainer, test_accuracy
+from _common import median_times, quiet_trainer, test_accuracy
 from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
@@ -59,20 +58,6 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 
 
-def _median_times(fns: dict[str, Any], rounds: int, inner: int) -> dict[str, float]:
-    for f in fns.values():
-        for _ in range(3):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[k].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 @torch.no_grad()
 def kernel_table(rounds: int) -> dict[str, Any]:
     torch.set_num_threads(1)
@@ -90,7 +75,7 @@ def kernel_table(rounds: int) -> dict[str, Any]:
         xb = x.to(torch.bfloat16)
         ref = qat(x)
         y = int4(x)
-        t = _median_times({"fp32": lambda x=x: fp32(x), "bf16": lambda xb=xb: bf16(xb),
+        t = median_times({"fp32": lambda x=x: fp32(x), "bf16": lambda xb=xb: bf16(xb),
                            "int4 g128 (ours)": lambda x=x: int4(x)}, rounds, inner=10 if batch == 1 else 4)
         out[f"batch_{batch}"] = {
             "ms": {k: 1e3 * v for k, v in t.items()},

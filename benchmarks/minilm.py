@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from _common import quiet_trainer
+from _common import median_times, quiet_trainer
 from lightning.pytorch import seed_everything
 from torch import nn
 
@@ -156,15 +156,10 @@ def run_peer(name: str, base: SentenceEncoder, dm: SentenceDataModule, steps: in
 @torch.no_grad()
 def latencies(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
     """Median seconds per forward of each model, rounds interleaved across models."""
-    times: dict[str, list[float]] = {k: [] for k in models}
     for m in models.values():
-        m.eval()(batch["input_ids"], batch["attention_mask"])  # warm-up
-    for _ in range(rounds):
-        for k, m in models.items():
-            t = time.perf_counter()
-            m(batch["input_ids"], batch["attention_mask"])
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+        m.eval()
+    fns = {k: (lambda m=m: m(batch["input_ids"], batch["attention_mask"])) for k, m in models.items()}
+    return median_times(fns, rounds, inner=1, warmup=1)
 
 
 def main() -> None:

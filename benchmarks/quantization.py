@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import test_accuracy
+from _common import median_times, test_accuracy
 from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
@@ -78,21 +78,6 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(1024, 10))
 
 
-def _bench(fns: dict[str, Any], repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each function, measured interleaved (fn A, fn B, fn A, ...)."""
-    for f in fns.values():
-        for _ in range(3):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[k].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def latency(repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     fp32 = _mlp().eval()
@@ -112,7 +97,7 @@ def latency(repeats: int) -> dict[str, float]:
         ao_dynamic = tq.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
     with torch.no_grad():
         err = (int8(x) - qat(x)).abs().max().item()
-        t = _bench({"fp32": lambda: fp32(x), "int8 (ours)": lambda: int8(x), "torch.ao dynamic": lambda: ao_dynamic(x)},
+        t = median_times({"fp32": lambda: fp32(x), "int8 (ours)": lambda: int8(x), "torch.ao dynamic": lambda: ao_dynamic(x)},
                    repeats, inner=20)
     return {**t, "max_abs_diff_vs_fake_quant": err,
             "fp32_bytes": serialized_size(fp32), "int8_bytes": serialized_size(int8)}
@@ -145,7 +130,7 @@ def training_overhead(repeats: int) -> dict[str, float]:
         steps[name] = step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _bench(steps, repeats, inner=5)
+        return median_times(steps, repeats, inner=5)
 
 
 def main() -> None:
