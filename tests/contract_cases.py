@@ -478,6 +478,7 @@ CASES: list[Case] = [
             **_monitor_figures(cb),
         },
         _verify_monitor,
+        xfail={"fsdp": "CompressionMonitor counts the nonzeros of its rank's shards only under FSDP2 (issue 19)"},
     ),
 ]
 

@@ -69,9 +69,9 @@ def main(workdir: Path) -> None:
             use_distributed_sampler=False,
         )
         rank = trainer.global_rank
+        verified = verify_all(run, callbacks, model, trainer)  # first: reading a state may need what it computed
         state = {k: v.detach().cpu() for k, v in state_of(run, callbacks, model).items()}
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        verified = verify_all(run, callbacks, model, trainer)
         torch.save({"state": state, "model": weights, "verified": verified}, workdir / f"{run}-rank{rank}.pt")
         (workdir / f"{run}-rank{rank}.json").write_text(json.dumps(logger.calls))
 

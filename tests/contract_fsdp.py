@@ -45,10 +45,13 @@ def _strategy() -> Any:
 def _fit(run: str, workdir: Path, out: Path, **kwargs: Any) -> tuple[Any, Any, Any]:
     from tests.contract_cases import BATCH, ContractDigits, ShardedMLP, callbacks_for, fit
 
+    from tests.contract_ddp import RecordingLogger
+
     callbacks = callbacks_for(run, workdir)
     model, trainer = fit(
         [*callbacks, *kwargs.pop("extra", [])],
         out,
+        logger=RecordingLogger(),  # a logger, as users have: rank zero logs what every rank computes
         make_model=ShardedMLP,
         devices=2,
         strategy=_strategy(),
@@ -75,13 +78,13 @@ def _record(run: str, callbacks: list[Any], model: Any, trainer: Any) -> dict[st
     """The run's full state and weights (collectives: both ranks call this in the same order) and its verdict."""
     from tests.contract_cases import full_of, state_of
 
+    verified = verify_all(run, callbacks, model, trainer)  # first: reading a state may need what it computed
     params = dict(model.named_parameters())
     state = {
         k: full_of(v.detach(), params.get(k.rpartition("/")[2])).cpu().clone()
         for k, v in state_of(run, callbacks, model).items()
     }
     weights = {k: full_of(v.detach()).cpu().clone() for k, v in model.state_dict().items()}
-    verified = verify_all(run, callbacks, model, trainer)
     return {"state": state, "model": weights, "verified": verified, "error": None, "steps": trainer.global_step}
 
 
