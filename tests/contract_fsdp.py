@@ -44,7 +44,6 @@ def _strategy() -> Any:
 
 def _fit(run: str, workdir: Path, out: Path, **kwargs: Any) -> tuple[Any, Any, Any]:
     from tests.contract_cases import BATCH, ContractDigits, ShardedMLP, callbacks_for, fit
-
     from tests.contract_ddp import RecordingLogger
 
     callbacks = callbacks_for(run, workdir)

@@ -492,7 +492,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) ->
         if x.dtype == torch.bool or not x.is_floating_point():
             assert torch.equal(x, y), (what, k, int((x != y).sum()))
         else:
-            torch.testing.assert_close(x, y, **FSDP_TOLERANCE, msg=lambda m: f"{what} {k}: {m}")
+            torch.testing.assert_close(x, y, **FSDP_TOLERANCE, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
 @pytest.mark.ddp
