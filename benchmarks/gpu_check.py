@@ -88,12 +88,13 @@ def semi_structured(repeats: int, size: int = 4096, batch: int = 1024) -> dict[s
 
 # -- every callback on a small transformer in bf16-mixed ---------------------------------------------------
 VOCAB, SEQ, CLASSES, BATCH = 128, 32, 4, 32
+HIDDEN = {"cuda": 256, "cpu": 64}  # --cpu only checks the script: a narrower model
 
 
 class TinyBert(LightningModule):
     """A 2-layer BERT from a config (random weights) with a linear head; label = the second token's id mod 4."""
 
-    def __init__(self, hidden: int = 256, seed: int = 0) -> None:
+    def __init__(self, hidden: int = HIDDEN["cuda"], seed: int = 0) -> None:
         super().__init__()
         from transformers import BertConfig, BertModel
 
@@ -144,7 +145,7 @@ def _fit(callbacks: list[Callback], steps: int, device: str, model: LightningMod
     from lightning.pytorch import Trainer, seed_everything
 
     seed_everything(0, verbose=False)
-    model = TinyBert() if model is None else model
+    model = TinyBert(HIDDEN[device]) if model is None else model
     trainer = Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision="bf16-mixed", max_steps=steps,
         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -157,7 +158,7 @@ def _fit(callbacks: list[Callback], steps: int, device: str, model: LightningMod
 _FFN = ["re:bert\\.encoder\\.layer\\.\\d+\\.(intermediate|output)\\.dense"]
 
 
-def _callback_checks(steps: int) -> dict[str, tuple[Callable[[], Callback], Callable[..., str]]]:
+def _callback_checks(steps: int, device: str) -> dict[str, tuple[Callable[[], Callback], Callable[..., str]]]:
     """name -> (build the callback, check(cb, model, trainer) -> what it reached; raises AssertionError if not)."""
     import lightning_compress as lc
     from lightning_compress.layers.low_rank import is_factorized
@@ -219,7 +220,7 @@ def _callback_checks(steps: int) -> dict[str, tuple[Callable[[], Callback], Call
             lambda: lc.LowRankFactorization(rank_ratio=0.25, start_step=steps // 4, targets=_FFN), low_rank
         ),
         "KnowledgeDistillation": (
-            lambda: lc.KnowledgeDistillation(teacher=TinyBert(seed=1), temperature=2.0, alpha=0.5), distillation
+            lambda: lc.KnowledgeDistillation(teacher=TinyBert(HIDDEN[device], seed=1), temperature=2.0, alpha=0.5), distillation
         ),
         "CompressionMonitor": (lambda: lc.CompressionMonitor(log_every_n_steps=8, print_table=False), monitor),
         "SlimmableTraining": (lambda: lc.SlimmableTraining(widths=[0.5, 1.0], log_accuracy=False), slimmable),
@@ -229,7 +230,7 @@ def _callback_checks(steps: int) -> dict[str, tuple[Callable[[], Callback], Call
 def callbacks(steps: int, device: str) -> dict[str, Any]:
     """Each callback alone on :class:`TinyBert` in bf16-mixed for ``steps`` steps: reached its target or not."""
     rows: dict[str, Any] = {}
-    for name, (make, check) in _callback_checks(steps).items():
+    for name, (make, check) in _callback_checks(steps, device).items():
         cb, timer = make(), _StepTimer(sync=device == "cuda")
         try:
             model, trainer = _fit([cb, timer], steps, device)
