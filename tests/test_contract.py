@@ -8,7 +8,12 @@ one ``Case`` there. The checks:
 - crash and resume: a fit SIGKILLed in a subprocess at several steps, resumed with ``ckpt_path="last"``, ends with
   the weights and compression state of an uninterrupted run (exactly), and the checkpoints written before the
   crash are intact and unchanged;
-- DDP (2 CPU processes, gloo): compression state identical on both ranks, callback metrics logged once;
+- DDP (2 CPU processes, gloo): every case reaches its own target, compression state identical on both ranks,
+  callback metrics logged once;
+- FSDP2 (``ModelParallelStrategy``, 2 CPU processes, gloo, the MLP sharded in ``configure_model``): every case
+  reaches its own target (or refuses the sharded model in ``setup``, as its ``Case.fsdp`` says), both ranks hold the
+  same full state, and it equals the one-process run on the same data (masks exactly, values to a stated
+  tolerance); a fit killed with SIGKILL resumes from its sharded checkpoint directory to the uninterrupted result;
 - composition: pruning + quantization + distillation + weight sharing + low-rank in one Trainer reach each
   target; every pair of callbacks on the same layers either trains to both targets, in either order, with the same
   result, or is refused before the first step;
@@ -223,22 +228,48 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# check -> reason, for a known failure of the composed run (strict, as `Case.xfail`)
+COMPOSED_XFAIL = {
+    "fsdp": "QAT's fake quantization mixes a plain tensor with a DTensor under FSDP2 (issue 19)",
+}
+
+
 def _run_params(check: str) -> list[Any]:
-    return [*_params(CASES, check), pytest.param(COMPOSED, id=COMPOSED)]
+    composed = (
+        pytest.param(COMPOSED, id=COMPOSED, marks=pytest.mark.xfail(strict=True, reason=COMPOSED_XFAIL[check]))
+        if check in COMPOSED_XFAIL
+        else pytest.param(COMPOSED, id=COMPOSED)
+    )
+    return [*_params(CASES, check), composed]
+
+
+@pytest.fixture(scope="module")
+def straight(workdir: Path) -> Any:
+    """``straight(run)``: the uninterrupted one-process run's full state and weights (fitted once, on first use,
+    after checking every case's own target)."""
+    cache: dict[str, dict[str, Any]] = {}
+
+    def get(name: str) -> dict[str, Any]:
+        if name not in cache:
+            callbacks = callbacks_for(name, workdir)
+            model, trainer = fit(callbacks, workdir / f"{name}-straight", checkpoints=False)
+            for case_name, cb in zip(COMPOSED_ORDER if name == COMPOSED else [name], callbacks, strict=True):
+                case_by_name(case_name).verify(cb, model, trainer)  # every target reached
+            state = {k: v.detach().clone() for k, v in state_of(name, callbacks, model).items()}
+            assert state, "the run reads no state"
+            cache[name] = {"state": state, "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        return cache[name]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", _run_params("crash"))
 def test_sigkill_then_resume_equals_uninterrupted_run(
-    run: Any, workdir: Path, crashed: dict[str, Any]
+    run: Any, workdir: Path, crashed: dict[str, Any], straight: Any
 ) -> None:
     name = run if isinstance(run, str) else run.name
-    straight_cbs = callbacks_for(name, workdir)
-    straight, straight_trainer = fit(straight_cbs, workdir / f"{name}-straight")
-    for case_name, cb in zip(COMPOSED_ORDER if name == COMPOSED else [name], straight_cbs, strict=True):
-        case_by_name(case_name).verify(cb, straight, straight_trainer)  # every target reached
-    expected_state = state_of(name, straight_cbs, straight)
-    assert expected_state, "the run reads no state"
+    expected = straight(name)
     for step in CRASH_STEPS:
         assert crashed[f"{name}:{step}"] == signal.SIGKILL, f"step {step}: {crashed[f'{name}:{step}']}"
         out = workdir / f"{name}-{step}"
@@ -251,7 +282,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
             ckpt = torch.load(out / "ckpt" / file, map_location="cpu", weights_only=False)
             written = max(saved_steps) if file == "last.ckpt" else int(file[:-5].split("=")[-1])
             assert ckpt["global_step"] == written
-            for cb in straight_cbs:
+            for cb in callbacks_for(name, workdir):
                 assert any(k.startswith(type(cb).__name__) for k in ckpt["callbacks"]), list(
                     ckpt["callbacks"]
                 )
@@ -260,11 +291,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
         callbacks = callbacks_for(name, workdir)
         model, trainer = fit(callbacks, out, ckpt_path="last")
         assert trainer.global_step == TOTAL_STEPS
+        for case_name, cb in zip(COMPOSED_ORDER if name == COMPOSED else [name], callbacks, strict=True):
+            case_by_name(case_name).verify(cb, model, trainer)
         for file, digest in before.items():
             if file != "last.ckpt":
                 assert _sha(out / "ckpt" / file) == digest, f"{file} changed by the resumed run"
-        _same(state_of(name, callbacks, model), expected_state, f"state after crash at {step}")
-        _same(model.state_dict(), straight.state_dict(), f"weights after crash at {step}")
+        _same(state_of(name, callbacks, model), expected["state"], f"state after crash at {step}")
+        _same(model.state_dict(), expected["model"], f"weights after crash at {step}")
 
 
 def _cli_recipe(workdir: Path, kill_at: int | None = None) -> dict[str, Any]:
@@ -394,6 +427,7 @@ def ddp_runs(workdir: Path) -> Path:
 def test_ddp_state_identical_on_both_ranks_and_logged_once(run: Any, ddp_runs: Path) -> None:
     name = run if isinstance(run, str) else run.name
     r0, r1 = (torch.load(ddp_runs / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert (r0["verified"], r1["verified"]) == (None, None), "a target was not reached"  # before any comparison
     assert r0["state"], "the run reads no state"
     _same(r0["state"], r1["state"])
     _same(r0["model"], r1["model"])
@@ -407,6 +441,118 @@ def test_ddp_state_identical_on_both_ranks_and_logged_once(run: Any, ddp_runs: P
             seen.add((step, key))
     if name in ("monitor", COMPOSED):
         assert any(k == "compression/sparsity" for _, keys in calls[0] for k in keys)
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------------
+FSDP_TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: 1-3e-7 after one step (the gradients reduced in halves)
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(workdir: Path) -> dict[str, Any]:
+    """Two launches of ``tests.contract_fsdp``: every run (its last fit SIGKILLed at step ``KILL_AT``), then the
+    killed fit resumed from its sharded checkpoint directory. Returns what the killed fit left and how its
+    epoch-end checkpoints looked before and after the resume."""
+    from tests.contract_fsdp import RESUME_FROM
+
+    ended = {}
+    for mode in ("rows", "resume"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.contract_fsdp", str(workdir), mode],
+            cwd=workdir,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        ended[mode] = (proc.returncode, proc.stdout[-2000:] + proc.stderr[-6000:])
+        if mode == "rows":
+            ckpt = workdir / "fsdp" / "kill" / "ckpt"
+            left = sorted(p.name for p in ckpt.iterdir()) if ckpt.exists() else []
+            before = _files(ckpt / RESUME_FROM) if (ckpt / RESUME_FROM).exists() else {}
+    after = _files(workdir / "fsdp" / "kill" / "ckpt" / RESUME_FROM)
+    return {"ended": ended, "left": left, "before": before, "after": after}
+
+
+def _load_ranks(root: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    r0, r1 = (torch.load(root / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1))
+    return r0, r1
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    """Same keys; bool and integer tensors (masks, assignments, integer weights) equal, floats within
+    :data:`FSDP_TOLERANCE`."""
+    assert set(a) == set(b), (what, sorted(set(a) ^ set(b)))
+    for k in a:
+        x, y = a[k].detach().cpu(), b[k].detach().cpu()
+        assert x.shape == y.shape and x.dtype == y.dtype, (what, k, x.shape, y.shape, x.dtype, y.dtype)
+        if x.dtype == torch.bool or not x.is_floating_point():
+            assert torch.equal(x, y), (what, k, int((x != y).sum()))
+        else:
+            torch.testing.assert_close(x, y, **FSDP_TOLERANCE, msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("run", _run_params("fsdp"))
+def test_fsdp2_row_reaches_targets_and_equals_the_one_process_run(
+    run: Any, fsdp_runs: dict[str, Any], workdir: Path, straight: Any
+) -> None:
+    name = run if isinstance(run, str) else run.name
+    assert fsdp_runs["ended"]["rows"][0] == -signal.SIGKILL, fsdp_runs["ended"]["rows"][1]
+    r0, r1 = _load_ranks(workdir / "fsdp", name)
+    cases = [case_by_name(n) for n in (COMPOSED_ORDER if name == COMPOSED else [name])]
+    refusing = [c for c in cases if c.fsdp == "refuses"]
+    if refusing:  # refused in setup, before the first step, naming the callback and the strategy
+        for r in (r0, r1):
+            assert r["error"] and r["error"].startswith("ValueError"), r["error"]
+            assert "ModelParallelStrategy" in r["error"], r["error"]
+            assert any(c.cls.__name__ in r["error"] for c in refusing), r["error"]
+        return
+    assert (r0["error"], r1["error"]) == (None, None), r0["error"] or r1["error"]
+    assert r0["steps"] == r1["steps"] == TOTAL_STEPS
+    assert (r0["verified"], r1["verified"]) == (None, None), r0["verified"] or r1["verified"]  # targets first
+    assert r0["state"], "the run reads no state"
+    _same(r0["state"], r1["state"], "state of rank 0 vs rank 1")
+    _same(r0["model"], r1["model"], "weights of rank 0 vs rank 1")
+    expected = straight(name)
+    logged = "monitor/last_logged_step"  # the FSDP runs have a logger (as users do), the one-process one has none
+    assert int(r0["state"][logged] if logged in r0["state"] else TOTAL_STEPS) == TOTAL_STEPS
+    _close(
+        {k: v for k, v in r0["state"].items() if k != logged},
+        {k: v for k, v in expected["state"].items() if k != logged},
+        "state vs one process",
+    )
+    _close(r0["model"], expected["model"], "weights vs one process")
+    for key, mask in expected["state"].items():  # the final sparsity, stated on its own
+        if mask.dtype == torch.bool:
+            assert float((~r0["state"][key]).float().mean()) == float((~mask).float().mean()), key
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="GradualPruning prunes nothing under FSDP2 (issue 19)")
+def test_fsdp2_sigkill_then_resume_from_the_sharded_checkpoint_equals_uninterrupted_run(
+    fsdp_runs: dict[str, Any], workdir: Path
+) -> None:
+    from tests.contract_fsdp import RESUME_FROM, RESUMED
+
+    assert fsdp_runs["ended"]["rows"][0] == -signal.SIGKILL, fsdp_runs["ended"]["rows"][1]
+    assert fsdp_runs["ended"]["resume"][0] == 0, fsdp_runs["ended"]["resume"][1]
+    assert fsdp_runs["left"] == ["epoch=0-step=4.ckpt", RESUME_FROM, "last.ckpt"], fsdp_runs["left"]
+    assert any(f.endswith(".distcp") for f in fsdp_runs["before"]), fsdp_runs["before"]  # a sharded directory
+    assert fsdp_runs["after"] == fsdp_runs["before"], "the resumed run changed the checkpoint it resumed from"
+    uninterrupted = _load_ranks(workdir / "fsdp", RESUMED)
+    resumed = _load_ranks(workdir / "fsdp", "resume")
+    for rank, (r, u) in enumerate(zip(resumed, uninterrupted, strict=True)):
+        assert r["error"] is None, r["error"]
+        assert r["steps"] == TOTAL_STEPS
+        assert r["verified"] is None and u["verified"] is None, r["verified"] or u["verified"]
+        _same(r["state"], u["state"], f"state of rank {rank}")
+        _same(r["model"], u["model"], f"weights of rank {rank}")
 
 
 # -- composition ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_compress import CompressionMonitor, GradualPruning
 from lightning_compress.functional.pruning import num_to_prune
 from lightning_compress.schedules import Schedule
-from tests.helpers import StopAt, TinyModule, run_python
+from tests.helpers import TinyModule
 
 WEIGHTS = ("net.0.weight", "net.2.weight")
 
@@ -90,54 +90,6 @@ def _fit(make_trainer, tmp_path: Path, callbacks: list[Any], ckpt_path: str | No
     trainer = make_trainer(callbacks=[*callbacks, ckpt], max_epochs=4, enable_checkpointing=True)
     trainer.fit(model, ckpt_path=ckpt_path)
     return model, trainer
-
-
-def test_crash_and_resume_equals_straight_run(tmp_path: Path, make_trainer) -> None:
-    straight_pruning = _pruning()
-    straight, _ = _fit(make_trainer, tmp_path / "a", [straight_pruning])
-
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(make_trainer, tmp_path / "b", [_pruning(), StopAt(13, action="raise")])  # mid-schedule, in epoch 2
-    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
-    assert saved["global_step"] == 8 and any(k.startswith("GradualPruning") for k in saved["callbacks"])
-    resumed_pruning = _pruning()
-    resumed, trainer = _fit(make_trainer, tmp_path / "b", [resumed_pruning], ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    assert trainer.global_step == 32
-    assert set(resumed_pruning.masks) == set(straight_pruning.masks)
-    for fqn, mask in straight_pruning.masks.items():
-        assert torch.equal(mask, resumed_pruning.masks[fqn])
-    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6), n
-
-
-@pytest.mark.ddp
-@pytest.mark.slow
-def test_ddp_masks_identical_on_every_rank(tmp_path: Path) -> None:
-    run_python(
-        """
-        import torch
-        from lightning.pytorch import Trainer, seed_everything
-        from lightning_compress import GradualPruning
-        from tests.helpers import TinyModule
-
-        if __name__ == "__main__":
-            seed_everything(0)
-            pruning = GradualPruning(final_sparsity=0.7, start_step=0, end_step=6, update_every=2)
-            trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=[pruning],
-                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-            model = TinyModule()
-            trainer.fit(model)
-            torch.save({"masks": pruning.masks, "weights": model.state_dict()}, f"rank{trainer.global_rank}.pt")
-        """,
-        cwd=tmp_path,
-    )
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert set(r0["masks"]) == set(WEIGHTS)
-    for fqn in r0["masks"]:
-        assert torch.equal(r0["masks"][fqn], r1["masks"][fqn])
-        assert 1 - r0["masks"][fqn].float().mean().item() > 0.5
-    for name in r0["weights"]:
-        assert torch.equal(r0["weights"][name], r1["weights"][name])
 
 
 def test_structured_zeroes_whole_units_and_biases(make_trainer) -> None:
