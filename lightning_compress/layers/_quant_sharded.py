@@ -84,6 +84,19 @@ def _abs_stat(piece: torch.Tensor, like: torch.Tensor, per_channel: bool, kind: 
     return stat / like.numel() if kind == "mean" else stat
 
 
+def _uniform(
+    piece: torch.Tensor, like: torch.Tensor, per_channel: bool, bits: int, symmetric: bool, lsq: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max step and zero point (:func:`qf.uniform_qparams`), with LSQ's initial step
+    ``2 * mean|x| / sqrt(qmax)`` in place of the step when ``lsq``, over the full tensor."""
+    lo, hi = tensor_range(piece, like, per_channel)
+    scale, zp = qf.range_qparams(lo, hi, bits, symmetric)
+    if lsq:
+        _, qmax = qf.int_range(bits, symmetric)
+        scale = (2.0 * _abs_stat(piece, like, per_channel, "mean") / math.sqrt(qmax)).clamp(min=1e-8)
+    return scale, zp
+
+
 def _store(target: torch.Tensor, full_value: torch.Tensor) -> None:
     """Write ``full_value`` into ``target``: all of it into a plain buffer, this rank's rows into a sharded one."""
     if sh.is_sharded(target):
@@ -119,16 +132,14 @@ def observe_weight(quantizer: nn.Module, piece: torch.Tensor, like: torch.Tensor
     elif c.is_fp8:
         amax = _abs_stat(piece, like, per_channel, "max")
         _store(quantizer.scale, (amax / ff.ELEMENTS[c.scheme].max_value).clamp(min=1e-12))
-    elif c.per_group:  # every rank holds whole rows, so whole groups
-        scale, zp = qf.group_qparams(piece, c.weight_bits, c.symmetric, c.group_size, lsq=c.learn_scale)
-        _store(quantizer.scale, sh.full(scale, like))
-        _store(quantizer.zero_point, sh.full(zp, like))
+    elif c.per_group:  # every rank holds whole rows, so whole groups: computed locally, then gathered
+        groups = piece.detach().reshape(-1, c.group_size)
+        scale, zp = _uniform(groups, groups, True, c.weight_bits, c.symmetric, c.learn_scale)
+        shape = (piece.shape[0], piece.shape[1] // c.group_size)
+        _store(quantizer.scale, sh.full(scale.reshape(shape), like))
+        _store(quantizer.zero_point, sh.full(zp.reshape(shape), like))
     else:
-        lo, hi = tensor_range(piece, like, per_channel)
-        scale, zp = qf.range_qparams(lo, hi, c.weight_bits, c.symmetric)
-        if c.learn_scale:
-            _, qmax = qf.int_range(c.weight_bits, c.symmetric)
-            scale = (2.0 * _abs_stat(piece, like, per_channel, "mean") / math.sqrt(qmax)).clamp(min=1e-8)
+        scale, zp = _uniform(piece, like, per_channel, c.weight_bits, c.symmetric, c.learn_scale)
         _store(quantizer.scale, scale)
         _store(quantizer.zero_point, zp)
     quantizer.initialized.fill_(1)
