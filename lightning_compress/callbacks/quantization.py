@@ -62,6 +62,12 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     training and for good at conversion. Zero is always a level, so weights pruned to zero (e.g. by
     ``GradualPruning`` in the same Trainer, in any order) stay exactly zero.
 
+    Sharded training: under ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) in ``configure_model`` the
+    prepared layers are sharded like the user's ``Linear`` layers; input ranges are reduced over the ranks (the
+    range one process sees on the whole batch), LSQ steps are initialised from the weight shards, and conversion
+    gathers one layer at a time, so every rank ends with the same integer model. FSDP1, DeepSpeed and tensor
+    parallelism are refused in ``setup``.
+
     Args:
         weight_bits: bits per weight, 2 to 8.
         activation_bits: ``8`` to quantize each targeted layer's input (unsigned affine, EMA min/max observer),
