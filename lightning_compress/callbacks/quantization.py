@@ -13,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress._sharding import is_sharded
 from lightning_compress._validation import check_bool, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.export.low_bit import LOW_BIT_LAYERS
@@ -24,11 +25,13 @@ from lightning_compress.export.quantization import (
     convert,
     serialized_size,
 )
+from lightning_compress.layers._quant_sharded import attach_input_groups, check_strategy
 from lightning_compress.layers.quantization import (
     ActivationFakeQuantize,
     QuantConfig,
     find_conv_bn_pairs,
     is_qat_module,
+    observe_weights,
     prepare_qat,
     set_qat_flags,
 )
@@ -58,6 +61,12 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     A ``BatchNorm`` right after a targeted conv (same parent) is folded into the conv's quantized weight during
     training and for good at conversion. Zero is always a level, so weights pruned to zero (e.g. by
     ``GradualPruning`` in the same Trainer, in any order) stay exactly zero.
+
+    Sharded training: under ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) in ``configure_model`` the
+    prepared layers are sharded like the user's ``Linear`` layers; input ranges are reduced over the ranks (the
+    range one process sees on the whole batch), LSQ steps are initialised from the weight shards, and conversion
+    gathers one layer at a time, so every rank ends with the same integer model. FSDP1, DeepSpeed and tensor
+    parallelism are refused in ``setup``.
 
     Args:
         weight_bits: bits per weight, 2 to 8.
@@ -149,7 +158,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         self._bn_pairs: dict[str, str] = {}
         self._steps: dict[str, int | None] = {}
         self._model_ref: weakref.ref | None = None
-        self._converted = False
+        self._converted = self._sharded = False
         self.converted_bytes: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -165,6 +174,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     # -- prepare -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, "QuantizationAwareTraining")
         if self._model_ref is None or self._model_ref() is not pl_module:
             if _is_converted(pl_module):  # e.g. `trainer.validate(convert_quantized(model))`: nothing to prepare
                 self._model_ref = weakref.ref(pl_module)
@@ -202,6 +212,12 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         claims.release(pl_module, self.state_key)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after `configure_model`: under FSDP2 the prepared layers may now hold row-sharded DTensor parameters
+        self._sharded = attach_input_groups(pl_module, "QuantizationAwareTraining") > 0 or any(
+            is_sharded(pl_module.get_submodule(n).weight) for n in self._layers if is_qat_module(pl_module.get_submodule(n)))
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         steps = {}
         for what in ("start", "freeze_observers", "freeze_bn"):
@@ -226,6 +242,8 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         s = self._steps
         fo, fb = s.get("freeze_observers"), s.get("freeze_bn")
         set_qat_flags(pl_module, fake_quant=step >= s.get("start", 0), observe=fo is None or step < fo)
+        if self._sharded and self.learn_scale and step >= s.get("start", 0):
+            observe_weights(pl_module, uninitialized_only=True)  # an LSQ step set in forward would be lost (FSDP2)
         if fb is not None and step >= fb:
             for bn in self._batchnorms(pl_module):
                 bn.eval()

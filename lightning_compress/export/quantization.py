@@ -49,10 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress._sharding import local
 from lightning_compress.export import low_bit
 from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import pack_codes, unpack_codes
 from lightning_compress.functional.quantization import bn_factor
+from lightning_compress.layers._quant_sharded import gathered
 from lightning_compress.layers.quantization import is_qat_module, quantize_input_dynamic
 
 __all__ = [
@@ -378,7 +380,7 @@ def convert(model: nn.Module, inplace: bool = False, dynamic_activations: bool =
     if not layers:
         raise ValueError("`model` has no fake-quantized layer: prepare it with QuantizationAwareTraining or prepare_qat first")
     for name, m in layers:
-        new = _convert_layer(m, name, dynamic_activations).to(m.weight.device)
+        new = _convert_layer(gathered(m), name, dynamic_activations).to(local(m.weight).device)
         _replace(model, name, new)
         bn_name = m.__dict__.get("_bn_name")
         if bn_name is not None:

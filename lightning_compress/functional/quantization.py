@@ -51,6 +51,7 @@ __all__ = [
     "quantize_grouped",
     "quantize_pow2",
     "quantize_uniform",
+    "range_qparams",
     "round_ste",
     "sqnr_db",
     "uniform_qparams",
@@ -107,8 +108,17 @@ def uniform_qparams(
     """
     dims = _reduce_dims(x, per_channel)
     x = x.detach().float()
-    lo = torch.amin(x, dim=dims).clamp(max=0.0).reshape(-1)
-    hi = torch.amax(x, dim=dims).clamp(min=0.0).reshape(-1)
+    return range_qparams(torch.amin(x, dim=dims).reshape(-1), torch.amax(x, dim=dims).reshape(-1), bits, symmetric)
+
+
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point of :func:`uniform_qparams` from already reduced ranges ``lo``/``hi`` (e.g. over shards).
+
+    Example:
+        >>> range_qparams(torch.tensor([-1.0]), torch.tensor([0.5]), 8, symmetric=True)[0] * 127
+        tensor([1.])
+    """
+    lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
     qmin, qmax = int_range(bits, symmetric)
     if symmetric:
         scale = (torch.maximum(-lo, hi) / qmax).clamp(min=_EPS)

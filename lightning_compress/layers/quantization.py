@@ -38,6 +38,7 @@ from torch import nn
 from lightning_compress.functional import formats as ff
 from lightning_compress.functional import quantization as qf
 from lightning_compress.layers._quant_config import QuantConfig
+from lightning_compress.layers._quant_sharded import observe_weights, reduce_input_range
 
 __all__ = [
     "ActivationFakeQuantize",
@@ -49,6 +50,7 @@ __all__ = [
     "WeightFakeQuantize",
     "find_conv_bn_pairs",
     "is_qat_module",
+    "observe_weights",
     "prepare_qat",
     "set_qat_flags",
 ]
@@ -175,7 +177,7 @@ class ActivationFakeQuantize(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().amin().reshape(1).float(), x.detach().amax().reshape(1).float()
+        lo, hi = reduce_input_range(self, x.detach().amin().reshape(1).float(), x.detach().amax().reshape(1).float())
         if bool(self.initialized):
             lo = self.min_val + self.momentum * (lo - self.min_val)
             hi = self.max_val + self.momentum * (hi - self.max_val)
