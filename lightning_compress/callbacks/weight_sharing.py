@@ -225,11 +225,16 @@ class WeightSharing(_ReleasesModelOnException):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._weights = resolve_parameters(pl_module, list(self._weights), "WeightSharing")  # after configure_model
         self._start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None)
+        check_pruning_order(trainer, list(self._weights), self._start)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_hooks.attach(trainer)
+        # here, not at fit start: ModelParallelStrategy restores callback states after on_fit_start
         if not self.shared:
             given = "start_step" if self.start_step is not None else "start_epoch"
             check_starts_in_run(trainer, self._start, given, "puts weight sharing", "start earlier or train longer")
-        check_pruning_order(trainer, list(self._weights), self._start)
-        if self._assignments:  # restored from a checkpoint
+        if self._assignments and not self._ties:  # restored from a checkpoint
             if set(self._assignments) != set(self._weights):
                 raise ValueError(
                     f"WeightSharing: the checkpoint shares {sorted(self._assignments)}, but this run targets "
@@ -247,10 +252,6 @@ class WeightSharing(_ReleasesModelOnException):
                 self._codebooks[fqn] = self._codebooks[fqn].to(_sharding.local(weight).device, weight.dtype)
                 self._index(fqn)
             self._retie()
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._step_hooks.attach(trainer)
 
     @override
     def on_train_batch_start(
