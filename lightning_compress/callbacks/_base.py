@@ -54,7 +54,7 @@ class _ReleasesModelOnException(Callback):
                 self: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
             ) -> None:
                 if stage == "fit" and self._sharding_refusal is not None:
-                    _strategies.refuse_strategy(trainer, type(self).__name__, self._sharding_refusal,
+                    _strategies.refuse_strategy(trainer.strategy, type(self).__name__, self._sharding_refusal,
                                                 self._sharding_support)
                 if stage == "fit":
                     _remember_modes(trainer, pl_module, self)

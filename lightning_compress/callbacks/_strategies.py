@@ -51,16 +51,23 @@ def sharding_strategy(strategy: Any) -> str | None:
     return next((name for name in names if name in SHARDING_STRATEGIES), None)
 
 
-def refuse_strategy(trainer: Any, owner: str, reason: str, supported: tuple[str, ...] = ()) -> None:
-    """Raise ``ValueError`` naming ``owner`` and the strategy when ``trainer`` uses a sharding strategy that is not
-    in ``supported`` (class names); ``reason``: what the callback cannot do with sharded parameters."""
-    name = sharding_strategy(getattr(trainer, "strategy", None))
+def refuse_strategy(strategy: Any, owner: str, reason: str, supported: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` naming ``owner`` and the strategy when ``strategy`` (``trainer.strategy``) is a sharding
+    strategy not in ``supported`` (class names); ``reason``: what the callback cannot do with sharded parameters.
+
+    Example:
+        >>> from lightning.pytorch.strategies import FSDPStrategy
+        >>> refuse_strategy(FSDPStrategy(), "MyCallback", "it reads whole weights")
+        Traceback (most recent call last):
+        ...
+        ValueError: MyCallback: cannot run under FSDPStrategy, which flattens and shards parameters (FSDP1): it reads whole weights. Supported: a single device, DDP
+    """
+    name = sharding_strategy(strategy)
     if name is None or name in supported:
         return
     allowed = ", ".join(["a single device", "DDP", *supported])
     raise ValueError(
-        f"{owner}: cannot run under {type(trainer.strategy).__name__}, which {_WHAT[name]}: {reason}. "
-        f"Supported: {allowed}"
+        f"{owner}: cannot run under {type(strategy).__name__}, which {_WHAT[name]}: {reason}. Supported: {allowed}"
     )
 
 

@@ -147,7 +147,7 @@ class CompressionMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new run logs from its first step (a resumed one gets the step back from its state)
             self._last_logged_step = -1
-            refuse_strategy(trainer, "CompressionMonitor", "its counts are summed over FSDP2 (DTensor) shards only",
+            refuse_strategy(trainer.strategy, "CompressionMonitor", "its counts are summed over FSDP2 (DTensor) shards only",
                             ("ModelParallelStrategy",))
 
     @override
