@@ -176,7 +176,8 @@ class WeightSharing(_ReleasesModelOnException):
 
     @property
     def assignments(self) -> dict[str, torch.Tensor]:
-        """Codebook index of every entry per weight (``-1`` for zeros); empty before sharing."""
+        """Codebook index of every entry per weight (``-1`` for zeros); empty before sharing. Sharded (FSDP2): this
+        rank's rows during fit, the full tensor after it."""
         return {fqn: a.clone() for fqn, a in self._assignments.items()}
 
     # -- setup -------------------------------------------------------------------------------------
