@@ -4,6 +4,7 @@ of what is not supported. The two-process comparison with one process is the con
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,14 @@ class ShardedMLP(DigitsMLP):
 
 @pytest.fixture(autouse=True)
 def _own_process_group() -> Iterator[None]:
-    """ModelParallelStrategy leaves its (one-process) group behind: destroy it so later tests start plain."""
-    before = dist.is_initialized()
+    """ModelParallelStrategy leaves its (one-process) group and its environment (MASTER_PORT, ranks) behind: take
+    both back, so later tests (and the processes they start) begin plain."""
+    before, environ = dist.is_initialized(), dict(os.environ)
     yield
     if dist.is_initialized() and not before:
         dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def _fit(tmp_path: Path, callbacks: list[Callback], max_steps: int = 8, **kwargs: Any) -> tuple[Trainer, DigitsMLP]:
