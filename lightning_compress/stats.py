@@ -8,6 +8,10 @@ either densely at its bit width, or as a one-bit-per-entry occupancy bitmap plus
 at that bit width, whichever is smaller; every other tensor (biases, norms) densely at its bit width.
 Exporters write their own artefacts; their exact byte counts are what the benchmarks report.
 
+Sharded parameters (FSDP2 ``DTensor``) are counted whole: each rank counts the non-zeros of its piece and the
+counts are summed over the shards (:func:`nonzero_counts`), so the figures equal the one-process ones. That makes
+:func:`layer_stats` and :func:`model_stats` collectives for a sharded model: call them from every rank.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -28,7 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LayerStats", "ModelStats", "layer_stats", "model_stats", "weight_storage_bytes"]
+from lightning_compress import _sharding
+
+__all__ = ["LayerStats", "ModelStats", "layer_stats", "model_stats", "nonzero_counts", "weight_storage_bytes"]
 
 
 @dataclass(frozen=True)
@@ -104,13 +110,33 @@ def layer_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> list
     return _layer_stats(_layer_weights(model), bits or {})
 
 
+def nonzero_counts(tensors: list[torch.Tensor]) -> list[int]:
+    """Non-zeros of each tensor, whole: a sharded tensor's pieces are counted where they are and the counts summed
+    over the shards in one all-reduce per process group (every rank must call it with the same tensors).
+
+    Example:
+        >>> nonzero_counts([torch.tensor([0.0, 1.0]), torch.eye(3)])
+        [1, 3]
+    """
+    with torch.no_grad():
+        counts = [int(torch.count_nonzero(_sharding.local(t).detach())) for t in tensors]
+    groups: dict[object, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if _sharding.group_of(t) is not None:
+            groups.setdefault(_sharding.group_of(t), []).append(i)
+    for members in groups.values():
+        total = _sharding.all_reduce(torch.tensor([counts[i] for i in members], dtype=torch.int64), tensors[members[0]])
+        for i, c in zip(members, total.tolist(), strict=True):
+            counts[i] = int(c)
+    return counts
+
+
 def _layer_stats(weights: list[tuple[str, str, torch.Tensor]], bits: Mapping[str, int]) -> list[LayerStats]:
-    out = []
-    for name, fqn, w in weights:
-        with torch.no_grad():
-            nz = int(torch.count_nonzero(w.detach()).item())
-        out.append(LayerStats(name, w.numel(), nz, int(bits.get(fqn, w.element_size() * 8))))
-    return out
+    counts = nonzero_counts([w for _, _, w in weights])
+    return [
+        LayerStats(name, w.numel(), nz, int(bits.get(fqn, w.element_size() * 8)))
+        for (name, fqn, w), nz in zip(weights, counts, strict=True)
+    ]
 
 
 def model_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> ModelStats:
@@ -132,12 +158,14 @@ def model_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> Mode
         bias = getattr(model.get_submodule(name), "bias", None) if not isinstance(w, nn.Parameter) else None
         if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
             extra.append((fqn.removesuffix("weight") + "bias", bias))
+    rest = []
     for fqn, p in extra:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+        if id(p) not in seen:
+            seen.add(id(p))
+            rest.append((fqn, p))
+    for (fqn, p), nz in zip(rest, nonzero_counts([p for _, p in rest]), strict=True):
         total += p.numel()
-        nonzero += int(torch.count_nonzero(p.detach()).item())
+        nonzero += nz
         compressed += math.ceil(p.numel() * int(bits.get(fqn, p.element_size() * 8)) / 8)
     return ModelStats(tuple(layers), total, nonzero, 4 * (total + _grown_by_compression(model)), compressed)
 

@@ -25,6 +25,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.callbacks import _strategies
+
 __all__: list[str] = []  # a private base of the package's callbacks
 
 # trainer -> [(module, {parameter name: requires_grad}, {module name: training})] as they were when fit started
@@ -37,6 +39,11 @@ class _ReleasesModelOnException(Callback):
     """Base of the compression callbacks: ``teardown(stage="fit")`` also runs when fit raises, and the modes of
     what the callbacks touched are restored."""
 
+    # what the callback cannot do on sharded parameters (None: it checks strategies itself), and the sharding
+    # strategies it supports: others are refused in setup, DTensor parameters at fit start (see _strategies)
+    _sharding_refusal: str | None = None
+    _sharding_support: tuple[str, ...] = ()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         setup = cls.__dict__.get("setup")
@@ -46,11 +53,23 @@ class _ReleasesModelOnException(Callback):
             def recording_setup(
                 self: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
             ) -> None:
+                if stage == "fit" and self._sharding_refusal is not None:
+                    _strategies.refuse_strategy(trainer.strategy, type(self).__name__, self._sharding_refusal,
+                                                self._sharding_support)
                 if stage == "fit":
                     _remember_modes(trainer, pl_module, self)
                 setup(self, trainer, pl_module, stage)
 
             cls.setup = recording_setup  # type: ignore[method-assign]
+        if cls.__dict__.get("_sharding_refusal") and "ModelParallelStrategy" not in cls._sharding_support:
+            fit_start = cls.on_fit_start
+
+            @functools.wraps(fit_start)
+            def checking_fit_start(self: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                _strategies.refuse_sharded_parameters(pl_module, type(self).__name__, self._sharding_refusal)
+                fit_start(self, trainer, pl_module)
+
+            cls.on_fit_start = checking_fit_start  # type: ignore[method-assign]
 
     def _touched_modules(self) -> list[nn.Module]:
         """Modules besides the model whose modes this callback changes (e.g. a teacher the user handed it)."""

@@ -24,6 +24,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
+from lightning_compress.callbacks._strategies import sharding_strategy
 from lightning_compress.functional.distillation import (
     FeatureRecorder,
     agreement_counts,
@@ -46,6 +47,9 @@ class _TeacherSide(Callback):
     _projections: nn.ModuleDict
     _proj_dims: dict[str, int]
     _pending_projections: dict[str, Any] | None
+    # under a sharding strategy the projections get an optimizer of their own (see _attach_projections)
+    _own_optimizer: torch.optim.Optimizer | None = None
+    _pending_optimizer: dict[str, Any] | None = None
     _student_features: FeatureRecorder | None
     _student_layers: dict[str, nn.Module]
     _teacher_features: FeatureRecorder | None
@@ -151,6 +155,39 @@ class _TeacherSide(Callback):
         return select_output(out, self.teacher_output, "teacher_output")
 
 
+    def _attach_projections(self, trainer: pl.Trainer) -> None:
+        """Train the projections with the first optimizer: as an extra parameter group of it, or, under a sharding
+        strategy (whose checkpoint saves optimizer state by model parameter: ModelParallelStrategy's distributed
+        checkpoint knows only the model's), with an optimizer of the same kind and settings that this callback
+        steps with it (its state in the callback's checkpoint, its learning rate following the first group's)."""
+        params = list(self._projections.parameters())
+        self._own_optimizer = None
+        if not params or not trainer.optimizers:
+            return
+        optimizer = trainer.optimizers[0]
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        if sharding_strategy(trainer.strategy) is None:
+            optimizer.add_param_group({**group, "params": params})
+            return
+        self._own_optimizer = type(optimizer)([{**group, "params": params}])
+        if self._pending_optimizer is not None:
+            self._own_optimizer.load_state_dict(self._pending_optimizer)
+            self._pending_optimizer = None
+
+    def _step_own_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        own = self._own_optimizer
+        if own is None:
+            return
+        own.param_groups[0].update({k: v for k, v in optimizer.param_groups[0].items() if k != "params"})
+        own.step()
+        own.zero_grad()
+
+    def _load_own_optimizer(self, state: dict[str, Any] | None) -> None:
+        if state is not None and self._own_optimizer is not None:  # ModelParallelStrategy: after fit start
+            self._own_optimizer.load_state_dict(state)
+        else:
+            self._pending_optimizer = state
+
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -164,6 +201,8 @@ class _TeacherSide(Callback):
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+        if optimizer is trainer.optimizers[0]:
+            self._step_own_optimizer(optimizer)
 
     # -- validation: teacher-student agreement ---------------------------------------------------------------
     @override

@@ -58,7 +58,10 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
     checkpoint (its path and config are, in the callback state). Projections (``nn.Linear`` maps from a student
     layer's width to its teacher layer's width, where they differ) live on the callback too: they are added to
     the first optimizer as an extra parameter group at fit start, their weights are saved in the callback state,
-    and under DDP their gradients are averaged across processes before each optimizer step.
+    and under DDP their gradients are averaged across processes before each optimizer step. Under
+    ``ModelParallelStrategy`` (FSDP2) the student may be sharded and the teacher kept whole on every rank or
+    sharded; the projections, whole on every rank, get an optimizer of their own of the same kind (its state in the
+    callback state). ``FSDPStrategy`` and DeepSpeed are refused.
 
     Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/feature_loss`` (with ``feature_pairs``), and
     ``distill/alpha`` / ``distill/temperature`` when they are scheduled, every training step; and
@@ -111,6 +114,9 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
         ...
         ValueError: `alpha` must be in [0, 1], got 1.5
     """
+
+    _sharding_refusal = "its feature projections are trained whole on every rank, tested under FSDP2 only"
+    _sharding_support = ("ModelParallelStrategy",)
 
     def __init__(
         self,
@@ -276,11 +282,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_student(pl_module)
-        params = list(self._projections.parameters())
-        if params and trainer.optimizers:
-            optimizer = trainer.optimizers[0]
-            group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-            optimizer.add_param_group({**group, "params": params})
+        self._attach_projections(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -373,6 +375,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
             "teacher": teacher,
             "teacher_checkpoint": self.teacher_checkpoint,
             "projections": self._projection_state(),
+            "projection_optimizer": self._own_optimizer.state_dict() if self._own_optimizer else self._pending_optimizer,
         }
 
     @override
@@ -384,6 +387,7 @@ class KnowledgeDistillation(_TeacherSide, _ReleasesModelOnException):
                 "resuming with teacher_checkpoint=%r; the checkpoint was trained with %r",
                 self.teacher_checkpoint, state_dict.get("teacher_checkpoint"),
             )
+        self._load_own_optimizer(state_dict.get("projection_optimizer"))
         if len(self._projections) or not self.feature_pairs:
             if projections:
                 self._projections.load_state_dict(projections)

@@ -116,6 +116,7 @@ class LowRankFactorization(_ReleasesModelOnException):
         ...
         ValueError: `energy` must be a number in (0, 1], got 1.5
     """
+    _sharding_refusal = "it replaces layers mid-training, which sharded parameters cannot follow"
 
     def __init__(
         self,

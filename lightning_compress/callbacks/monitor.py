@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_compress import _sharding
 from lightning_compress._validation import check_number, check_state_version
+from lightning_compress.callbacks._strategies import refuse_strategy
 from lightning_compress.functional.pruning import nm_fraction
 from lightning_compress.stats import ModelStats, model_stats
 
@@ -38,6 +41,10 @@ class CompressionMonitor(Callback):
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes weight histograms
     (``weights/<layer>``, at validation end) and a custom-scalars layout grouping these charts.
     At the end of fit it prints a per-layer table (rank zero only).
+
+    Under ``ModelParallelStrategy`` (FSDP2-sharded parameters) every figure is the whole model's: each rank counts
+    its shards, the counts are summed over the ranks (so every rank takes part in each count) and rank zero logs;
+    histograms gather one full weight at a time. ``FSDPStrategy`` and DeepSpeed are refused.
 
     Other callbacks take part by duck typing: a callback with ``compression_bits(pl_module) -> dict``
     (parameter fully-qualified name -> bits) or ``compression_targets() -> dict`` (name -> value) is
@@ -106,7 +113,7 @@ class CompressionMonitor(Callback):
         params = dict(pl_module.named_parameters()) if patterns else {}
         for fqn, (n, m) in patterns.items():
             if fqn in params:
-                metrics[f"compression/pattern_{n}of{m}/{fqn.removesuffix('.weight')}"] = nm_fraction(params[fqn], n, m)
+                metrics[f"compression/pattern_{n}of{m}/{fqn.removesuffix('.weight')}"] = _nm_fraction(params[fqn], n, m)
         self.last_stats = stats
         return stats, metrics
 
@@ -114,21 +121,25 @@ class CompressionMonitor(Callback):
         if not trainer.loggers:
             return
         step = trainer.global_step
-        if not trainer.is_global_zero:
+        sharded = bool(_sharding.sharded_parameters(pl_module))  # then counting is a collective: every rank counts
+        if not trainer.is_global_zero and not sharded:
             self._last_logged_step = step  # the same state on every rank; only rank zero writes
             return
         # logged already at this step (a validation right after a logging step): no optimizer step since, so the
         # same values; write each scalar once per step, only the histograms are new
         scalars = step != self._last_logged_step
         _, metrics = self.collect(trainer, pl_module)
+        writes = trainer.is_global_zero
         for logger in trainer.loggers:
-            if scalars:
+            if scalars and writes:
                 logger.log_metrics(metrics, step=step)
             if histograms and isinstance(logger, TensorBoardLogger):
                 for name, module in pl_module.named_modules():
                     w = getattr(module, "weight", None)
                     if w is not None and hasattr(w, "dim") and w.dim() >= 2:
-                        logger.experiment.add_histogram(f"weights/{name}", w.detach().float().cpu(), step)
+                        values = _sharding.full(_sharding.local(w.detach()), w)  # a collective when sharded
+                        if writes:
+                            logger.experiment.add_histogram(f"weights/{name}", values.float().cpu(), step)
         self._last_logged_step = step
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -136,6 +147,8 @@ class CompressionMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new run logs from its first step (a resumed one gets the step back from its state)
             self._last_logged_step = -1
+            refuse_strategy(trainer.strategy, "CompressionMonitor", "its counts are summed over FSDP2 (DTensor) shards only",
+                            ("ModelParallelStrategy",))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,7 +175,7 @@ class CompressionMonitor(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.print_table and trainer.is_global_zero:
+        if self.print_table and (trainer.is_global_zero or _sharding.sharded_parameters(pl_module)):
             stats, metrics = self.collect(trainer, pl_module)
             artefacts = {k: v for k, v in metrics.items() if k.startswith("compression/size_bytes/")
                          and k.rpartition("/")[2] not in ("dense_fp32", "compressed")}
@@ -210,6 +223,16 @@ def format_table(stats: ModelStats) -> str:
         f"({stats.compression_ratio:.2f}x)"
     )
     return "\n".join(lines)
+
+
+def _nm_fraction(weight: torch.Tensor, n: int, m: int) -> float:
+    """:func:`nm_fraction` of the whole ``weight``: groups run along rows, so a sharded one's pieces (whole rows)
+    are counted where they are, weighted by their rows and summed over the shards."""
+    if _sharding.group_of(weight) is None:
+        return nm_fraction(weight, n, m)
+    piece = _sharding.local(weight.detach())
+    part = torch.tensor([nm_fraction(piece, n, m) * piece.shape[0] if piece.shape[0] else 0.0], dtype=torch.float64)
+    return float(_sharding.all_reduce(part, weight)) / weight.shape[0]
 
 
 @rank_zero_only

@@ -87,6 +87,7 @@ class SlimmableTraining(_ReleasesModelOnException):
         >>> slim.sandwich(step=0)[0], slim.sandwich(step=0)[-1], len(slim.sandwich(step=0))
         (1.0, 0.25, 3)
     """
+    _sharding_refusal = "it slices weights to narrower widths, which sharded parameters do not allow"
 
     def __init__(
         self,

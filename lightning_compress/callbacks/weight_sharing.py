@@ -14,10 +14,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import claims
+from lightning_compress import _sharding, claims
 from lightning_compress._validation import check_choice, check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
+from lightning_compress.callbacks._strategies import resolve_parameters, sharding_strategy
+from lightning_compress.callbacks._weight_sharing_parts import Ties, check_pruning_order
 from lightning_compress.export.lcdc import CompressionReport, save_compressed
 from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.schedules import check_starts_in_run, resolve_window, validate_window
@@ -50,6 +52,10 @@ class WeightSharing(_ReleasesModelOnException):
     rounding can never drift members apart. The model is not rewritten: ``weight`` stays a plain parameter holding
     the shared values expanded, so a checkpoint's ``state_dict`` loads into the unmodified module. Codebooks and
     assignments are the callback's state (checkpointed; resuming continues exactly).
+
+    **Sharded (FSDP2, ``ModelParallelStrategy``).** Each rank clusters its piece with the k-means statistics reduced
+    over the shards (the codebook is the whole tensor's) and ties cluster gradients over all shards; checkpoints
+    hold full assignments. ``export_path`` is refused there; ``FSDPStrategy`` and DeepSpeed are refused.
 
     **With GradualPruning.** Pruning must have reached its final sparsity before sharing starts (otherwise pruning
     would remove members of clusters): a :class:`~lightning_compress.GradualPruning` on the same weights whose
@@ -89,6 +95,9 @@ class WeightSharing(_ReleasesModelOnException):
         >>> sharing = WeightSharing(bits=4, layer_bits={"net.5": 5}, start_epoch=20, export_path="model.lcdc")
         >>> trainer = Trainer(callbacks=[sharing], max_epochs=30, logger=False)
     """
+
+    _sharding_refusal = "its k-means statistics are reduced over FSDP2 (DTensor) shards only"
+    _sharding_support = ("ModelParallelStrategy",)
 
     def __init__(
         self,
@@ -146,10 +155,8 @@ class WeightSharing(_ReleasesModelOnException):
         self._weights: dict[str, nn.Parameter] = {}
         self._layer_bits: dict[str, int] = {}
         self._start: int | None = None
-        self._rep: dict[str, torch.Tensor] = {}  # weight fqn -> flat index of one member per cluster
-        self._members: dict[
-            str, tuple[torch.Tensor, torch.Tensor]
-        ] = {}  # fqn -> flat positions, their labels
+        self._pieces: set[str] = set()  # weights whose assignments are this rank's piece (sharded)
+        self._ties: dict[str, Ties] = {}  # weight fqn -> members and one representative per cluster (local piece)
         self._step_hooks = AfterOptimizerStep(self._retie_if_shared)
 
     @property
@@ -169,7 +176,8 @@ class WeightSharing(_ReleasesModelOnException):
 
     @property
     def assignments(self) -> dict[str, torch.Tensor]:
-        """Codebook index of every entry per weight (``-1`` for zeros); empty before sharing."""
+        """Codebook index of every entry per weight (``-1`` for zeros); empty before sharing. Sharded (FSDP2): this
+        rank's rows during fit, the full tensor after it."""
         return {fqn: a.clone() for fqn, a in self._assignments.items()}
 
     # -- setup -------------------------------------------------------------------------------------
@@ -181,6 +189,11 @@ class WeightSharing(_ReleasesModelOnException):
             raise ValueError(
                 f"`export_path` {self.export_path!r} is a directory; give the file to write, e.g. "
                 f"{str(Path(self.export_path) / 'model.lcdc')!r}"
+            )
+        if self.export_path is not None and sharding_strategy(trainer.strategy) is not None:
+            raise ValueError(
+                f"WeightSharing: `export_path` cannot be written under {type(trainer.strategy).__name__} (each "
+                "process holds a shard of the weights); set `export_path: null` and export after fit instead"
             )
         self._reset_runtime()
         modules = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
@@ -211,12 +224,18 @@ class WeightSharing(_ReleasesModelOnException):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._weights = resolve_parameters(pl_module, list(self._weights), "WeightSharing")  # after configure_model
         self._start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None)
+        check_pruning_order(trainer, list(self._weights), self._start)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_hooks.attach(trainer)
+        # here, not at fit start: ModelParallelStrategy restores callback states after on_fit_start
         if not self.shared:
             given = "start_step" if self.start_step is not None else "start_epoch"
             check_starts_in_run(trainer, self._start, given, "puts weight sharing", "start earlier or train longer")
-        self._check_pruning_order(trainer, pl_module)
-        if self._assignments:  # restored from a checkpoint
+        if self._assignments and not self._ties:  # restored from a checkpoint
             if set(self._assignments) != set(self._weights):
                 raise ValueError(
                     f"WeightSharing: the checkpoint shares {sorted(self._assignments)}, but this run targets "
@@ -229,31 +248,11 @@ class WeightSharing(_ReleasesModelOnException):
                         f"WeightSharing: assignments of {fqn!r} have shape {tuple(a.shape)}, the weight "
                         f"has {tuple(weight.shape)}"
                     )
-                self._assignments[fqn] = a.to(weight.device, torch.int64)
-                self._codebooks[fqn] = self._codebooks[fqn].to(weight.device, weight.dtype)
+                self._assignments[fqn] = _sharding.local_like(a, weight).to(torch.int64)  # this rank's piece
+                self._pieces |= {fqn} if _sharding.is_sharded(weight) else set()
+                self._codebooks[fqn] = self._codebooks[fqn].to(_sharding.local(weight).device, weight.dtype)
                 self._index(fqn)
             self._retie()
-
-    def _check_pruning_order(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_compress.callbacks.pruning import GradualPruning
-
-        for cb in trainer.callbacks:
-            if not isinstance(cb, GradualPruning):
-                continue
-            overlap = [f for f in self._weights if f in cb.pruned_weights]
-            if not overlap:
-                continue
-            _, end = cb.window(trainer, check_fits=False)
-            if end >= self._start:
-                raise ValueError(
-                    f"WeightSharing starts at optimizer step {self._start}, but GradualPruning prunes {overlap[:3]} "
-                    f"until step {end} (its last mask update is at the start of that step): pruning must reach its "
-                    f"final sparsity before the weights are shared; start sharing after step {end}"
-                )
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._step_hooks.attach(trainer)
 
     @override
     def on_train_batch_start(
@@ -273,14 +272,16 @@ class WeightSharing(_ReleasesModelOnException):
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         with torch.no_grad():
             for fqn, weight in self._weights.items():
-                grad = weight.grad
-                if id(weight) not in params or grad is None:
+                if id(weight) not in params or weight.grad is None:
                     continue
-                k = len(self._codebooks[fqn])
-                if grad.is_contiguous():  # the usual case: touch only the members
-                    kmeans.tie_gradient_(grad, *self._members[fqn], k, self.reduce)
-                else:
+                grad, k = _sharding.local(weight.grad), len(self._codebooks[fqn])
+                if grad.is_contiguous():  # the usual case: touch only the members (cluster sums over all shards)
+                    kmeans.tie_gradient_(grad, *self._ties[fqn].members, k, self.reduce, like=weight)
+                elif not _sharding.is_sharded(weight):
                     grad.copy_(kmeans.cluster_gradient(grad, self._assignments[fqn], k, self.reduce))
+                else:
+                    tied = grad.contiguous()
+                    grad.copy_(kmeans.tie_gradient_(tied, *self._ties[fqn].members, k, self.reduce, like=weight))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,6 +299,11 @@ class WeightSharing(_ReleasesModelOnException):
             )
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._assignments = {fqn: self._full(fqn, a) for fqn, a in self._assignments.items()}  # full after fit
+        self._pieces = set()
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -310,18 +316,22 @@ class WeightSharing(_ReleasesModelOnException):
     def cluster(self, trainer: pl.Trainer | None = None) -> None:
         """Cluster every targeted weight now, tie it to its codebook and reset its optimizer state."""
         generator = torch.Generator().manual_seed(self.seed)
-        plan = {}
+        plan, pieces = {}, {}  # sharded weights: statistics reduced over the shards, assignments of the local piece
         for fqn, weight in self._weights.items():
-            codebook, a = kmeans.share(weight, self._layer_bits[fqn], self.init, self.max_iter, generator)
-            plan[fqn] = (codebook.cpu(), a.to(torch.int16 if len(codebook) < 2**15 else torch.int64).cpu())
+            piece = _sharding.local(weight)
+            codebook, a = kmeans.share(piece, self._layer_bits[fqn], self.init, self.max_iter, generator, weight)
+            small = a.to(torch.int16 if len(codebook) < 2**15 else torch.int64).cpu()
+            (pieces if _sharding.is_sharded(weight) else plan)[fqn] = (codebook.cpu(), small)
         if trainer is not None:
             plan = trainer.strategy.broadcast(plan, src=0)  # one decision for every process
-        for fqn, (codebook, a) in plan.items():
+        for fqn, (codebook, a) in {**plan, **pieces}.items():
             weight = self._weights[fqn]
-            self._codebooks[fqn] = codebook.to(weight.device, weight.dtype)
-            self._assignments[fqn] = a.to(weight.device, torch.int64)
+            piece = _sharding.local(weight)
+            self._codebooks[fqn] = codebook.to(piece.device, weight.dtype)
+            self._assignments[fqn] = a.to(piece.device, torch.int64)
+            self._pieces |= {fqn} if fqn in pieces else set()
             self._index(fqn)
-            self._tie(fqn, weight, self._codebooks[fqn])
+            self._tie(fqn, piece, self._codebooks[fqn])
             for optimizer in trainer.optimizers if trainer is not None else []:
                 optimizer.state.pop(weight, None)  # members start from the same (fresh) optimizer state
         self._shared_step = trainer.global_step if trainer is not None else 0
@@ -334,19 +344,19 @@ class WeightSharing(_ReleasesModelOnException):
         for fqn, weight in self._weights.items():
             if fqn not in self._assignments or (params is not None and id(weight) not in params):
                 continue
-            codebook = weight.reshape(-1)[self._rep[fqn]].clone()
+            piece = _sharding.local(weight)
+            codebook = self._ties[fqn].codebook(piece, weight)
             self._codebooks[fqn] = codebook
-            self._tie(fqn, weight, codebook)
+            self._tie(fqn, piece, codebook)
 
     def _index(self, fqn: str) -> None:
         """Derive the per-step lookups of ``fqn`` from its assignments: one member per cluster, all members."""
-        self._rep[fqn] = _representatives(self._assignments[fqn], len(self._codebooks[fqn]))
-        self._members[fqn] = kmeans.members(self._assignments[fqn])
+        self._ties[fqn] = Ties(self._assignments[fqn], len(self._codebooks[fqn]), self._weights[fqn])
 
     def _tie(self, fqn: str, weight: torch.Tensor, codebook: torch.Tensor) -> None:
-        """Set ``weight`` to ``codebook`` expanded by the assignments (zeros where unassigned)."""
+        """Set ``weight`` (a local piece) to ``codebook`` expanded by the assignments (zeros where unassigned)."""
         if weight.is_contiguous():
-            kmeans.expand_(weight, codebook, *self._members[fqn])
+            kmeans.expand_(weight, codebook, *self._ties[fqn].members)
         else:
             weight.copy_(kmeans.expand(codebook, self._assignments[fqn]))
 
@@ -369,8 +379,8 @@ class WeightSharing(_ReleasesModelOnException):
         return {
             "version": _VERSION,
             "codebooks": {fqn: cb.detach().cpu().clone() for fqn, cb in self._codebooks.items()},
-            "assignments": {
-                fqn: a.detach().cpu().to(torch.int16 if len(self._codebooks[fqn]) < 2**15 else torch.int64)
+            "assignments": {  # full and the same on every rank (a collective gather of sharded ones)
+                fqn: self._full(fqn, a).cpu().to(torch.int16 if len(self._codebooks[fqn]) < 2**15 else torch.int64)
                 for fqn, a in self._assignments.items()
             },
             "shared_step": self._shared_step,
@@ -383,15 +393,7 @@ class WeightSharing(_ReleasesModelOnException):
         self._assignments = {fqn: a.long() for fqn, a in state_dict.get("assignments", {}).items()}
         self._shared_step = int(state_dict.get("shared_step", -1))
 
-
-def _representatives(assignments: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat index of the first member of each cluster."""
-    a = assignments.reshape(-1)
-    positions = torch.arange(a.numel(), device=a.device)
-    member = a >= 0
-    rep = torch.full((k,), a.numel(), dtype=torch.int64, device=a.device)
-    rep.scatter_reduce_(0, a[member], positions[member], reduce="amin")
-    if k and int(rep.max()) >= a.numel():
-        raise ValueError("WeightSharing: a codebook value has no member (corrupted assignments)")
-    return rep
+    def _full(self, fqn: str, assignments: torch.Tensor) -> torch.Tensor:
+        """The full assignments: gathered over the shards while they are a local piece (a collective)."""
+        return _sharding.full(assignments, self._weights[fqn]) if fqn in self._pieces else assignments.detach()
 

@@ -1,0 +1,81 @@
+"""WeightSharing's parts: per-step lookups on a weight or its rank-local piece (FSDP2), and its order with pruning.
+
+After every optimizer step the members of a cluster are re-tied to the value of one member, the *representative*:
+the cluster's first member in the full tensor's flat order, as one process picks it. Under sharding that member
+lives on one rank; :class:`Ties` records where, and :meth:`Ties.codebook` reads the values with one all-reduce of
+``k`` numbers (the rank holding a representative contributes its value, the others zero), so every rank ties its
+piece to the same codebook.
+
+Example:
+    >>> import torch
+    >>> a = torch.tensor([[1, -1], [0, 1]])
+    >>> ties = Ties(a, 2, a)
+    >>> ties.codebook(torch.tensor([[0.5, 0.0], [-0.5, 0.5]]), a).tolist()
+    [-0.5, 0.5]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_compress import _sharding
+from lightning_compress.functional import weight_sharing as kmeans
+
+__all__ = ["Ties", "check_pruning_order"]
+
+
+class Ties:
+    """Lookups derived from one weight's ``assignments`` (its local piece's, under sharding; ``like``: the
+    parameter): the assigned positions and labels, and the representative of each of the ``k`` clusters."""
+
+    def __init__(self, assignments: torch.Tensor, k: int, like: torch.Tensor) -> None:
+        self.members = kmeans.members(assignments)
+        a = assignments.reshape(-1)
+        n = a.numel()
+        positions = torch.arange(n, device=a.device)
+        member = a >= 0
+        rep = torch.full((k,), n, dtype=torch.int64, device=a.device)
+        rep.scatter_reduce_(0, a[member], positions[member], reduce="amin")
+        sharded = _sharding.group_of(like) is not None
+        if sharded:  # the first member over all pieces: global flat index = first row of the piece * row size + i
+            total = like.numel()
+            start = _sharding.rows_of(like)[0] * (total // max(1, like.shape[0]))
+            where = torch.where(rep < n, rep + start, torch.full_like(rep, total))
+            first = _sharding.all_reduce(where.clone(), like, "min")
+            self.mine: torch.Tensor | None = (where == first) & (rep < n)
+            missing = bool((first >= total).any())
+        else:
+            self.mine = None
+            missing = bool(k and int(rep.max()) >= n)
+        if missing:
+            raise ValueError("WeightSharing: a codebook value has no member (corrupted assignments)")
+        self.rep = rep.clamp(max=max(0, n - 1))
+
+    def codebook(self, piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The current value of each cluster's representative (the same on every rank)."""
+        values = piece.reshape(-1)[self.rep].clone() if piece.numel() else piece.new_zeros(len(self.rep))
+        if self.mine is None:
+            return values
+        values = torch.where(self.mine, values, torch.zeros_like(values))
+        return _sharding.all_reduce(values, like)
+
+
+def check_pruning_order(trainer: Any, weights: list[str], start: int) -> None:
+    """Raise ``ValueError`` when a GradualPruning on any of ``weights`` updates its masks at or after ``start``."""
+    from lightning_compress.callbacks.pruning import GradualPruning
+
+    for cb in trainer.callbacks:
+        if not isinstance(cb, GradualPruning):
+            continue
+        overlap = [f for f in weights if f in cb.pruned_weights]
+        if not overlap:
+            continue
+        _, end = cb.window(trainer, check_fits=False)
+        if end >= start:
+            raise ValueError(
+                f"WeightSharing starts at optimizer step {start}, but GradualPruning prunes {overlap[:3]} "
+                f"until step {end} (its last mask update is at the start of that step): pruning must reach its "
+                f"final sparsity before the weights are shared; start sharing after step {end}"
+            )
