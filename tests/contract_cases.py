@@ -38,6 +38,8 @@ from lightning_compress.examples.digits import load_digits_tensors
 
 __all__ = [
     "CASES",
+    "COMPOSED_SHARDED",
+    "FSDP_RUNS",
     "RUNS",
     "Case",
     "ContractDigits",
@@ -45,7 +47,9 @@ __all__ = [
     "callbacks_for",
     "case_by_name",
     "composed",
+    "composed_sharded",
     "fit",
+    "order_of",
     "ShardedMLP",
     "full_of",
     "small_mlp",
@@ -419,7 +423,6 @@ CASES: list[Case] = [
         "prune",
         lambda cb, m: _tensors(cb.masks, "mask"),
         _verify_pruning,
-        xfail={"fsdp": "GradualPruning masks the parameters that fully_shard replaces: no sparsity (issue 19)"},
     ),
     Case(
         "quantization",
@@ -428,7 +431,6 @@ CASES: list[Case] = [
         "quantize",
         lambda cb, m: _model_keys(m, "quant", "scale", "zero_point", "packed", "qweight"),
         _verify_quantization,
-        xfail={"fsdp": "QAT mixes torch.Tensor and DTensor under FSDP2 and crashes (issue 19)"},
     ),
     Case(
         "distillation",
@@ -457,7 +459,7 @@ CASES: list[Case] = [
             **{f"rank/{k}": torch.tensor(v["rank"]) for k, v in cb.layers.items()},
         },
         _verify_low_rank,
-        xfail={"fsdp": "a TypeError on FSDPLinear during fit, not a refusal in setup (issue 19)"},
+        fsdp="refuses",  # it replaces layers mid-training; sharded parameters cannot follow
     ),
     Case(
         "weight_sharing",
@@ -466,7 +468,6 @@ CASES: list[Case] = [
         "share",
         lambda cb, m: {**_tensors(cb.codebooks, "codebook"), **_tensors(cb.assignments, "assignment")},
         _verify_weight_sharing,
-        xfail={"fsdp": "WeightSharing shares the parameters that fully_shard replaces: nothing shared (issue 19)"},
     ),
     Case(
         "monitor",
@@ -478,7 +479,6 @@ CASES: list[Case] = [
             **_monitor_figures(cb),
         },
         _verify_monitor,
-        xfail={"fsdp": "CompressionMonitor counts the nonzeros of its rank's shards only under FSDP2 (issue 19)"},
     ),
 ]
 
@@ -500,7 +500,7 @@ if (Path(__file__).resolve().parents[1] / "lightning_compress" / "callbacks" / "
                 },
             },
             _verify_slimmable,
-            xfail={"fsdp": "SlimmableTraining neither works on nor refuses an FSDP2 model (issue 19)"},
+            fsdp="refuses",  # it slices weights to narrower widths
         )
     )
 
@@ -519,6 +519,9 @@ def build(case: Case, workdir: Path, **overrides: Any) -> Any:
 COMPOSED = "composed"
 COMPOSED_ORDER = ["low_rank", "pruning", "weight_sharing", "quantization", "distillation", "monitor"]
 RUNS = [c.name for c in CASES] + [COMPOSED]
+COMPOSED_SHARDED = "composed_sharded"  # under FSDP2: the methods that support it, in one Trainer
+COMPOSED_SHARDED_ORDER = ["pruning", "weight_sharing", "quantization", "distillation", "monitor"]
+FSDP_RUNS = [*RUNS, COMPOSED_SHARDED]
 
 
 def composed(workdir: Path) -> list[Callback]:
@@ -535,14 +538,35 @@ def composed(workdir: Path) -> list[Callback]:
     ]
 
 
+def composed_sharded(workdir: Path) -> list[Callback]:
+    """The composed run without the methods that refuse FSDP2 (low_rank, slimmable): net.1 and net.5 pruned,
+    net.1 shared at step 11, net.3 and net.5 fake-quantized, the teacher distilled, the monitor."""
+    return [
+        build(case_by_name("pruning"), workdir, targets=["net.1", "net.5"]),
+        build(case_by_name("weight_sharing"), workdir, targets=["net.1"], start_step=11),
+        build(case_by_name("quantization"), workdir, targets=["net.3", "net.5"]),
+        build(case_by_name("distillation"), workdir),
+        build(case_by_name("monitor"), workdir),
+    ]
+
+
+def order_of(run: str) -> list[str]:
+    """The case names of run ``run``, in callback order."""
+    return {COMPOSED: COMPOSED_ORDER, COMPOSED_SHARDED: COMPOSED_SHARDED_ORDER}.get(run, [run])
+
+
 def callbacks_for(run: str, workdir: Path) -> list[Callback]:
-    """The callbacks of run ``run`` (a case name or :data:`COMPOSED`)."""
-    return composed(workdir) if run == COMPOSED else [build(case_by_name(run), workdir)]
+    """The callbacks of run ``run`` (a case name, :data:`COMPOSED` or :data:`COMPOSED_SHARDED`)."""
+    if run == COMPOSED:
+        return composed(workdir)
+    if run == COMPOSED_SHARDED:
+        return composed_sharded(workdir)
+    return [build(case_by_name(run), workdir)]
 
 
 def state_of(run: str, callbacks: list[Callback], model: nn.Module) -> dict[str, torch.Tensor]:
     """The compression state of every callback of run ``run``."""
-    names = COMPOSED_ORDER if run == COMPOSED else [run]
+    names = order_of(run)
     return {
         f"{name}/{k}": v
         for name, cb in zip(names, callbacks, strict=True)

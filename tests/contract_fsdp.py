@@ -63,9 +63,9 @@ def _fit(run: str, workdir: Path, out: Path, **kwargs: Any) -> tuple[Any, Any, A
 
 def verify_all(run: str, callbacks: list[Any], model: Any, trainer: Any) -> str | None:
     """Every case's own ``verify`` on the run: ``None`` if all pass, else the first failure's text."""
-    from tests.contract_cases import COMPOSED, COMPOSED_ORDER, case_by_name
+    from tests.contract_cases import case_by_name, order_of
 
-    for name, cb in zip(COMPOSED_ORDER if run == COMPOSED else [run], callbacks, strict=True):
+    for name, cb in zip(order_of(run), callbacks, strict=True):
         try:
             case_by_name(name).verify(cb, model, trainer)
         except AssertionError as err:
@@ -101,14 +101,14 @@ def _one(run: str, workdir: Path, out: Path, **kwargs: Any) -> tuple[int, dict[s
 
 def main(workdir: Path, mode: str) -> None:
     """Fit every run (``rows``, then the killed fit) or resume the killed fit (``resume``); see the module text."""
-    from tests.contract_cases import RUNS
+    from tests.contract_cases import FSDP_RUNS
     from tests.helpers import StopAt
 
     torch.set_num_threads(1)
     out = workdir / "fsdp"
     out.mkdir(exist_ok=True)
     if mode == "rows":
-        for run in RUNS:
+        for run in FSDP_RUNS:
             rank, record = _one(run, workdir, out / f"run-{run}", checkpoints=False)
             torch.save(record, out / f"{run}-rank{rank}.pt")
         _fit(RESUMED, workdir, out / "kill", extra=[StopAt(KILL_AT, action="kill")])

@@ -53,6 +53,7 @@ from tests.contract_cases import (
     CASES,
     COMPOSED,
     COMPOSED_ORDER,
+    COMPOSED_SHARDED,
     RUNS,
     STEPS_PER_EPOCH,
     Case,
@@ -63,6 +64,7 @@ from tests.contract_cases import (
     callbacks_for,
     case_by_name,
     fit,
+    order_of,
     small_mlp,
     state_of,
     teacher_checkpoint,
@@ -229,9 +231,7 @@ def _sha(path: Path) -> str:
 
 
 # check -> reason, for a known failure of the composed run (strict, as `Case.xfail`)
-COMPOSED_XFAIL = {
-    "fsdp": "QAT's fake quantization mixes a plain tensor with a DTensor under FSDP2 (issue 19)",
-}
+COMPOSED_XFAIL: dict[str, str] = {}
 
 
 def _run_params(check: str) -> list[Any]:
@@ -240,7 +240,8 @@ def _run_params(check: str) -> list[Any]:
         if check in COMPOSED_XFAIL
         else pytest.param(COMPOSED, id=COMPOSED)
     )
-    return [*_params(CASES, check), composed]
+    sharded = [pytest.param(COMPOSED_SHARDED, id=COMPOSED_SHARDED)] if check == "fsdp" else []
+    return [*_params(CASES, check), composed, *sharded]
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ def straight(workdir: Path) -> Any:
         if name not in cache:
             callbacks = callbacks_for(name, workdir)
             model, trainer = fit(callbacks, workdir / f"{name}-straight", checkpoints=False)
-            for case_name, cb in zip(COMPOSED_ORDER if name == COMPOSED else [name], callbacks, strict=True):
+            for case_name, cb in zip(order_of(name), callbacks, strict=True):
                 case_by_name(case_name).verify(cb, model, trainer)  # every target reached
             state = {k: v.detach().clone() for k, v in state_of(name, callbacks, model).items()}
             assert state, "the run reads no state"
@@ -291,7 +292,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
         callbacks = callbacks_for(name, workdir)
         model, trainer = fit(callbacks, out, ckpt_path="last")
         assert trainer.global_step == TOTAL_STEPS
-        for case_name, cb in zip(COMPOSED_ORDER if name == COMPOSED else [name], callbacks, strict=True):
+        for case_name, cb in zip(order_of(name), callbacks, strict=True):
             case_by_name(case_name).verify(cb, model, trainer)
         for file, digest in before.items():
             if file != "last.ckpt":
@@ -504,7 +505,7 @@ def test_fsdp2_row_reaches_targets_and_equals_the_one_process_run(
     name = run if isinstance(run, str) else run.name
     assert fsdp_runs["ended"]["rows"][0] == -signal.SIGKILL, fsdp_runs["ended"]["rows"][1]
     r0, r1 = _load_ranks(workdir / "fsdp", name)
-    cases = [case_by_name(n) for n in (COMPOSED_ORDER if name == COMPOSED else [name])]
+    cases = [case_by_name(n) for n in order_of(name)]
     refusing = [c for c in cases if c.fsdp == "refuses"]
     if refusing:  # refused in setup, before the first step, naming the callback and the strategy
         for r in (r0, r1):
@@ -534,7 +535,6 @@ def test_fsdp2_row_reaches_targets_and_equals_the_one_process_run(
 
 @pytest.mark.ddp
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="GradualPruning prunes nothing under FSDP2 (issue 19)")
 def test_fsdp2_sigkill_then_resume_from_the_sharded_checkpoint_equals_uninterrupted_run(
     fsdp_runs: dict[str, Any], workdir: Path
 ) -> None:
