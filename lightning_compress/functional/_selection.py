@@ -77,17 +77,21 @@ def ordered_keys(x: torch.Tensor) -> torch.Tensor:
 class Scores:
     """One tensor to rank: ``values`` scored as ``|values|`` (``magnitude``) or as they are, entries ``False`` in
     ``mask`` ranked below every live one, ``like`` the (possibly ``DTensor``) parameter whose rank-local rows
-    ``values`` holds (``None``: a plain tensor, the same on every rank)."""
+    ``values`` holds (``None``: a plain tensor, the same on every rank), ``total`` the entries of all ranks' pieces
+    together when they are not ``like``'s (e.g. one score per row or per group)."""
 
     values: torch.Tensor
     mask: torch.Tensor | None = None
     magnitude: bool = False
     signed: bool = False
     like: torch.Tensor | None = None
+    total: int | None = None
 
     def numel(self) -> int:
         """Entries of the full tensor (all ranks' pieces together)."""
-        return self.like.numel() if self.piece() and self.like is not None else self.values.numel()
+        if not self.piece():
+            return self.values.numel()
+        return self.total if self.total is not None else self.like.numel()  # type: ignore[union-attr]
 
     def piece(self) -> bool:
         """Whether ``values`` is this rank's row block of a sharded tensor (else every rank holds all of it)."""
@@ -140,12 +144,12 @@ def lowest_pruned(parts: Sequence[Scores], k: int, chunk: int = CHUNK) -> list[t
     counted = [p.piece() or rank == 0 for p in parts]  # a plain tensor counts once, on the first rank
     device, half = parts[0].values.device, _BINS >> 1
     hist = torch.zeros(_BINS, dtype=torch.long, device=device)
-    for part, count in zip(parts, counted):
+    for part, count in zip(parts, counted, strict=True):
         for s, e in part.chunks(chunk) if count else []:
             hist += torch.bincount((part.keys(s, e) >> 16) + half, minlength=_BINS).to(device)
     high, below = _digit(hist if like is None else _sharding.all_reduce(hist, like), k)
     hist.zero_()
-    for part, count in zip(parts, counted):
+    for part, count in zip(parts, counted, strict=True):
         for s, e in part.chunks(chunk) if count else []:
             keys = part.keys(s, e)
             hist += torch.bincount(keys[(keys >> 16) == high - half] & 0xFFFF, minlength=_BINS).to(device)
@@ -156,7 +160,7 @@ def lowest_pruned(parts: Sequence[Scores], k: int, chunk: int = CHUNK) -> list[t
     offsets = [0] * len(parts)
     if room < ties:  # the tie straddles the cut: where each rank's piece starts in the order of the tied entries
         counts = torch.zeros(len(parts), world, dtype=torch.long, device=device)
-        for i, (part, count) in enumerate(zip(parts, counted)):
+        for i, (part, count) in enumerate(zip(parts, counted, strict=True)):
             if count:
                 n = sum(int(torch.count_nonzero(part.keys(s, e) == cut)) for s, e in part.chunks(chunk))
                 counts[i, rank if part.piece() else 0] = n
@@ -164,7 +168,7 @@ def lowest_pruned(parts: Sequence[Scores], k: int, chunk: int = CHUNK) -> list[t
         before = counts.sum(1).cumsum(0) - counts.sum(1)
         offsets = [int(before[i]) + int(counts[i, : rank if p.piece() else 0].sum()) for i, p in enumerate(parts)]
     out = []
-    for part, offset in zip(parts, offsets):
+    for part, offset in zip(parts, offsets, strict=True):
         keep = torch.empty(part.values.numel(), dtype=torch.bool, device=part.values.device)
         left = room - offset if room < ties else None  # ties of this piece still to prune (None: all of them)
         for s, e in part.chunks(chunk):

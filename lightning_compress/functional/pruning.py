@@ -196,7 +196,7 @@ def global_unstructured_masks(
     parts = [Scores(scores[n] if n in scores else w, masks.get(n), magnitude=n not in scores, signed=signed)
              for n, w in weights.items()]
     k = num_to_prune(sparsity, sum(p.numel() for p in parts))
-    return {n: keep.to(w.device) for (n, w), keep in zip(weights.items(), lowest_pruned(parts, k))}
+    return {n: keep.to(w.device) for (n, w), keep in zip(weights.items(), lowest_pruned(parts, k), strict=True)}
 
 
 def global_structured_masks(
@@ -227,7 +227,7 @@ def global_structured_masks(
         unit_mask = None if m is None else m.reshape(m.shape[0], -1).bool().all(dim=1)
         units.append(_masked_scores(unit_scores(entry_scores.get(n, w), norm, True, signed), unit_mask, signed))
     keep = _global_unit_keep(units, [math.prod(w.shape[1:]) for w in weights.values()], sparsity)
-    return {n: _unit_mask_to_weight(k.to(w.device), w.shape) for k, (n, w) in zip(keep, weights.items())}
+    return {n: _unit_mask_to_weight(k.to(w.device), w.shape) for k, (n, w) in zip(keep, weights.items(), strict=True)}
 
 
 def _global_unit_keep(units: list[torch.Tensor], sizes: list[int], sparsity: float) -> list[torch.Tensor]:
@@ -237,7 +237,7 @@ def _global_unit_keep(units: list[torch.Tensor], sizes: list[int], sparsity: flo
     if not units:
         return []
     all_scores = torch.cat([u.cpu() for u in units])
-    all_sizes = torch.cat([torch.full((len(u),), s, dtype=torch.long) for u, s in zip(units, sizes)])
+    all_sizes = torch.cat([torch.full((len(u),), s, dtype=torch.long) for u, s in zip(units, sizes, strict=True)])
     all_owner = torch.cat([torch.full((len(u),), i, dtype=torch.long) for i, u in enumerate(units)])
     all_index = torch.cat([torch.arange(len(u)) for u in units])
     target = num_to_prune(sparsity, int(all_sizes.sum()))
