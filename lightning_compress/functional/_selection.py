@@ -73,6 +73,9 @@ def ordered_keys(x: torch.Tensor) -> torch.Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse the order of their magnitude bits
 
 
+_PRUNED_KEY = {False: int(ordered_keys(torch.tensor(-1.0))), True: int(ordered_keys(torch.tensor(_SIGNED_FLOOR)))}
+
+
 @dataclass
 class Scores:
     """One tensor to rank: ``values`` scored as ``|values|`` (``magnitude``) or as they are, entries ``False`` in
@@ -105,11 +108,18 @@ class Scores:
         return [(s, min(s + size, n)) for s in range(0, n, size)]
 
     def keys(self, start: int, stop: int) -> torch.Tensor:
-        """Ordered keys of entries ``[start, stop)`` of the flattened piece."""
+        """Ordered keys of the masked scores of entries ``[start, stop)`` of the flattened piece (the keys of
+        :func:`masked_scores`, computed without a float copy: ``|w|``'s key is ``w``'s bits without the sign)."""
         raw = self.values.detach().reshape(-1)[start:stop]
-        scores = raw.abs() if self.magnitude else raw
-        mask = None if self.mask is None else self.mask.reshape(-1)[start:stop]
-        return ordered_keys(masked_scores(scores, mask, self.signed))
+        if self.magnitude and raw.dtype == torch.float32:
+            keys = raw.view(torch.int32) & 0x7FFFFFFF
+        else:
+            keys = ordered_keys(raw.abs() if self.magnitude else raw)
+        if self.mask is None:
+            return keys
+        mask = self.mask.reshape(-1)[start:stop]
+        keep = mask if mask.dtype == torch.bool else mask != 0
+        return torch.where(keep.to(keys.device), keys, _PRUNED_KEY[self.signed])
 
 
 def _group_like(parts: Sequence[Scores]) -> torch.Tensor | None:
