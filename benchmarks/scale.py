@@ -9,7 +9,9 @@ needs, the last one cut short), filled with random normal values. Each measureme
 builds the weights (and the state the update reads), drops the high-water mark of its resident memory
 (``/proc/self/clear_refs``), runs the update once, and reports wall time and ``VmHWM - VmRSS before`` from
 ``/proc/self/status``: the peak memory the update needs beyond the weights and the state already held, outputs
-included (a new bool mask is 1 byte per parameter; new int64 assignments are 8).
+included (a new bool mask is 1 byte per parameter; new int64 assignments are 8). glibc's mmap threshold is pinned
+at its 128 KB default (``MALLOC_MMAP_THRESHOLD_``; else it grows after the first large free and freed buffers stay
+resident): the CPU tensors' memory is then what is live, which the peak measures.
 
 - ``prune``: one global GradualPruning mask update, 50 % -> 70 % magnitude, through the callback's own update
   path (``callbacks._pruning_sharded.compute_masks``, the exact chunked select of ``functional/_selection.py``),
@@ -42,6 +44,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lightning_compress.callbacks._pruning_sharded import compute_masks  # imported before any peak is taken
 
 ROOT = Path(__file__).resolve().parent
 COLS = 4096
@@ -77,16 +81,16 @@ def _weights(n: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def _prune_update(weights: dict, previous: dict) -> dict:
-    from lightning_compress.callbacks._pruning_sharded import compute_masks
-
     names = list(weights)
     return compute_masks(weights, {f: [] for f in names}, names, previous, {}, "magnitude", "unstructured", 1,
                          None, {f: 0.7 for f in names}, 0.0)
 
 
-def child(op: str, n: int) -> dict:
-    """One measurement in this (fresh) process."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def child(op: str, n: int, warm: bool = True) -> dict:
+    """One measurement in this (fresh) process, after one on a 64 x 4096 model: the kernels' code is paged in
+    (resident, file-backed) before the peak is taken, so the peak counts data alone."""
+    if warm:
+        child(op, 64 * COLS, warm=False)
     ws = _weights(n)
     numel = sum(w.numel() for w in ws)
     params = {f"layers.{i}.weight": torch.nn.Parameter(w, requires_grad=False) for i, w in enumerate(ws)}
@@ -100,8 +104,6 @@ def child(op: str, n: int) -> dict:
         t0 = time.perf_counter()
         state = _prune_update(params, previous)
         seconds = time.perf_counter() - t0
-        if sum(int((~m).sum()) for m in state.values()) != round(0.7 * numel):
-            raise RuntimeError("the update did not prune exactly 70 %")
     elif op.startswith("prune (torch"):
         from torch.nn.utils import prune
 
@@ -131,6 +133,8 @@ def child(op: str, n: int) -> dict:
         state = [assign(p.detach(), c) for p, c in zip(params.values(), centroids, strict=True)]
         seconds = time.perf_counter() - t0
     extra = _status("VmHWM") - before
+    if op == "prune" and sum(m.numel() - int(torch.count_nonzero(m)) for m in state.values()) != round(0.7 * numel):
+        raise RuntimeError("the update did not prune exactly 70 %")
     del state
     return {"op": op, "params": numel, "seconds": seconds, "extra_bytes": extra, "bytes_per_param": extra / numel}
 
@@ -165,7 +169,7 @@ def fsdp_worker(rank: int, n: int, port: int, queue: object) -> None:
     new = _prune_update(params, previous)
     seconds = time.perf_counter() - t0
     extra = _status("VmHWM") - before
-    pruned = torch.tensor([sum(int((~m).sum()) for m in new.values())])
+    pruned = torch.tensor([sum(m.numel() - int(torch.count_nonzero(m)) for m in new.values())])
     dist.all_reduce(pruned)
     queue.put({"rank": rank, "seconds": seconds, "extra_bytes": extra, "local_params": local_numel,
                "mask_state_bytes": sum(m.numel() for m in new.values()), "pruned_all_ranks": int(pruned)})
@@ -175,6 +179,7 @@ def fsdp_worker(rank: int, n: int, port: int, queue: object) -> None:
 def run_fsdp(n: int) -> list[dict]:
     import torch.multiprocessing as mp
 
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # as for the single-process children
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = 29500 + os.getpid() % 1000
@@ -189,7 +194,8 @@ def run_fsdp(n: int) -> list[dict]:
 
 def measure(op: str, n: int, timeout: int) -> dict:
     cmd = [sys.executable, __file__, "--child", op, str(n)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]),
+               MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode:
         return {"op": op, "params": n, "error": done.stderr.strip().splitlines()[-1:]}
@@ -200,19 +206,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10M and 100M only")
     parser.add_argument("--only", choices=["single", "fsdp"], default=None)
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="rerun these sizes only (others kept)")
     parser.add_argument("--child", nargs=2, metavar=("OP", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return
-    sizes = ["10M", "100M"] if args.quick else list(SIZES)
-    results: dict = {"single": [], "fsdp": {}, "sizes": sizes}
+    sizes = args.sizes or (["10M", "100M"] if args.quick else list(SIZES))
+    results: dict = {"single": [], "fsdp": {}}
     out_path = ROOT / "results" / "scale.json"
     if out_path.exists():  # keep the part not rerun
         results.update({k: v for k, v in json.loads(out_path.read_text()).items() if k in ("single", "fsdp")})
     if args.only in (None, "single"):
-        results["single"] = []
+        results["single"] = [r for r in results["single"] if r.get("size") not in sizes]
         for size in sizes:
             for op in OPS:
                 if op.startswith("prune (torch") and SIZES[size] > PEER_MAX:
@@ -222,6 +229,7 @@ def main() -> None:
                 results["single"].append(r)
                 print(json.dumps(r), flush=True)
         base = {r["op"]: r["seconds"] / r["params"] for r in results["single"] if r.get("size") == "10M" and "seconds" in r}
+        results["single"].sort(key=lambda r: (SIZES[r["size"]], OPS.index(r["op"])))
         for r in results["single"]:
             if "seconds" in r and r["op"] in base:
                 r["time_per_param_vs_10M"] = (r["seconds"] / r["params"]) / base[r["op"]]

@@ -37,7 +37,7 @@ from lightning_compress import _sharding
 
 __all__ = ["Scores", "lowest_pruned", "masked_scores", "ordered_keys"]
 
-CHUNK = 1 << 20  # entries scored at a time: ~16 MB of buffers, whatever the model's size
+CHUNK = 1 << 18  # entries scored at a time: a few MB of buffers, whatever the model's size
 _BINS = 1 << 16
 _SIGNED_FLOOR = -1e30  # below any signed score, finite (quantiles interpolate), and summable over a group
 
