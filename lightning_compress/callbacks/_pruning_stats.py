@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from lightning_compress import _sharding
 from lightning_compress.functional import pruning as masks
 from lightning_compress.graph import output_layers
 
@@ -90,14 +91,15 @@ class CriterionStats:
         """Add ``-w * grad`` to the movement scores (call before the optimizer step)."""
         if self.criterion != "movement":
             return
-        for fqn, weight in weights.items():
-            if weight.grad is None:
+        for fqn, param in weights.items():
+            if param.grad is None:
                 continue
+            weight, grad = _sharding.local(param), _sharding.local(param.grad)  # sharded: this rank's rows
             score = self.sums.get(fqn)
             if score is None or score.device != weight.device:
                 score = torch.zeros_like(weight, dtype=torch.float32) if score is None else score.to(weight.device)
                 self.sums[fqn] = score
-            score.addcmul_(weight.detach().float(), weight.grad.float(), value=-1.0)
+            score.addcmul_(weight.detach().float(), grad.float(), value=-1.0)
 
     def _reduced(self, strategy: Any) -> dict[str, torch.Tensor]:
         sums = {fqn: s if strategy is None else strategy.reduce(s.clone(), reduce_op="sum") for fqn, s in self.sums.items()}
@@ -139,10 +141,24 @@ class CriterionStats:
         self.remove()
         self.sums, self.restored = {}, {}
 
-    def state_dict(self, strategy: Any) -> dict[str, torch.Tensor]:
-        """Sums to checkpoint: activation sums added across ranks (every rank must call it, as Lightning does)."""
-        sums = self._reduced(strategy) if self.criterion == "activation" else dict(self.sums)
+    def state_dict(self, strategy: Any, weights: dict[str, nn.Parameter] | None = None) -> dict[str, torch.Tensor]:
+        """Sums to checkpoint: activation sums added across ranks, movement scores of sharded ``weights`` gathered
+        whole (every rank must call it, as Lightning does)."""
+        sums = self._reduced(strategy) if self.criterion == "activation" else self.full(weights or {})
         return {fqn: s.detach().cpu().clone() for fqn, s in sums.items()}
+
+    def full(self, weights: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Movement scores of the whole weights (a collective for sharded ones); pieces of weights not given, as
+        they are."""
+        if self.criterion != "movement":
+            return dict(self.sums)
+        return {f: _sharding.full(s, weights[f]) if f in weights else s for f, s in self.sums.items()}
+
+    def localize(self, weights: dict[str, nn.Parameter]) -> None:
+        """Cut full movement scores (restored, or gathered at the end of a fit) to this rank's pieces."""
+        if self.criterion == "movement":
+            self.sums = {f: _sharding.local_like(s, weights[f]) if f in weights and s.shape == weights[f].shape
+                         else s for f, s in self.sums.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`'s sums."""
@@ -151,46 +167,6 @@ class CriterionStats:
             self.restored = {fqn: s.float() for fqn, s in state.items()}
         else:
             self.sums = {fqn: s.float() for fqn, s in state.items()}
-
-
-def compute_masks(
-    weights: dict[str, nn.Parameter],
-    layers: dict[str, list[nn.Module]],
-    pooled: list[str],
-    previous: dict[str, torch.Tensor],
-    statistics: dict[str, torch.Tensor],
-    criterion: str,
-    mode: str,
-    norm: int,
-    nm: tuple[int, int] | None,
-    sparsity: dict[str, float],
-    fraction: float,
-) -> dict[str, torch.Tensor]:
-    """New keep-masks: the ``pooled`` weights ranked together (at the sparsity of their first), the others each on
-    its own at ``sparsity[fqn]``, or every one held to N:M in a ``fraction`` of its groups. A layer without
-    statistics (no training batch went through it) is ranked by magnitude."""
-    signed = criterion == "movement"
-    scores = {}
-    for fqn, weight in weights.items():
-        known = criterion if fqn in statistics else "magnitude"
-        scores[fqn] = masks.importance(weight, known, statistics.get(fqn), getattr(layers[fqn][0], "groups", 1))
-    new: dict[str, torch.Tensor] = {}
-    if pooled:
-        pool, target = {fqn: weights[fqn] for fqn in pooled}, sparsity[pooled[0]]
-        if mode == "structured":
-            new.update(masks.global_structured_masks(pool, target, norm, previous, scores, signed))
-        else:
-            new.update(masks.global_unstructured_masks(pool, target, previous, scores, signed))
-    for fqn, weight in weights.items():
-        if fqn in new:
-            continue
-        if nm is not None:
-            new[fqn] = masks.nm_mask(weight, *nm, fraction, previous.get(fqn), scores[fqn], signed)
-        elif mode == "structured":
-            new[fqn] = masks.structured_mask(weight, sparsity[fqn], norm, previous.get(fqn), scores[fqn], signed)
-        else:
-            new[fqn] = masks.unstructured_mask(weight, sparsity[fqn], previous.get(fqn), scores[fqn], signed)
-    return new
 
 
 def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, nn.Parameter]) -> None:
@@ -225,7 +201,7 @@ def multiply(factors: list[tuple[nn.Parameter, torch.Tensor]], params: set[int] 
     """Zero the pruned entries of the parameters in ``params`` (all when ``None``), or of their gradients, in one
     ``torch._foreach_mul_``."""
     pairs = [(p.grad if grads else p, keep) for p, keep in factors if params is None or id(p) in params]
-    pairs = [(t, keep) for t, keep in pairs if t is not None]
+    pairs = [(_sharding.local(t), keep) for t, keep in pairs if t is not None]  # sharded: the rank's rows
     if pairs:
         torch._foreach_mul_([t for t, _ in pairs], [keep for _, keep in pairs])
 

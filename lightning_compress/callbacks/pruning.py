@@ -15,18 +15,8 @@ from typing_extensions import override
 
 from lightning_compress import claims
 from lightning_compress._validation import check_choice, check_number, check_state_version
+from lightning_compress.callbacks import _pruning_sharded, _pruning_stats
 from lightning_compress.callbacks._base import _ReleasesModelOnException
-from lightning_compress.callbacks._pruning_stats import (
-    CriterionStats,
-    check_keeps_a_unit,
-    check_pattern,
-    check_restored_masks,
-    compute_masks,
-    layer_numel,
-    mask_factors,
-    multiply,
-    without_output_layers,
-)
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
 from lightning_compress.targets import match, select_modules, validate_patterns
@@ -56,7 +46,9 @@ class GradualPruning(_ReleasesModelOnException):
 
     The masks and the schedule position are in the callback's state: resuming from a checkpoint continues exactly,
     and fitting the same model again keeps its masks; the same callback given another model starts over.
-    Under DDP every rank computes the same masks from its (synchronized) weights.
+    Under DDP every rank computes the same masks from its (synchronized) weights. Under FSDP2
+    (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``) each rank holds and applies the masks of its
+    rows, ranked across the ranks to the same masks as one process computes (``_pruning_sharded``).
 
     Args:
         final_sparsity: fraction of weights (or units, in ``structured`` mode) pruned at the end, in [0, 1).
@@ -159,14 +151,15 @@ class GradualPruning(_ReleasesModelOnException):
         self.layer_sparsity = layer_sparsity
         self.prune_bias = prune_bias
         check_choice(criterion, "criterion", ("magnitude", "activation", "movement"))
-        self._nm = check_pattern(pattern, mode, layer_sparsity)
+        self._nm = _pruning_stats.check_pattern(pattern, mode, layer_sparsity)
         self.criterion = criterion
         self.pattern = pattern
-        self._stats = CriterionStats(criterion)
+        self._stats = _pruning_stats.CriterionStats(criterion)
         self._owner = f"GradualPruning#{next(_COUNTER)}"
         self._reset_runtime()
         self._masks: dict[str, torch.Tensor] = {}  # weight fqn -> keep mask (bool); empty until the first update
         self._last_update_step = -1
+        self._counts: tuple[int, int] | None = None  # (kept, total) of the masks over all ranks
         self._model_ref: weakref.ref | None = None  # the model the masks were computed for
 
     def __getstate__(self) -> dict[str, Any]:
@@ -203,7 +196,7 @@ class GradualPruning(_ReleasesModelOnException):
         if self._model_ref is not None and self._model_ref() is not pl_module:
             # a callback reused for another model: that model's masks come from its own weights (or from the
             # checkpoint it resumes, whose state Lightning loads after `setup`), not from the previous model's
-            self._masks, self._last_update_step = {}, -1
+            self._masks, self._last_update_step, self._counts = {}, -1, None
             self._stats.clear()
         self._model_ref = weakref.ref(pl_module)
         self._strategy, self._clips = trainer.strategy, bool(trainer.gradient_clip_val)
@@ -213,7 +206,7 @@ class GradualPruning(_ReleasesModelOnException):
             types = tuple(t for t in types if t != "Embedding")
         modules = select_modules(pl_module, self.targets, self.exclude, types=types)
         if self.mode == "structured":
-            modules = without_output_layers(pl_module, modules, self.targets)
+            modules = _pruning_stats.without_output_layers(pl_module, modules, self.targets)
         names = {id(p): n for n, p in pl_module.named_parameters(remove_duplicate=False)}
         overrides = dict(self.layer_sparsity or {})
         unmatched = [p for p in overrides if not any(match(p, m) for m in modules)]
@@ -222,7 +215,7 @@ class GradualPruning(_ReleasesModelOnException):
         seen: set[int] = set()
         for module_name, module in modules.items():
             weight = module.weight
-            check_pattern(self.pattern, self.mode, None, module_name, weight)
+            _pruning_stats.check_pattern(self.pattern, self.mode, None, module_name, weight)
             if id(weight) in seen:  # tied weights: prune the tensor once
                 self._layers[names[id(weight)]].append(module)
                 continue
@@ -245,12 +238,12 @@ class GradualPruning(_ReleasesModelOnException):
                 self._pooled.append(fqn)
             elif self.mode == "structured":  # ranked on its own: no global keep-one-unit rule
                 argument = "final_sparsity" if pattern is None else f"layer_sparsity[{pattern!r}]"
-                check_keeps_a_unit(argument, self._final[fqn], module_name, weight.shape[0])
+                _pruning_stats.check_keeps_a_unit(argument, self._final[fqn], module_name, weight.shape[0])
         if not self._weights:
             raise ValueError(f"GradualPruning: every targeted layer has frozen weights: {list(modules)}")
         claimed = list(self._weights) + [names[id(b)] for b in self._biases.values()]
         claims.claim(pl_module, claimed, "prune", self._owner)
-        self._model_layer_numel = layer_numel(pl_module)
+        self._model_layer_numel = _pruning_stats.layer_numel(pl_module)
 
     def window(self, trainer: pl.Trainer, check_fits: bool = True) -> tuple[int, int]:
         """Optimizer steps ``(start, end)`` of the ramp in this run (default end: its middle; last update at ``end``)."""
@@ -270,10 +263,17 @@ class GradualPruning(_ReleasesModelOnException):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window = self.window(trainer)
-        if self._masks:  # restored from a checkpoint: they must fit this model
-            check_restored_masks(self._masks, self._weights)
-            self._set_masks(self._masks)
+        self._weights, self._biases = _pruning_sharded.resolve(self._layers, self._weights, self._biases, self.criterion)
+        self._stats.localize(self._weights)
+        if self._masks:  # restored from a checkpoint (full masks): they must fit this model
+            self._set_masks(_pruning_sharded.local_masks(self._masks, self._weights))
             self._apply_masks()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # sharded: the callback keeps whole masks (and movement scores) once the fit's shards are gone
+        self._masks = _pruning_sharded.full_masks(self._masks, self._weights)
+        self._stats.sums = self._stats.full(self._weights)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,7 +298,7 @@ class GradualPruning(_ReleasesModelOnException):
         if self._window is not None and self._last_update_step < self._window[1]:
             self._stats.accumulate({f: w for f, w in self._weights.items() if id(w) in params})
         if self._clips:
-            multiply(self._factors, params, grads=True)
+            _pruning_stats.multiply(self._factors, params, grads=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -335,7 +335,7 @@ class GradualPruning(_ReleasesModelOnException):
             return
         previous = {f: keep for f, w in self._weights.items() for p, keep in self._factors if p is w}  # 0/1 floats
         sparsity = {f: self.sparsity_at(step, self._final[f]) for f in self._weights}
-        new = compute_masks(self._weights, self._layers, self._pooled, previous,
+        new = _pruning_sharded.compute_masks(self._weights, self._layers, self._pooled, previous,
                             self._stats.all_statistics(list(self._weights), self._strategy), self.criterion,
                             self.mode, self.norm, self._nm, sparsity, self._group_fraction(step))
         self._set_masks(new)
@@ -349,28 +349,28 @@ class GradualPruning(_ReleasesModelOnException):
 
     def _set_masks(self, new: dict[str, torch.Tensor]) -> None:
         self._masks = {fqn: new[fqn].to(weight.device) for fqn, weight in self._weights.items()}
-        self._factors = mask_factors(self._masks, self._weights, self._biases)
+        self._factors = _pruning_stats.mask_factors(self._masks, self._weights, self._biases)
+        self._counts = _pruning_sharded.kept_counts(self._masks, self._weights)
 
     def _apply_masks(self, params: set[int] | None = None) -> None:
-        multiply(self._factors, params)
+        _pruning_stats.multiply(self._factors, params)
 
     # -- reporting ----------------------------------------------------------------------------------
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """The current keep-masks, parameter name -> ``bool`` tensor (empty before pruning starts)."""
+        """The current keep-masks, parameter name -> ``bool`` tensor (empty before pruning starts; during a sharded
+        fit each rank's rows, whole after it)."""
         return dict(self._masks)
 
     def current_sparsity(self) -> float:
         """Fraction of the pruned weights' entries that the current masks remove."""
-        total = sum(m.numel() for m in self._masks.values())
-        return 1.0 - sum(int(torch.count_nonzero(m)) for m in self._masks.values()) / total if total else 0.0
+        kept, total = self._counts if self._counts is not None else _pruning_sharded.kept_counts(self._masks, {})
+        return 1.0 - kept / total if total else 0.0
 
     def compression_targets(self) -> dict[str, float]:
-        """Scheduled sparsity of the masks in effect, over all layer weights of the model.
-
-        Comparable with the monitor's ``compression/sparsity``: it is the value the schedule gave at the last mask
-        update (``initial_sparsity`` before the first), weighted by the pruned layers' share of the model.
-        """
+        """Scheduled sparsity of the masks in effect over all layer weights of the model, comparable with the
+        monitor's ``compression/sparsity``: the schedule's value at the last mask update (``initial_sparsity`` before
+        the first), weighted by the pruned layers' share of the model (the same on every rank)."""
         if self._window is None or not self._model_layer_numel:
             return {}
         step, (n, m) = self._last_update_step, self._nm or (0, 0)
@@ -387,14 +387,14 @@ class GradualPruning(_ReleasesModelOnException):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _VERSION,
-            "masks": {fqn: mask.detach().cpu().clone() for fqn, mask in self._masks.items()},
+            "masks": {f: m.detach().cpu().clone() for f, m in _pruning_sharded.full_masks(self._masks, self._weights).items()},
             "last_update_step": self._last_update_step,
-            "criterion_stats": self._stats.state_dict(self._strategy),  # version 2
+            "criterion_stats": self._stats.state_dict(self._strategy, self._weights),  # version 2
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version(state_dict, _VERSION, "GradualPruning")
-        self._masks = {fqn: mask.bool() for fqn, mask in state_dict.get("masks", {}).items()}
+        self._masks, self._counts = {fqn: mask.bool() for fqn, mask in state_dict.get("masks", {}).items()}, None
         self._last_update_step = int(state_dict.get("last_update_step", -1))
         self._stats.load_state_dict(state_dict.get("criterion_stats", {}))

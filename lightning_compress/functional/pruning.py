@@ -40,6 +40,9 @@ from collections.abc import Mapping
 
 import torch
 
+from lightning_compress.functional._selection import Scores, lowest_pruned
+from lightning_compress.functional._selection import masked_scores as _masked_scores
+
 __all__ = [
     "global_structured_masks",
     "importance",
@@ -67,40 +70,9 @@ def num_to_prune(sparsity: float, n: int) -> int:
 
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask over flat ``scores`` with exactly the ``k`` lowest pruned (ties: earlier position first).
-
-    Linear time: the k-th smallest score is found by selection, not by sorting.
-    """
-    flat = scores.reshape(-1)
-    if k <= 0:
-        return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k >= flat.numel():
-        return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    threshold, at_or_below = _kth_smallest_of([flat], k)
-    if at_or_below == k:  # no tie straddles the cut: one comparison suffices
-        return flat > threshold
-    prune = flat < threshold
-    tied = flat == threshold
-    room = k - int(torch.count_nonzero(prune))  # how many of the tied entries go, first positions first
-    return ~(prune | (tied & (torch.cumsum(tied, 0) <= room)))
-
-
-_SIGNED_FLOOR = -1e30  # below any signed score, finite (quantiles interpolate), and summable over a group
-
-
-def _masked_scores(scores: torch.Tensor, mask: torch.Tensor | None, signed: bool = False) -> torch.Tensor:
-    """Scores where already-pruned entries rank below every live one; ``mask`` is bool or 0/1 float.
-
-    Scores are >= 0 unless ``signed`` (movement scores): pruned entries then score ``-1e30``.
-    """
-    scores = scores.float()
-    if mask is None:
-        return scores
-    if signed:
-        return torch.where(mask.to(device=scores.device, dtype=torch.bool), scores, _SIGNED_FLOOR)
-    keep = mask.to(device=scores.device, dtype=scores.dtype)
-    # (keep - 1) + scores * keep: exactly the score where kept, -1 where pruned; float ops are the fastest here
-    return (keep - 1.0).addcmul_(scores, keep)
+    """Keep-mask over flat ``scores`` with exactly the ``k`` lowest pruned (ties: earlier position first), by
+    selection (:mod:`~lightning_compress.functional._selection`), not by sorting."""
+    return lowest_pruned([Scores(scores.reshape(-1))], k)[0]
 
 
 def importance(
@@ -149,8 +121,8 @@ def unstructured_mask(
         >>> unstructured_mask(torch.tensor([3.0, -1.0, 2.0, 0.5]), 0.5).tolist()
         [True, False, True, False]
     """
-    scores = _masked_scores(weight.detach().abs() if scores is None else scores, mask, signed)
-    return _prune_lowest(scores, num_to_prune(sparsity, weight.numel())).view(weight.shape)
+    part = Scores(weight if scores is None else scores, mask, magnitude=scores is None, signed=signed)
+    return lowest_pruned([part], num_to_prune(sparsity, weight.numel()))[0].view(weight.shape)
 
 
 def unit_scores(weight: torch.Tensor, norm: int = 1, normalize: bool = False, signed: bool = False) -> torch.Tensor:
@@ -212,8 +184,8 @@ def global_unstructured_masks(
 
     Exactly ``round(sparsity * total)`` entries are pruned in all; layers end with different sparsities. The
     result is that of one ranking over all entries concatenated (ties: earlier tensor and position first), but
-    nothing is concatenated or sorted: the cut is found by selection inside a band bracketed by a sample, from
-    per-tensor counts (:func:`_kth_smallest_of`).
+    nothing is concatenated, sorted or copied whole: the cut is an exact radix select over the scores' bit
+    patterns, computed chunk by chunk (:mod:`~lightning_compress.functional._selection`; extra memory: the masks).
 
     Example:
         >>> ws = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.1, 0.2, 3.0, 4.0])}
@@ -221,57 +193,10 @@ def global_unstructured_masks(
         {'a': [False, True], 'b': [False, False, True, True]}
     """
     masks, scores = masks or {}, scores or {}
-    names = list(weights)
-    if not names:
-        return {}
-    flat = {}
-    for n in names:
-        raw = scores[n] if n in scores else weights[n].detach().abs()
-        flat[n] = _masked_scores(raw, masks.get(n), signed).reshape(-1)
-    total = sum(f.numel() for f in flat.values())
-    k = num_to_prune(sparsity, total)
-    if k <= 0 or k >= total:
-        return {n: torch.full(weights[n].shape, k <= 0, dtype=torch.bool, device=weights[n].device) for n in names}
-    threshold, at_or_below = _kth_smallest_of(list(flat.values()), k)
-    out: dict[str, torch.Tensor] = {}
-    room = k - sum(int(torch.count_nonzero(f < threshold)) for f in flat.values()) if at_or_below != k else 0
-    for n in names:
-        f = flat[n]
-        if at_or_below == k:  # no tie straddles the cut: one comparison suffices
-            keep = f > threshold
-        else:  # the first `room` tied entries (in tensor order, then position) go
-            tied = f == threshold
-            keep = ~((f < threshold) | (tied & (torch.cumsum(tied, 0) <= room)))
-            room -= min(room, int(torch.count_nonzero(tied)))
-        out[n] = keep.view(weights[n].shape).to(weights[n].device)
-    return out
-
-
-def _kth_smallest_of(parts: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
-    """The ``k``-th smallest value (1-based) over several flat tensors, as if concatenated, exactly, and how many
-    entries are at or below it.
-
-    Small inputs are concatenated. Otherwise a sample from every part (in proportion to its size) brackets the
-    answer between two quantiles; entries below the band are only counted, entries inside it are
-    selected from (about 2.5 %). An unlucky sample widens the band to everything.
-    """
-    n = sum(p.numel() for p in parts)
-    if n > 1 << 16:
-        g = torch.Generator().manual_seed(n)
-        sample = torch.cat([
-            p[torch.randint(0, p.numel(), (max(1, (p.numel() << 14) // n),), generator=g).to(p.device)].float().cpu()
-            for p in parts
-        ])
-        q = k / n
-        lo, hi = torch.quantile(sample, torch.tensor([max(q - 0.012, 0.0), min(q + 0.012, 1.0)])).tolist()
-        below = sum(int(torch.count_nonzero(p < lo)) for p in parts)
-        band = torch.cat([p[(p >= lo) & (p <= hi)].float().cpu() for p in parts])
-        if below < k <= below + band.numel():
-            threshold = torch.kthvalue(band, k - below).values
-            return threshold, below + int(torch.count_nonzero(band <= threshold))
-    everything = torch.cat([p.float().cpu() for p in parts])
-    threshold = torch.kthvalue(everything, k).values
-    return threshold, int(torch.count_nonzero(everything <= threshold))
+    parts = [Scores(scores[n] if n in scores else w, masks.get(n), magnitude=n not in scores, signed=signed)
+             for n, w in weights.items()]
+    k = num_to_prune(sparsity, sum(p.numel() for p in parts))
+    return {n: keep.to(w.device) for (n, w), keep in zip(weights.items(), lowest_pruned(parts, k), strict=True)}
 
 
 def global_structured_masks(
@@ -296,26 +221,29 @@ def global_structured_masks(
         {'a': [True, True, False, False], 'b': [False, True]}
     """
     masks, entry_scores = masks or {}, scores or {}
-    names = list(weights)
-    if not names:
-        return {}
-    scores, sizes, owner, index = [], [], [], []
-    for i, n in enumerate(names):
-        w = weights[n]
+    units = []
+    for n, w in weights.items():
         m = masks.get(n)
         unit_mask = None if m is None else m.reshape(m.shape[0], -1).bool().all(dim=1)
-        units = unit_scores(entry_scores.get(n, w), norm, normalize=True, signed=signed)
-        scores.append(_masked_scores(units, unit_mask, signed).cpu())
-        unit_size = math.prod(w.shape[1:])
-        sizes.append(torch.full((w.shape[0],), unit_size, dtype=torch.long))
-        owner.append(torch.full((w.shape[0],), i, dtype=torch.long))
-        index.append(torch.arange(w.shape[0]))
-    all_scores, all_sizes = torch.cat(scores), torch.cat(sizes)
-    all_owner, all_index = torch.cat(owner), torch.cat(index)
+        units.append(_masked_scores(unit_scores(entry_scores.get(n, w), norm, True, signed), unit_mask, signed))
+    keep = _global_unit_keep(units, [math.prod(w.shape[1:]) for w in weights.values()], sparsity)
+    return {n: _unit_mask_to_weight(k.to(w.device), w.shape) for k, (n, w) in zip(keep, weights.items(), strict=True)}
+
+
+def _global_unit_keep(units: list[torch.Tensor], sizes: list[int], sparsity: float) -> list[torch.Tensor]:
+    """Per-layer unit keep-vectors: units (masked, normalized scores of each layer's full set of units, of
+    ``sizes`` weights each) taken lowest first until ``round(sparsity * weights)`` are pruned, one kept per
+    layer. A loop over units (rows), not over weights."""
+    if not units:
+        return []
+    all_scores = torch.cat([u.cpu() for u in units])
+    all_sizes = torch.cat([torch.full((len(u),), s, dtype=torch.long) for u, s in zip(units, sizes, strict=True)])
+    all_owner = torch.cat([torch.full((len(u),), i, dtype=torch.long) for i, u in enumerate(units)])
+    all_index = torch.cat([torch.arange(len(u)) for u in units])
     target = num_to_prune(sparsity, int(all_sizes.sum()))
     order = torch.argsort(all_scores, stable=True)
-    keep = [torch.ones(weights[n].shape[0], dtype=torch.bool) for n in names]
-    alive = [weights[n].shape[0] for n in names]
+    keep = [torch.ones(len(u), dtype=torch.bool) for u in units]
+    alive = [len(u) for u in units]
     pruned = 0
     for j in order.tolist():
         if pruned >= target:
@@ -326,7 +254,7 @@ def global_structured_masks(
         keep[i][int(all_index[j])] = False
         alive[i] -= 1
         pruned += int(all_sizes[j])
-    return {n: _unit_mask_to_weight(keep[i], weights[n].shape).to(weights[n].device) for i, n in enumerate(names)}
+    return keep
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -369,11 +297,25 @@ def nm_mask(
     """
     if weight.dim() < 2 or weight.shape[1] % m:
         raise ValueError(f"N:M sparsity needs dim 1 divisible by M={m}, got a weight of shape {tuple(weight.shape)}")
+    grouped, lowest, cost = _nm_costs(weight, n, m, mask, scores, signed)
+    held = ~_prune_lowest(cost, num_to_prune(fraction, cost.numel()))
+    return _nm_keep(weight, grouped, lowest, held, mask)
+
+
+def _nm_costs(
+    weight: torch.Tensor, n: int, m: int, mask: torch.Tensor | None, scores: torch.Tensor | None, signed: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores in groups of ``m``, the ``m - n`` lowest of each group, and what holding each group costs."""
     entry = _masked_scores(weight.detach().abs() if scores is None else scores, mask, signed)
     grouped = _groups(entry, m)
     lowest = torch.argsort(grouped, dim=1, stable=True)[:, : m - n]
-    cost = grouped.gather(1, lowest).sum(1)
-    held = ~_prune_lowest(cost, num_to_prune(fraction, cost.numel()))
+    return grouped, lowest, grouped.gather(1, lowest).sum(1)
+
+
+def _nm_keep(
+    weight: torch.Tensor, grouped: torch.Tensor, lowest: torch.Tensor, held: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep-mask of ``weight`` with the ``lowest`` entries of the ``held`` groups pruned (and ``mask``'s)."""
     keep = torch.ones_like(grouped, dtype=torch.bool)
     keep[held] = keep[held].scatter(1, lowest[held], False)
     shape = weight.movedim(1, -1).shape
