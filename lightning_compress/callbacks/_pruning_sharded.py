@@ -125,10 +125,17 @@ def check_sharding(weights: dict[str, nn.Parameter], biases: dict[str, nn.Parame
                              "exclude it or leave it unsharded")
 
 
-def resolve(layers: dict[str, list[nn.Module]], weights: dict[str, Any], biases: dict[str, Any],
+def resolve(model: nn.Module, layers: dict[str, list[nn.Module]], weights: dict[str, Any], biases: dict[str, Any],
             criterion: str) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
-    """The pruned weights and biases as the layers hold them now: ``fully_shard`` in ``configure_model`` (after
-    ``setup``) replaces the parameters with ``DTensor`` ones; checked with :func:`check_sharding`."""
+    """The pruned weights and biases as the model holds them now, looked up by name: ``fully_shard`` in
+    ``configure_model`` (after ``setup``) replaces the parameters with ``DTensor`` ones, and another callback's
+    ``setup`` may have replaced the layer (QAT's wrappers); ``layers`` is updated to the layers now in place.
+    Checked with :func:`check_sharding`."""
+    for fqn in weights:
+        owner, _, attr = fqn.rpartition(".")
+        layer = model.get_submodule(owner)
+        if attr == "weight" and layers[fqn][0] is not layer:
+            layers[fqn][0] = layer
     weights = {fqn: layers[fqn][0].weight for fqn in weights}
     biases = {fqn: layers[fqn][0].bias for fqn in biases}
     check_sharding(weights, biases, layers, criterion)

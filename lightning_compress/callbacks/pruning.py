@@ -263,7 +263,7 @@ class GradualPruning(_ReleasesModelOnException):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window = self.window(trainer)
-        self._weights, self._biases = _pruning_sharded.resolve(self._layers, self._weights, self._biases, self.criterion)
+        self._weights, self._biases = _pruning_sharded.resolve(pl_module, self._layers, self._weights, self._biases, self.criterion)
         self._stats.localize(self._weights)
         if self._masks:  # restored from a checkpoint (full masks): they must fit this model
             self._set_masks(_pruning_sharded.local_masks(self._masks, self._weights))
