@@ -21,7 +21,9 @@ resident): the CPU tensors' memory is then what is live, which the peak measures
 - ``qat per-channel`` / ``qat per-tensor``: QuantizationAwareTraining's weight observer update for 8-bit
   symmetric weights (``functional.quantization.uniform_qparams``: min/max per output channel or per tensor);
 - ``weight sharing``: WeightSharing's assignment of every weight to its nearest of 16 centroids
-  (``functional.weight_sharing.assign``), assignments of every tensor kept as the callback keeps them.
+  (``functional.weight_sharing.assign``, int64 indices), assignments of every tensor kept as the callback keeps them;
+- ``weight sharing (uint8 codes)``: the same assignment by ``functional.weight_sharing.assign_codes`` (chunked,
+  ``uint8`` codes: 1 byte per value), which the callback does not use yet.
 
 ``--only fsdp``: 2 gloo processes, the same 100M weights as ``DTensor`` row shards (``Shard(0)``, as ``fully_shard``
 makes): per rank, the mask update through the same path (histograms and tie counts all-reduced) against the
@@ -50,7 +52,8 @@ from lightning_compress.callbacks._pruning_sharded import compute_masks  # impor
 ROOT = Path(__file__).resolve().parent
 COLS = 4096
 SIZES = {"10M": 10_000_000, "100M": 100_000_000, "1B": 1_000_000_000}
-OPS = ["prune", "prune (torch.nn.utils.prune)", "qat per-channel", "qat per-tensor", "weight sharing"]
+OPS = ["prune", "prune (torch.nn.utils.prune)", "qat per-channel", "qat per-tensor", "weight sharing",
+       "weight sharing (uint8 codes)"]
 PEER_MAX = 100_000_000  # the peer concatenates every score: 1B would need > 8 GB more
 
 
@@ -125,12 +128,13 @@ def child(op: str, n: int, warm: bool = True) -> dict:
         state = [uniform_qparams(p, 8, True, per_channel) for p in params.values()]
         seconds = time.perf_counter() - t0
     else:
-        from lightning_compress.functional.weight_sharing import assign
+        from lightning_compress.functional.weight_sharing import assign, assign_codes
 
+        nearest = assign_codes if op.endswith("(uint8 codes)") else assign
         centroids = [torch.linspace(float(p.min()), float(p.max()), 16) for p in params.values()]
         before = _reset_peak()
         t0 = time.perf_counter()
-        state = [assign(p.detach(), c) for p, c in zip(params.values(), centroids, strict=True)]
+        state = [nearest(p.detach(), c) for p, c in zip(params.values(), centroids, strict=True)]
         seconds = time.perf_counter() - t0
     extra = _status("VmHWM") - before
     if op == "prune" and sum(m.numel() - int(torch.count_nonzero(m)) for m in state.values()) != round(0.7 * numel):
@@ -207,6 +211,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10M and 100M only")
     parser.add_argument("--only", choices=["single", "fsdp"], default=None)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="rerun these sizes only (others kept)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, help="rerun these updates only (others kept)")
     parser.add_argument("--child", nargs=2, metavar=("OP", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
     args = parser.parse_args()
@@ -219,9 +224,10 @@ def main() -> None:
     if out_path.exists():  # keep the part not rerun
         results.update({k: v for k, v in json.loads(out_path.read_text()).items() if k in ("single", "fsdp")})
     if args.only in (None, "single"):
-        results["single"] = [r for r in results["single"] if r.get("size") not in sizes]
+        ops = args.ops or OPS
+        results["single"] = [r for r in results["single"] if not (r.get("size") in sizes and r["op"] in ops)]
         for size in sizes:
-            for op in OPS:
+            for op in ops:
                 if op.startswith("prune (torch") and SIZES[size] > PEER_MAX:
                     continue
                 r = measure(op, SIZES[size], args.timeout)
