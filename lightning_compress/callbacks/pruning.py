@@ -46,9 +46,9 @@ class GradualPruning(_ReleasesModelOnException):
 
     The masks and the schedule position are in the callback's state: resuming from a checkpoint continues exactly,
     and fitting the same model again keeps its masks; the same callback given another model starts over.
-    Under DDP every rank computes the same masks from its (synchronized) weights. Under FSDP2
-    (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``) each rank holds and applies the masks of its
-    rows, ranked across the ranks to the same masks as one process computes (``_pruning_sharded``).
+    Under DDP every rank computes the same masks from its (synchronized) weights. Under FSDP2 (``ModelParallelStrategy``,
+    ``fully_shard`` in ``configure_model``) each rank holds and applies the masks of its rows, ranked across the ranks
+    to the same masks as one process computes (``_pruning_sharded``). FSDP1 and DeepSpeed are refused in ``setup``.
 
     Args:
         final_sparsity: fraction of weights (or units, in ``structured`` mode) pruned at the end, in [0, 1).
@@ -93,6 +93,8 @@ class GradualPruning(_ReleasesModelOnException):
         >>> pruning = GradualPruning(final_sparsity=0.9, start_epoch=1, end_epoch=10, update_every=5)
         >>> trainer = Trainer(callbacks=[pruning], max_epochs=20, logger=False)
     """
+
+    _sharding_refusal, _sharding_support = "its masks follow FSDP2 (DTensor) row shards only", ("ModelParallelStrategy",)
 
     def __init__(
         self,
@@ -183,9 +185,8 @@ class GradualPruning(_ReleasesModelOnException):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            mode=self.mode, final_sparsity=self.final_sparsity, targets=self.targets, exclude=self.exclude
-        )
+        return self._generate_state_key(mode=self.mode, final_sparsity=self.final_sparsity, targets=self.targets,
+                                        exclude=self.exclude)
 
     # -- setup -------------------------------------------------------------------------------------
     @override
@@ -271,8 +272,7 @@ class GradualPruning(_ReleasesModelOnException):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # sharded: the callback keeps whole masks (and movement scores) once the fit's shards are gone
-        self._masks = _pruning_sharded.full_masks(self._masks, self._weights)
+        self._masks = _pruning_sharded.full_masks(self._masks, self._weights)  # sharded: keep whole masks after fit
         self._stats.sums = self._stats.full(self._weights)
 
     @override

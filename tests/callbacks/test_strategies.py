@@ -19,8 +19,10 @@ from torch.distributed.fsdp import fully_shard
 
 from lightning_compress import (
     CompressionMonitor,
+    GradualPruning,
     KnowledgeDistillation,
     LowRankFactorization,
+    QuantizationAwareTraining,
     SlimmableTraining,
     WeightSharing,
     _sharding,
@@ -81,6 +83,19 @@ def test_weight_sharing_shares_the_parameters_fully_shard_made(tmp_path: Path) -
         assert len(codebook) == 8
         assert torch.equal(torch.unique(weight[weight != 0]), codebook.sort().values)
         assert sharing.assignments[fqn].shape == weight.shape  # full after fit
+
+
+def test_pruning_and_qat_compress_the_parameters_fully_shard_made(tmp_path: Path) -> None:
+    pruning = GradualPruning(final_sparsity=0.8, start_step=0, end_step=4, update_every=2, targets=["net.1", "net.3"])
+    qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, targets=["net.5"], start_step=1)
+    _, model = _fit(tmp_path, [pruning, qat])
+    params = dict(model.named_parameters())
+    assert _sharding.sharded_parameters(model)
+    pruned = [params[fqn].full_tensor().detach() for fqn in pruning.masks]
+    zeros = sum(int((w == 0).sum()) for w in pruned) / sum(w.numel() for w in pruned)
+    assert zeros >= 0.8 - 1e-3, zeros  # was 0.0: the masks went to the parameters fully_shard replaced
+    assert pruning.current_sparsity() == pytest.approx(zeros, abs=1e-3)
+    assert type(model.net[5]).__name__.startswith("Int8"), type(model.net[5])  # converted at fit end
 
 
 def test_weight_sharing_refuses_export_under_model_parallel(tmp_path: Path) -> None:
