@@ -132,13 +132,16 @@ def child(op: str, n: int, warm: bool = True) -> dict:
         state = [uniform_qparams(p, 8, True, per_channel) for p in params.values()]
         seconds = time.perf_counter() - t0
     elif op == "weight sharing (callback state)":
+        from lightning.pytorch import Trainer
+
         from lightning_compress import WeightSharing
 
         module = torch.nn.Sequential(*[torch.nn.Linear(COLS, p.shape[0], bias=False) for p in params.values()])
         for layer, p in zip(module, params.values(), strict=True):
             layer.weight = p.requires_grad_()
         sharing = WeightSharing(bits=4)
-        sharing.setup(None, module, "fit")  # trainer only read with export_path
+        trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+        sharing.setup(trainer, module, "fit")  # targets every Linear, as a fit would
         before = _reset_peak()
         t0 = time.perf_counter()
         sharing.cluster()
