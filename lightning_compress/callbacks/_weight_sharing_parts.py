@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lightning_compress import _sharding
+from lightning_compress.functional import weight_sharing as kmeans
 
 __all__ = ["Ties", "check_pruning_order", "to_assignments", "to_codes"]
 
@@ -80,6 +81,16 @@ class Ties:
     def members(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat positions of the assigned entries and their codebook indices (int64), derived now (one layer's)."""
         return _members(self._codes)
+
+    def expand_(self, out: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """:func:`~lightning_compress.functional.weight_sharing.expand_` into a contiguous ``out`` from the codes:
+        ``uint8`` codes look up a 256-entry table (zero at the unassigned ``255``), no positions needed."""
+        if self._codes.dtype != torch.uint8:
+            return kmeans.expand_(out, codebook, *self.members)
+        table = torch.zeros(256, dtype=out.dtype, device=out.device)
+        table[: len(codebook)] = codebook.to(out.dtype)
+        out.view(-1).copy_(table.take(self._codes.reshape(-1).long()))  # long: uint8 indices act as a mask
+        return out
 
     def codebook(self, piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The current value of each cluster's representative (the same on every rank)."""

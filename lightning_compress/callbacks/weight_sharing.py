@@ -356,7 +356,7 @@ class WeightSharing(_ReleasesModelOnException):
     def _tie(self, fqn: str, weight: torch.Tensor, codebook: torch.Tensor) -> None:
         """Set ``weight`` (a local piece) to ``codebook`` expanded by the assignments (zeros where unassigned)."""
         if weight.is_contiguous():
-            kmeans.expand_(weight, codebook, *self._ties[fqn].members)
+            self._ties[fqn].expand_(weight, codebook)
         else:
             weight.copy_(kmeans.expand(codebook, parts.to_assignments(self._assignments[fqn])))
 

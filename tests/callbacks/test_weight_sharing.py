@@ -351,3 +351,17 @@ def test_state_holds_codes_and_old_checkpoints_resume_alike(tmp_path: Path, make
         finals.append(model.state_dict())
     for key, value in finals[0].items():
         assert torch.equal(finals[1][key], value), key
+
+
+@pytest.mark.parametrize("k", [3, 256])
+def test_ties_expand_matches_functional_expand(k: int) -> None:
+    """The table lookup on uint8 codes (and the members path on int16 ones) writes exactly `kmeans.expand`."""
+    from lightning_compress.callbacks._weight_sharing_parts import Ties, to_codes
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.arange(k), torch.randint(-1, k, (1050 - k,), generator=g)]).reshape(-1, 7)
+    codebook = torch.randn(k, generator=g, dtype=torch.float64)
+    codes = to_codes(a, k)
+    assert codes.dtype == (torch.uint8 if k < 256 else torch.int16)
+    out = Ties(codes, k, codes).expand_(torch.full(a.shape, 9.0), codebook)
+    assert torch.equal(out, kmeans.expand(codebook.float(), a))
