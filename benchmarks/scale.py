@@ -23,7 +23,11 @@ resident): the CPU tensors' memory is then what is live, which the peak measures
 - ``weight sharing``: WeightSharing's assignment of every weight to its nearest of 16 centroids
   (``functional.weight_sharing.assign``, int64 indices), assignments of every tensor kept as the callback keeps them;
 - ``weight sharing (uint8 codes)``: the same assignment by ``functional.weight_sharing.assign_codes`` (chunked,
-  ``uint8`` codes: 1 byte per value), which the callback does not use yet.
+  ``uint8`` codes: 1 byte per value);
+- ``weight sharing (callback state)``: the callback itself, ``WeightSharing(bits=4).cluster()`` after its
+  ``setup`` on a module of these weights: 1-D k-means per layer (its sort of the layer's non-zeros in float64 and
+  int64 labels are transient, one layer at a time), the weights tied, and the state it then holds for training
+  (``uint8`` codes per weight, 1 byte per parameter; ``state_bytes_per_param`` in the JSON).
 
 ``--only fsdp``: 2 gloo processes, the same 100M weights as ``DTensor`` row shards (``Shard(0)``, as ``fully_shard``
 makes): per rank, the mask update through the same path (histograms and tie counts all-reduced) against the
@@ -53,7 +57,7 @@ ROOT = Path(__file__).resolve().parent
 COLS = 4096
 SIZES = {"10M": 10_000_000, "100M": 100_000_000, "1B": 1_000_000_000}
 OPS = ["prune", "prune (torch.nn.utils.prune)", "qat per-channel", "qat per-tensor", "weight sharing",
-       "weight sharing (uint8 codes)"]
+       "weight sharing (uint8 codes)", "weight sharing (callback state)"]
 PEER_MAX = 100_000_000  # the peer concatenates every score: 1B would need > 8 GB more
 
 
@@ -127,6 +131,24 @@ def child(op: str, n: int, warm: bool = True) -> dict:
         t0 = time.perf_counter()
         state = [uniform_qparams(p, 8, True, per_channel) for p in params.values()]
         seconds = time.perf_counter() - t0
+    elif op == "weight sharing (callback state)":
+        from lightning.pytorch import Trainer
+
+        from lightning_compress import WeightSharing
+
+        module = torch.nn.Sequential(*[torch.nn.Linear(COLS, p.shape[0], bias=False) for p in params.values()])
+        for layer, p in zip(module, params.values(), strict=True):
+            layer.weight = p.requires_grad_()
+        sharing = WeightSharing(bits=4)
+        trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+        sharing.setup(trainer, module, "fit")  # targets every Linear, as a fit would
+        before = _reset_peak()
+        t0 = time.perf_counter()
+        sharing.cluster()
+        seconds = time.perf_counter() - t0
+        held = sum(a.numel() * a.element_size() for a in sharing._assignments.values())
+        held += sum(t.rep.numel() * 8 for t in sharing._ties.values())
+        state = sharing
     else:
         from lightning_compress.functional.weight_sharing import assign, assign_codes
 
@@ -140,7 +162,8 @@ def child(op: str, n: int, warm: bool = True) -> dict:
     if op == "prune" and sum(m.numel() - int(torch.count_nonzero(m)) for m in state.values()) != round(0.7 * numel):
         raise RuntimeError("the update did not prune exactly 70 %")
     del state
-    return {"op": op, "params": numel, "seconds": seconds, "extra_bytes": extra, "bytes_per_param": extra / numel}
+    out = {"op": op, "params": numel, "seconds": seconds, "extra_bytes": extra, "bytes_per_param": extra / numel}
+    return out if op != "weight sharing (callback state)" else {**out, "state_bytes_per_param": held / numel}
 
 
 def fsdp_worker(rank: int, n: int, port: int, queue: object) -> None:

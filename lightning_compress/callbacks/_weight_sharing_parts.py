@@ -23,21 +23,45 @@ import torch
 from lightning_compress import _sharding
 from lightning_compress.functional import weight_sharing as kmeans
 
-__all__ = ["Ties", "check_pruning_order"]
+__all__ = ["Ties", "check_pruning_order", "to_assignments", "to_codes"]
+
+
+def to_codes(assignments: torch.Tensor, k: int) -> torch.Tensor:
+    """Compact codes of integer ``assignments`` (``-1``: unassigned) for a codebook of ``k`` values: ``uint8`` with
+    ``255`` for unassigned when ``k <= 255``, else ``int16`` with ``-1``. Codes are returned unchanged."""
+    if assignments.dtype == torch.uint8 or k > 255:
+        return assignments if assignments.dtype == torch.uint8 else assignments.to(torch.int16)
+    codes = assignments.to(torch.uint8)
+    codes[assignments < 0] = 255
+    return codes
+
+
+def to_assignments(codes: torch.Tensor) -> torch.Tensor:
+    """The int64 assignments (``-1``: unassigned) of :func:`to_codes`' ``codes``."""
+    a = codes.long()
+    if codes.dtype == torch.uint8:
+        a[codes == 255] = -1
+    return a
+
+
+def _members(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~lightning_compress.functional.weight_sharing.members` of codes (int64 positions and labels)."""
+    flat = codes.reshape(-1)
+    positions = torch.nonzero(flat != (255 if codes.dtype == torch.uint8 else -1), as_tuple=True)[0]
+    return positions, flat[positions].long()  # never index with uint8 codes: torch reads them as a mask
 
 
 class Ties:
-    """Lookups derived from one weight's ``assignments`` (its local piece's, under sharding; ``like``: the
-    parameter): the assigned positions and labels, and the representative of each of the ``k`` clusters."""
+    """Lookups derived from one weight's ``codes`` (:func:`to_codes`; its local piece's, under sharding; ``like``:
+    the parameter): the representative of each of the ``k`` clusters, and the assigned positions and labels."""
 
-    def __init__(self, assignments: torch.Tensor, k: int, like: torch.Tensor) -> None:
-        self.members = kmeans.members(assignments)
-        a = assignments.reshape(-1)
-        n = a.numel()
-        positions = torch.arange(n, device=a.device)
-        member = a >= 0
-        rep = torch.full((k,), n, dtype=torch.int64, device=a.device)
-        rep.scatter_reduce_(0, a[member], positions[member], reduce="amin")
+    def __init__(self, codes: torch.Tensor, k: int, like: torch.Tensor) -> None:
+        self._codes = codes
+        n = codes.numel()
+        positions, labels = self.members
+        rep = torch.full((k,), n, dtype=torch.int64, device=codes.device)
+        rep.scatter_reduce_(0, labels, positions, reduce="amin")
+        del positions, labels
         sharded = _sharding.group_of(like) is not None
         if sharded:  # the first member over all pieces: global flat index = first row of the piece * row size + i
             total = like.numel()
@@ -52,6 +76,21 @@ class Ties:
         if missing:
             raise ValueError("WeightSharing: a codebook value has no member (corrupted assignments)")
         self.rep = rep.clamp(max=max(0, n - 1))
+
+    @property
+    def members(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat positions of the assigned entries and their codebook indices (int64), derived now (one layer's)."""
+        return _members(self._codes)
+
+    def expand_(self, out: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """:func:`~lightning_compress.functional.weight_sharing.expand_` into a contiguous ``out`` from the codes:
+        ``uint8`` codes look up a 256-entry table (zero at the unassigned ``255``), no positions needed."""
+        if self._codes.dtype != torch.uint8:
+            return kmeans.expand_(out, codebook, *self.members)
+        table = torch.zeros(256, dtype=out.dtype, device=out.device)
+        table[: len(codebook)] = codebook.to(out.dtype)
+        out.view(-1).copy_(table.take(self._codes.reshape(-1).long()))  # long: uint8 indices act as a mask
+        return out
 
     def codebook(self, piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The current value of each cluster's representative (the same on every rank)."""

@@ -16,10 +16,10 @@ from typing_extensions import override
 
 from lightning_compress import _sharding, claims
 from lightning_compress._validation import check_choice, check_number, check_state_version
+from lightning_compress.callbacks import _weight_sharing_parts as parts
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.callbacks._strategies import resolve_parameters, sharding_strategy
-from lightning_compress.callbacks._weight_sharing_parts import Ties, check_pruning_order
 from lightning_compress.export.lcdc import CompressionReport, save_compressed
 from lightning_compress.functional import weight_sharing as kmeans
 from lightning_compress.schedules import check_starts_in_run, resolve_window, validate_window
@@ -30,7 +30,7 @@ __all__ = ["WeightSharing"]
 log = logging.getLogger(__name__)
 
 _TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-_VERSION = 1
+_VERSION = 2  # 2: assignments saved as codes (uint8, 255 unassigned; int16 for 256 values)
 _MAX_BITS = 8
 _COUNTER = itertools.count(1)
 
@@ -145,8 +145,7 @@ class WeightSharing(_ReleasesModelOnException):
         self.verbose = verbose
         self._owner = f"WeightSharing#{next(_COUNTER)}"
         self._codebooks: dict[str, torch.Tensor] = {}  # weight fqn -> shared values (sorted at clustering)
-        # weight fqn -> codebook index per entry, -1 for zeros
-        self._assignments: dict[str, torch.Tensor] = {}
+        self._assignments: dict[str, torch.Tensor] = {}  # fqn -> codes per entry (parts.to_codes)
         self._shared_step = -1  # optimizer step at which the weights were clustered (-1: not yet)
         self.report: CompressionReport | None = None  # of the last export
         self._reset_runtime()
@@ -156,7 +155,7 @@ class WeightSharing(_ReleasesModelOnException):
         self._layer_bits: dict[str, int] = {}
         self._start: int | None = None
         self._pieces: set[str] = set()  # weights whose assignments are this rank's piece (sharded)
-        self._ties: dict[str, Ties] = {}  # weight fqn -> members and one representative per cluster (local piece)
+        self._ties: dict[str, parts.Ties] = {}  # weight fqn -> members and one representative per cluster (local piece)
         self._step_hooks = AfterOptimizerStep(self._retie_if_shared)
 
     @property
@@ -178,7 +177,7 @@ class WeightSharing(_ReleasesModelOnException):
     def assignments(self) -> dict[str, torch.Tensor]:
         """Codebook index of every entry per weight (``-1`` for zeros); empty before sharing. Sharded (FSDP2): this
         rank's rows during fit, the full tensor after it."""
-        return {fqn: a.clone() for fqn, a in self._assignments.items()}
+        return {fqn: parts.to_assignments(a) for fqn, a in self._assignments.items()}
 
     # -- setup -------------------------------------------------------------------------------------
     @override
@@ -226,7 +225,7 @@ class WeightSharing(_ReleasesModelOnException):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._weights = resolve_parameters(pl_module, list(self._weights), "WeightSharing")  # after configure_model
         self._start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None)
-        check_pruning_order(trainer, list(self._weights), self._start)
+        parts.check_pruning_order(trainer, list(self._weights), self._start)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -248,7 +247,7 @@ class WeightSharing(_ReleasesModelOnException):
                         f"WeightSharing: assignments of {fqn!r} have shape {tuple(a.shape)}, the weight "
                         f"has {tuple(weight.shape)}"
                     )
-                self._assignments[fqn] = _sharding.local_like(a, weight).to(torch.int64)  # this rank's piece
+                self._assignments[fqn] = _sharding.local_like(a, weight)  # this rank's piece
                 self._pieces |= {fqn} if _sharding.is_sharded(weight) else set()
                 self._codebooks[fqn] = self._codebooks[fqn].to(_sharding.local(weight).device, weight.dtype)
                 self._index(fqn)
@@ -278,7 +277,8 @@ class WeightSharing(_ReleasesModelOnException):
                 if grad.is_contiguous():  # the usual case: touch only the members (cluster sums over all shards)
                     kmeans.tie_gradient_(grad, *self._ties[fqn].members, k, self.reduce, like=weight)
                 elif not _sharding.is_sharded(weight):
-                    grad.copy_(kmeans.cluster_gradient(grad, self._assignments[fqn], k, self.reduce))
+                    a = parts.to_assignments(self._assignments[fqn])
+                    grad.copy_(kmeans.cluster_gradient(grad, a, k, self.reduce))
                 else:
                     tied = grad.contiguous()
                     grad.copy_(kmeans.tie_gradient_(tied, *self._ties[fqn].members, k, self.reduce, like=weight))
@@ -319,16 +319,16 @@ class WeightSharing(_ReleasesModelOnException):
         plan, pieces = {}, {}  # sharded weights: statistics reduced over the shards, assignments of the local piece
         for fqn, weight in self._weights.items():
             piece = _sharding.local(weight)
-            codebook, a = kmeans.share(piece, self._layer_bits[fqn], self.init, self.max_iter, generator, weight)
-            small = a.to(torch.int16 if len(codebook) < 2**15 else torch.int64).cpu()
-            (pieces if _sharding.is_sharded(weight) else plan)[fqn] = (codebook.cpu(), small)
+            codebook, codes = kmeans.share(piece, self._layer_bits[fqn], self.init, self.max_iter, generator, weight)
+            codes = parts.to_codes(codes, len(codebook)).cpu()  # the int64 assignments live for one layer only
+            (pieces if _sharding.is_sharded(weight) else plan)[fqn] = (codebook.cpu(), codes)
         if trainer is not None:
             plan = trainer.strategy.broadcast(plan, src=0)  # one decision for every process
         for fqn, (codebook, a) in {**plan, **pieces}.items():
             weight = self._weights[fqn]
             piece = _sharding.local(weight)
             self._codebooks[fqn] = codebook.to(piece.device, weight.dtype)
-            self._assignments[fqn] = a.to(piece.device, torch.int64)
+            self._assignments[fqn] = a.to(piece.device)
             self._pieces |= {fqn} if fqn in pieces else set()
             self._index(fqn)
             self._tie(fqn, piece, self._codebooks[fqn])
@@ -351,14 +351,14 @@ class WeightSharing(_ReleasesModelOnException):
 
     def _index(self, fqn: str) -> None:
         """Derive the per-step lookups of ``fqn`` from its assignments: one member per cluster, all members."""
-        self._ties[fqn] = Ties(self._assignments[fqn], len(self._codebooks[fqn]), self._weights[fqn])
+        self._ties[fqn] = parts.Ties(self._assignments[fqn], len(self._codebooks[fqn]), self._weights[fqn])
 
     def _tie(self, fqn: str, weight: torch.Tensor, codebook: torch.Tensor) -> None:
         """Set ``weight`` (a local piece) to ``codebook`` expanded by the assignments (zeros where unassigned)."""
         if weight.is_contiguous():
-            kmeans.expand_(weight, codebook, *self._ties[fqn].members)
+            self._ties[fqn].expand_(weight, codebook)
         else:
-            weight.copy_(kmeans.expand(codebook, self._assignments[fqn]))
+            weight.copy_(kmeans.expand(codebook, parts.to_assignments(self._assignments[fqn])))
 
     def _retie_if_shared(self, params: set[int]) -> None:
         if self.shared:
@@ -379,18 +379,18 @@ class WeightSharing(_ReleasesModelOnException):
         return {
             "version": _VERSION,
             "codebooks": {fqn: cb.detach().cpu().clone() for fqn, cb in self._codebooks.items()},
-            "assignments": {  # full and the same on every rank (a collective gather of sharded ones)
-                fqn: self._full(fqn, a).cpu().to(torch.int16 if len(self._codebooks[fqn]) < 2**15 else torch.int64)
-                for fqn, a in self._assignments.items()
+            "assignments": {  # codes, full and the same on every rank (a collective gather of sharded ones)
+                fqn: self._full(fqn, a).cpu() for fqn, a in self._assignments.items()
             },
             "shared_step": self._shared_step,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_version(state_dict, _VERSION, "WeightSharing")
+        check_state_version(state_dict, _VERSION, "WeightSharing")  # versions 0 and 1: int with -1 unassigned
         self._codebooks = {fqn: cb.clone() for fqn, cb in state_dict.get("codebooks", {}).items()}
-        self._assignments = {fqn: a.long() for fqn, a in state_dict.get("assignments", {}).items()}
+        sizes = {fqn: len(self._codebooks.get(fqn, range(256))) for fqn in state_dict.get("assignments", {})}
+        self._assignments = {f: parts.to_codes(a, sizes[f]) for f, a in state_dict.get("assignments", {}).items()}
         self._shared_step = int(state_dict.get("shared_step", -1))
 
     def _full(self, fqn: str, assignments: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_checkpoint_loads_strict_and_export_is_exact(tmp_path: Path, make_traine
     fresh = TinyModule()
     fresh.load_state_dict(saved["state_dict"], strict=True)  # plain weights, no extra keys
     state = saved["callbacks"][sharing.state_key]
-    assert state["version"] == 1 and state["shared_step"] == 8 and set(state["assignments"]) == set(WEIGHTS)
+    assert state["version"] == 2 and state["shared_step"] == 8 and set(state["assignments"]) == set(WEIGHTS)
     reloaded = TinyModule()
     load_compressed(export, reloaded)
     for name, value in model.state_dict().items():
@@ -307,3 +307,61 @@ def test_a_failed_fit_releases_the_weights(make_trainer) -> None:
     sharing = WeightSharing(bits=2, start_step=1, verbose=False)
     make_trainer(callbacks=[sharing], max_epochs=1, limit_train_batches=3).fit(model)
     assert sharing.shared and all(len(cb) <= 4 for cb in sharing.codebooks.values())
+
+
+def test_codes_round_trip_and_members() -> None:
+    """Compact codes: uint8 with 255 unassigned up to 255 values, int16 with -1 for 256; members as int64."""
+    from lightning_compress.callbacks._weight_sharing_parts import Ties, to_assignments, to_codes
+
+    a = torch.tensor([[-1, 254], [0, -1]])
+    codes = to_codes(a, 255)
+    assert codes.dtype == torch.uint8 and codes.tolist() == [[255, 254], [0, 255]]
+    assert torch.equal(to_assignments(codes), a) and to_codes(codes, 255) is codes
+    wide = to_codes(torch.tensor([-1, 255, 0]), 256)
+    assert wide.dtype == torch.int16 and to_assignments(wide).tolist() == [-1, 255, 0]
+    small = to_codes(torch.tensor([[-1, 1], [0, -1], [1, 1]]), 2)
+    positions, labels = Ties(small, 2, small).members
+    assert positions.dtype == labels.dtype == torch.int64  # uint8 indices would be read as a mask
+    assert (positions.tolist(), labels.tolist()) == ([1, 2, 4, 5], [1, 0, 1, 1])
+
+
+def test_state_holds_codes_and_old_checkpoints_resume_alike(tmp_path: Path, make_trainer) -> None:
+    """One byte per weight held and saved; a version-1 state (int64, -1 unassigned) resumes to the same weights."""
+    seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    pruning = GradualPruning(final_sparsity=0.5, start_step=0, end_step=2)
+    sharing = WeightSharing(bits=3, start_epoch=1)
+    make_trainer(callbacks=[pruning, sharing, ckpt], max_epochs=2, enable_checkpointing=True).fit(TinyModule())
+    assert all(a.dtype == torch.uint8 for a in sharing._assignments.values())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = saved["callbacks"][sharing.state_key]
+    old = {**state, "version": 1, "assignments": dict(sharing.assignments)}  # int64, -1 for pruned weights
+    assert any(bool((a < 0).any()) for a in old["assignments"].values())
+    saved["callbacks"][sharing.state_key] = old
+    torch.save(saved, tmp_path / "old.ckpt")
+    finals = []
+    for name in ("last.ckpt", "old.ckpt"):
+        seed_everything(0)
+        model = TinyModule()
+        again = WeightSharing(bits=3, start_epoch=1)
+        resumed = GradualPruning(final_sparsity=0.5, start_step=0, end_step=2)
+        make_trainer(callbacks=[resumed, again], max_epochs=3).fit(model, ckpt_path=str(tmp_path / name))
+        assert all(torch.equal(again.assignments[f], sharing.assignments[f]) for f in WEIGHTS)
+        assert all(a.dtype == torch.uint8 for a in again._assignments.values())  # converted on load
+        finals.append(model.state_dict())
+    for key, value in finals[0].items():
+        assert torch.equal(finals[1][key], value), key
+
+
+@pytest.mark.parametrize("k", [3, 256])
+def test_ties_expand_matches_functional_expand(k: int) -> None:
+    """The table lookup on uint8 codes (and the members path on int16 ones) writes exactly `kmeans.expand`."""
+    from lightning_compress.callbacks._weight_sharing_parts import Ties, to_codes
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.arange(k), torch.randint(-1, k, (1050 - k,), generator=g)]).reshape(-1, 7)
+    codebook = torch.randn(k, generator=g, dtype=torch.float64)
+    codes = to_codes(a, k)
+    assert codes.dtype == (torch.uint8 if k < 256 else torch.int16)
+    out = Ties(codes, k, codes).expand_(torch.full(a.shape, 9.0), codebook)
+    assert torch.equal(out, kmeans.expand(codebook.float(), a))
