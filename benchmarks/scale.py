@@ -21,7 +21,7 @@ resident): the CPU tensors' memory is then what is live, which the peak measures
 - ``qat per-channel`` / ``qat per-tensor``: QuantizationAwareTraining's weight observer update for 8-bit
   symmetric weights (``functional.quantization.uniform_qparams``: min/max per output channel or per tensor);
 - ``weight sharing``: WeightSharing's assignment of every weight to its nearest of 16 centroids
-  (``functional.weight_sharing.assign``, int64 indices), assignments of every tensor kept as the callback keeps them;
+  (``functional.weight_sharing.assign``, int64 indices), the assignments of every tensor kept;
 - ``weight sharing (uint8 codes)``: the same assignment by ``functional.weight_sharing.assign_codes`` (chunked,
   ``uint8`` codes: 1 byte per value);
 - ``weight sharing (callback state)``: the callback itself, ``WeightSharing(bits=4).cluster()`` after its
