@@ -425,13 +425,18 @@ def ddp_runs(workdir: Path) -> Path:
 @pytest.mark.ddp
 @pytest.mark.slow
 @pytest.mark.parametrize("run", _run_params("ddp"))
-def test_ddp_state_identical_on_both_ranks_and_logged_once(run: Any, ddp_runs: Path) -> None:
+def test_ddp_state_identical_on_both_ranks_and_logged_once(run: Any, ddp_runs: Path, straight: Any) -> None:
     name = run if isinstance(run, str) else run.name
     r0, r1 = (torch.load(ddp_runs / f"{name}-rank{r}.pt", weights_only=False) for r in (0, 1))
     assert (r0["verified"], r1["verified"]) == (None, None), "a target was not reached"  # before any comparison
     assert r0["state"], "the run reads no state"
     _same(r0["state"], r1["state"])
     _same(r0["model"], r1["model"])
+    expected = straight(name)  # each rank saw half of every one-process batch: the same run as one process
+    logged = "monitor/last_logged_step"
+    _close({k: v for k, v in r0["state"].items() if k != logged},
+           {k: v for k, v in expected["state"].items() if k != logged}, "DDP state vs one process")
+    _close(r0["model"], expected["model"], "DDP weights vs one process")
     calls = [json.loads((ddp_runs / f"{name}-rank{r}.json").read_text()) for r in (0, 1)]
     direct = ("compression/", "lowrank/")  # keys the callbacks hand to the loggers themselves
     assert not [keys for _, keys in calls[1] if any(k.startswith(direct) for k in keys)], "logged from rank 1"

@@ -25,7 +25,7 @@ from lightning_compress.export.quantization import (
     convert,
     serialized_size,
 )
-from lightning_compress.layers._quant_sharded import attach_input_groups, check_strategy
+from lightning_compress.layers._quant_sharded import attach_input_groups, check_strategy, detach_input_groups
 from lightning_compress.layers.quantization import (
     ActivationFakeQuantize,
     QuantConfig,
@@ -210,11 +210,13 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         claims.release(pl_module, self.state_key)
+        detach_input_groups(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after `configure_model`: under FSDP2 the prepared layers may now hold row-sharded DTensor parameters
-        self._sharded = attach_input_groups(pl_module, "QuantizationAwareTraining") > 0 or any(
+        # after `configure_model`: under FSDP2 the prepared layers may now hold row-sharded DTensor parameters; input
+        # ranges are reduced over the processes that each see part of a batch (DDP too)
+        self._sharded = attach_input_groups(pl_module, "QuantizationAwareTraining", trainer.world_size > 1) > 0 or any(
             is_sharded(pl_module.get_submodule(n).weight) for n in self._layers if is_qat_module(pl_module.get_submodule(n)))
 
     @override

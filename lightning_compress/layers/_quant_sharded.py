@@ -162,28 +162,42 @@ def observe_weights(model: nn.Module, uninitialized_only: bool = False) -> int:
     return count
 
 
-def attach_input_groups(model: nn.Module, owner: str) -> int:
+def attach_input_groups(model: nn.Module, owner: str, data_parallel: bool = False) -> int:
     """Let each input quantizer of a sharded fake-quantized layer of ``model`` reduce its observed range over the
-    processes its layer is sharded over; returns how many. Raises ``ValueError`` (naming ``owner``) for a layout
-    other than row sharding."""
+    processes its layer is sharded over, and with ``data_parallel`` (DDP: every process sees part of each batch)
+    every other input quantizer over all processes, so that the range is the one a single process observes on the
+    whole batch. Returns how many sharded layers there are. Raises ``ValueError`` (naming ``owner``) for a layout
+    other than row sharding. :func:`detach_input_groups` undoes it."""
     from lightning_compress.layers.quantization import is_qat_module
 
     count = 0
+    world = data_parallel and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for name, layer in model.named_modules():
-        if not is_qat_module(layer) or not sh.is_sharded(layer.weight):
+        if not is_qat_module(layer):
+            continue
+        if not sh.is_sharded(layer.weight):
+            if world and layer.input_quant is not None:
+                layer.input_quant.__dict__[_GROUP_KEY] = dist.group.WORLD
             continue
         sh.check_supported(layer.weight, f"{name}.weight", owner)
         if layer.input_quant is not None:
             layer.input_quant.__dict__[_GROUP_KEY] = sh.group_of(layer.weight)
-            count += 1
+        count += 1
     return count
+
+
+def detach_input_groups(model: nn.Module) -> None:
+    """Input quantizers of ``model`` observe their own process's inputs again (after a fit: no collective in a
+    forward that one process may run alone)."""
+    for module in model.modules():
+        module.__dict__.pop(_GROUP_KEY, None)
 
 
 def reduce_input_range(quantizer: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)`` of one batch, reduced (min, max) over the processes ``quantizer`` was attached to by
     :func:`attach_input_groups` (unchanged otherwise)."""
     group: Any = quantizer.__dict__.get(_GROUP_KEY)
-    if group is None:
+    if group is None or not dist.is_initialized():
         return lo, hi
     both = torch.cat([-lo.reshape(1), hi.reshape(1)])  # one MAX all-reduce for both ends
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
