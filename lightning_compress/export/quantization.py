@@ -5,7 +5,7 @@
 
 - 8-bit uniform ``Linear`` and ``Conv2d`` (``groups=1``, zero padding) become :class:`Int8Linear` /
   :class:`Int8Conv2d`: int8 weights, inputs quantized to 8 bits (with the ranges observed in training, or per
-  row at run time for weight-only layers), products accumulated in int32 by ``torch._int_mm`` (oneDNN on CPU),
+  row at run time for weight-only layers), products accumulated in int32 by :func:`int8_matmul` (see below),
   rescaled to float once per output. Conv runs as im2col (``F.unfold``) + the same integer matmul.
 - every other layer (2-7 bits, power-of-two levels, other convs) becomes a :class:`PackedLinear` /
   :class:`PackedConv`: codes packed 2, 4 or 8 bits per weight plus per-channel scales; the forward unpacks,
@@ -14,14 +14,15 @@
   the int4 kernel); layers trained with dynamic per-token inputs quantize their inputs per row at run time.
 - a BatchNorm folded during training is folded into its conv for good and replaced by ``nn.Identity``.
 
-Choice of the int8 kernel (measured in ``benchmarks/quantization.py``, torch 2.13 CPU, 1 thread, 1024-wide MLP,
-batch 64): ``torch._int_mm`` runs the converted model 3-6x faster than fp32; ``torch.ao``'s dynamic quantized
-Linear is faster still on that MLP (1.3-1.8x over ours in the same runs: its fused fbgemm kernel quantizes
-activations inside the GEMM). We still use ``torch._int_mm`` because ``torch.ao.quantization`` warns that it is
-deprecated (and quantized tensor creation warns too), it needs quantized tensor types that ``torch.save`` ties to
-``torch.ao``, and its dynamic mode covers Linear only (conv needs its static flow with stubs in the user's model);
-``torch._int_mm`` raises no warning, works on plain int8 tensors and serves Linear and im2col convolutions alike. When ``torch.ao.quantization`` disappears nothing here changes. If ``torch._int_mm`` is missing
-or refuses a shape, :func:`int8_matmul` falls back to an exact int32 matmul: the same results, slower.
+Choice of the int8 kernel, by what the CPU has: ``torch._int_mm`` (oneDNN) where the CPU has VNNI or AMX int8
+instructions, and always on CUDA. Without them (AVX2-only x86 CPUs, many ARM servers) oneDNN's int8 GEMM is 20-30x
+slower than fp32 (measured here on an AVX2 AMD EPYC: 954 vs 43 ms for 1024x384 @ 384x1536, 1 thread), and the
+fused u8s8 kernels that are fast there (fbgemm, oneDNN ``qlinear``) saturate 16-bit pair sums with full-range
+8-bit inputs, so they are not exact. There :func:`int8_matmul` multiplies the integer codes in float32, in chunks
+of 1,024 along the inner dimension: every product and partial sum is an integer below 2^24, so the int32 result is
+exact, at fp32 speed (nothing faster is exact there; ONNX Runtime's u8u8 kernel via ``to_onnx`` is the fast path
+on such CPUs). :data:`INT8_BACKEND` names the CPU choice. ``torch.ao``'s dynamic quantized Linear is not used: it is
+deprecated, needs quantized tensor types that ``torch.save`` ties to ``torch.ao``, and covers Linear only.
 
 Example:
     >>> import torch
@@ -51,6 +52,7 @@ from torch import nn
 
 from lightning_compress._sharding import local
 from lightning_compress.export import low_bit
+from lightning_compress.export._int8_kernel import INT8_BACKEND, int8_matmul
 from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import pack_codes, unpack_codes
 from lightning_compress.functional.quantization import bn_factor
@@ -67,25 +69,6 @@ __all__ = [
     "int8_matmul",
     "serialized_size",
 ]
-
-INT8_BACKEND = "torch._int_mm" if hasattr(torch, "_int_mm") else "int32 matmul"
-
-
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ b`` of int8 matrices ``(M, K) @ (K, N)`` accumulated in int32.
-
-    Example:
-        >>> a = torch.tensor([[127, -128]], dtype=torch.int8); b = torch.tensor([[2], [1]], dtype=torch.int8)
-        >>> int8_matmul(a, b)
-        tensor([[126]], dtype=torch.int32)
-    """
-    if INT8_BACKEND == "torch._int_mm":
-        try:
-            return torch._int_mm(a, b)
-        except RuntimeError:  # pragma: no cover - shape/device the kernel does not take
-            pass
-    return a.to(torch.int32) @ b.to(torch.int32)
-
 
 def serialized_size(model: nn.Module) -> int:
     """Bytes of ``torch.save(model.state_dict())``: the size of the artefact as it would be written to disk."""

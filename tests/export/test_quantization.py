@@ -37,6 +37,22 @@ def test_int8_matmul_exact_at_the_extremes() -> None:
     assert int8_matmul(a, b)[0, 0].item() == 515 * 128 * 128
 
 
+def test_float_kernel_is_exact_past_the_float32_integer_limit() -> None:
+    # the kernel of CPUs without int8 dot-product instructions: 2,100 products of 127 * 127 sum to an odd integer
+    # past 2**24, which no float32 holds; chunking keeps every partial sum exact
+    from lightning_compress.export._int8_kernel import _float_int8_matmul
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, (9, 2100), generator=g, dtype=torch.int64).to(torch.int8)
+    b = torch.randint(-128, 128, (2100, 7), generator=g, dtype=torch.int64).to(torch.int8)
+    a[0], b[:, 0] = 127, 127
+    a[1], b[:, 1] = -128, -128
+    exact = a.to(torch.int64).matmul(b.to(torch.int64))
+    assert exact[0, 0].item() == 2100 * 127 * 127 > 2**24 and exact[1, 1].item() == 2100 * 128 * 128
+    assert torch.equal(_float_int8_matmul(a, b).to(torch.int64), exact)
+    assert (a.float() @ b.float())[0, 0].item() != exact[0, 0].item()  # what one float32 GEMM would give
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
 def test_int8_linear_matches_fake_quant(symmetric: bool, granularity: str) -> None:
