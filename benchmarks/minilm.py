@@ -100,6 +100,7 @@ def stored(model: nn.Module) -> tuple[int, int, int]:
 
 
 def fit(model: SentenceEncoder, dm: SentenceDataModule, steps: int, callbacks: list[Any]) -> None:
+    model.train()  # as the CLI trains it (dropout on); Lightning would keep a model passed in eval mode in eval mode
     quiet_trainer(3, callbacks, limit_train_batches=max(1, steps // 3), limit_val_batches=0).fit(model, dm)
 
 

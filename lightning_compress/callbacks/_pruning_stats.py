@@ -1,8 +1,9 @@
 """What a pruning criterion needs from training, gathered for :class:`~lightning_compress.GradualPruning`.
 
 - ``activation`` (Wanda, Sun et al. 2023): the squared L2 norm of every input channel of each pruned layer,
-  summed by forward pre-hooks over the training batches the model sees anyway (train mode, gradients on: no
-  extra data pass; validation and ``no_grad`` forwards are not counted), from the previous mask update (or the
+  summed by forward pre-hooks over the training batches the model sees anyway (forwards with gradients on: no
+  extra data pass; validation and ``no_grad`` forwards are not counted; the module's train/eval mode does not
+  matter, since Lightning trains a model passed in eval mode in eval mode), from the previous mask update (or the
   start of training) to the next. Each rank sums its own batches; the sums are added across DDP ranks through
   ``trainer.strategy.reduce`` when the masks are computed (and when a checkpoint is written), so every rank
   computes the same masks.
@@ -60,9 +61,26 @@ class CriterionStats:
         """Whether the scores can be negative (movement)."""
         return self.criterion == "movement"
 
-    def ready(self) -> bool:
-        """Whether masks can be computed: magnitude always, the others once a batch was seen."""
-        return self.criterion == "magnitude" or bool(self.sums) or bool(self.restored)
+    def ready(self, step: int) -> bool:
+        """Whether masks can be computed at ``step``: magnitude always, the others once a training batch was seen.
+
+        Raises:
+            RuntimeError: a later step is still without statistics: the pruned layers saw no training input with
+                gradients on (or no gradient), so the criterion cannot rank them; it never trains on unpruned.
+        """
+        if self.criterion == "magnitude" or self.sums or self.restored:
+            self._waiting_since = None
+            return True
+        since = getattr(self, "_waiting_since", None)
+        if since is not None and step > since:
+            what = "inputs (forward pre-hooks)" if self.criterion == "activation" else "gradients"
+            raise RuntimeError(
+                f"GradualPruning(criterion={self.criterion!r}) has gathered no {what} of the pruned layers from "
+                f"step {since} to step {step}: they are not run in `training_step` with gradients enabled. Use "
+                "criterion='magnitude' or make the targeted layers part of the training forward."
+            )
+        self._waiting_since = step if since is None else since
+        return False
 
     def attach(self, layers: dict[str, list[nn.Module]]) -> None:
         """Hook every layer's input (``activation``); ``layers`` maps a weight to the modules using it."""
@@ -75,7 +93,7 @@ class CriterionStats:
 
     def _hook(self, fqn: str, conv: bool) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not (module.training and torch.is_grad_enabled()):
+            if not torch.is_grad_enabled():
                 return
             x = args[0].detach()
             if conv:  # channels at dim 1 ((N, C, ...)), or dim 0 for an unbatched input

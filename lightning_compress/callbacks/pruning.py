@@ -330,7 +330,7 @@ class GradualPruning(_ReleasesModelOnException):
     def update_masks(self, step: int) -> None:
         """Recompute every mask for the sparsity scheduled at ``step`` and apply it to the weights (``activation``
         and ``movement``: an update due before any statistic was gathered waits for the next step)."""
-        self._deferred = not self._stats.ready()
+        self._deferred = not self._stats.ready(step)
         if self._deferred:
             return
         previous = {f: keep for f, w in self._weights.items() for p, keep in self._factors if p is w}  # 0/1 floats

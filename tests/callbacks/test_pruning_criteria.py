@@ -54,6 +54,34 @@ def test_activation_criterion_ranks_by_weight_times_input_norm_from_the_training
     assert not model.net[0]._forward_pre_hooks, "the input hooks were not removed"
 
 
+def test_activation_criterion_prunes_a_model_passed_to_fit_in_eval_mode(make_trainer) -> None:
+    # Lightning trains a module handed over in eval mode in eval mode; the input norms must still be gathered
+    # (before the fix the hooks skipped eval-mode modules and the masks were never computed: 0 % sparsity)
+    seed_everything(0)
+    model = TinyModule().eval()
+    pruning = GradualPruning(final_sparsity=0.5, start_step=2, end_step=2, schedule="one_shot", targets=["net.0"],
+                             criterion="activation")
+    make_trainer(callbacks=[pruning], max_steps=4).fit(model)
+    assert not model.training
+    assert float((model.net[0].weight == 0).float().mean()) == 0.5
+
+
+class SkipsNet0(TinyModule):
+    """Runs its first layer only outside training (with gradients off), so training never shows it an input."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = self.net[0](batch[0])
+        return self.net[1:](hidden).pow(2).mean()
+
+
+def test_activation_criterion_refuses_to_train_on_when_it_never_sees_an_input(make_trainer) -> None:
+    pruning = GradualPruning(final_sparsity=0.5, start_step=1, end_step=6, update_every=1, targets=["net.0"],
+                             criterion="activation")
+    with pytest.raises(RuntimeError, match=r"criterion='activation'.*no inputs.*from step 1 to step 2"):
+        make_trainer(callbacks=[pruning], max_steps=6).fit(SkipsNet0())
+
+
 def test_movement_criterion_ranks_by_accumulated_minus_weight_times_gradient(make_trainer) -> None:
     seed_everything(0)
     model = TinyModule()
