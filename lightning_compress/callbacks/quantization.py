@@ -25,7 +25,7 @@ from lightning_compress.export.quantization import (
     convert,
     serialized_size,
 )
-from lightning_compress.layers._quant_sharded import attach_input_groups, check_strategy, detach_input_groups
+from lightning_compress.layers._quant_sharded import attach_input_groups, check_tensor_parallel, detach_input_groups
 from lightning_compress.layers.quantization import (
     ActivationFakeQuantize,
     QuantConfig,
@@ -117,6 +117,8 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         ValueError: `scheme`='power_of_two' has levels +/- s*2^-k, symmetric around 0: set `symmetric`=True
     """
 
+    _sharding_refusal, _sharding_support = "its fake-quantizers follow FSDP2 (DTensor) row shards only", ("ModelParallelStrategy",)
+
     def __init__(
         self,
         weight_bits: int = 8,
@@ -174,7 +176,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     # -- prepare -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy, "QuantizationAwareTraining")
+        check_tensor_parallel(trainer.strategy, "QuantizationAwareTraining")
         if self._model_ref is None or self._model_ref() is not pl_module:
             if _is_converted(pl_module):  # e.g. `trainer.validate(convert_quantized(model))`: nothing to prepare
                 self._model_ref = weakref.ref(pl_module)

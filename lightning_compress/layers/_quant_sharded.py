@@ -41,7 +41,7 @@ from lightning_compress import _sharding as sh
 from lightning_compress.functional import formats as ff
 from lightning_compress.functional import quantization as qf
 
-__all__ = ["attach_input_groups", "check_strategy", "gathered", "observe_weight", "observe_weights", "reduce_input_range", "tensor_range"]
+__all__ = ["attach_input_groups", "check_tensor_parallel", "gathered", "observe_weight", "observe_weights", "reduce_input_range", "tensor_range"]
 
 _GROUP_KEY = "_lc_input_group"  # on an ActivationFakeQuantize's __dict__: the process group its inputs are split over
 
@@ -248,24 +248,23 @@ def gathered(layer: nn.Module) -> nn.Module:
     return new
 
 
-def check_strategy(strategy: Any, owner: str) -> None:
-    """Raise ``ValueError`` (naming ``owner`` and the strategy) for the sharded strategies fake-quantized layers are
-    not made for: FSDP1 (flat parameters), DeepSpeed, and tensor parallelism (weights split by columns or rows
-    outside FSDP2's all-gather). DDP, one process, and ``ModelParallelStrategy`` with ``tensor_parallel_size=1``
-    (FSDP2 by ``fully_shard``) pass."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+def check_tensor_parallel(strategy: Any, owner: str) -> None:
+    """Raise ``ValueError`` (naming ``owner``) under ``ModelParallelStrategy`` with tensor parallelism: weights split
+    by columns or rows outside FSDP2's all-gather, which fake-quantized layers are not made for. The other sharding
+    strategies (FSDP1, DeepSpeed) are refused by the callback's declared ``_sharding_refusal`` (see
+    :mod:`lightning_compress.callbacks._strategies`)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    tp = 1
-    if isinstance(strategy, ModelParallelStrategy):
-        try:
-            mesh = strategy.device_mesh
-        except RuntimeError:  # processes not started yet: nothing to check against
-            mesh = None
-        if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()):
-            tp = mesh["tensor_parallel"].size()
-    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)) or tp > 1:
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    try:
+        mesh = strategy.device_mesh
+    except RuntimeError:  # processes not started yet: nothing to check against
+        return
+    tp = mesh["tensor_parallel"].size() if "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+    if tp > 1:
         raise ValueError(
-            f"{owner} does not support strategy {type(strategy).__name__}"
-            + (f" with tensor_parallel_size={tp}" if tp > 1 else "")
-            + ": use DDP, or ModelParallelStrategy(tensor_parallel_size=1) with `fully_shard` (FSDP2) in configure_model"
+            f"{owner}: cannot run under ModelParallelStrategy with tensor_parallel_size={tp}: tensor parallelism "
+            "splits weights outside FSDP2's all-gather. Supported: a single device, DDP, "
+            "ModelParallelStrategy(tensor_parallel_size=1) with `fully_shard` (FSDP2) in configure_model"
         )

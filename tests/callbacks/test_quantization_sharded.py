@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from lightning_compress.functional import quantization as qf
 from lightning_compress.layers._quant_sharded import (
-    check_strategy,
+    check_tensor_parallel,
     gathered,
     observe_weights,
     reduce_input_range,
@@ -117,10 +117,5 @@ def test_gathered_and_reduce_input_range_pass_plain_layers_through() -> None:
 
 
 @pytest.mark.parametrize("strategy", [DDPStrategy(), ModelParallelStrategy(), "none"])
-def test_check_strategy_accepts_ddp_fsdp2_and_no_strategy(strategy: object) -> None:
-    check_strategy(None if strategy == "none" else strategy, "QuantizationAwareTraining")
-
-
-def test_check_strategy_refuses_fsdp1_naming_callback_and_strategy() -> None:
-    with pytest.raises(ValueError, match="QuantizationAwareTraining does not support strategy FSDPStrategy.*fully_shard"):
-        check_strategy(FSDPStrategy(), "QuantizationAwareTraining")
+def test_check_tensor_parallel_passes_ddp_fsdp2_and_no_strategy(strategy: object) -> None:
+    check_tensor_parallel(None if strategy == "none" else strategy, "QuantizationAwareTraining")

@@ -168,11 +168,13 @@ def test_sharding_strategies_are_named_and_refused_unless_supported() -> None:
     assert [sharding_strategy(s) for s in (ModelParallelStrategy(), FSDPStrategy(), deepspeed, DDPStrategy())] == [
         "ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy", None
     ]
-    for cls in (WeightSharing, KnowledgeDistillation, LowRankFactorization, SlimmableTraining):
+    every = (QuantizationAwareTraining, GradualPruning, WeightSharing, KnowledgeDistillation, LowRankFactorization,
+             SlimmableTraining)
+    for cls in every:
         for strategy in (FSDPStrategy(), deepspeed):
             with pytest.raises(ValueError, match=f"{cls.__name__}: cannot run under {type(strategy).__name__}"):
                 refuse_strategy(strategy, cls.__name__, cls._sharding_refusal, cls._sharding_support)
-    for cls in (WeightSharing, KnowledgeDistillation):
+    for cls in (QuantizationAwareTraining, GradualPruning, WeightSharing, KnowledgeDistillation):
         refuse_strategy(ModelParallelStrategy(), cls.__name__, cls._sharding_refusal, cls._sharding_support)
     refuse_strategy(DDPStrategy(), "X", "never")
 
