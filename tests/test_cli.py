@@ -59,27 +59,35 @@ def test_every_recipe_runs(recipe: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert (tmp_path / "lightning_logs").is_dir()
 
 
+# the user's own module and data, written to the folder the command runs from
+USER_MODULE = (
+    "import torch\n"
+    "from torch import nn\n"
+    "from torch.utils.data import DataLoader, TensorDataset\n"
+    "from lightning.pytorch import LightningModule, LightningDataModule\n"
+    "class MyModule(LightningModule):\n"
+    "    def __init__(self, width: int = 8, lr: float = 0.1):\n"
+    "        super().__init__()\n"
+    "        self.save_hyperparameters()\n"
+    "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))\n"
+    "    def training_step(self, batch, batch_idx):\n"
+    "        x, y = batch\n"
+    "        return nn.functional.cross_entropy(self.net(x), y)\n"
+    "    def configure_optimizers(self):\n"
+    "        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)\n"
+    "class MyData(LightningDataModule):\n"
+    "    def __init__(self, batch_size: int = 8, noise: float = 1.0):\n"
+    "        super().__init__()\n"
+    "        self.batch_size = batch_size\n"
+    "    def train_dataloader(self):\n"
+    "        g = torch.Generator().manual_seed(0)\n"
+    "        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)), batch_size=self.batch_size)\n"
+)
+
+
 def test_swap_in_user_model_and_data(tmp_path: Path) -> None:
     """--model/--data take the user's own classes by import path (here, a module written to tmp_path)."""
-    (tmp_path / "my_pkg.py").write_text(
-        "import torch\n"
-        "from torch import nn\n"
-        "from torch.utils.data import DataLoader, TensorDataset\n"
-        "from lightning.pytorch import LightningModule, LightningDataModule\n"
-        "class MyModule(LightningModule):\n"
-        "    def __init__(self, width: int = 8):\n"
-        "        super().__init__()\n"
-        "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))\n"
-        "    def training_step(self, batch, batch_idx):\n"
-        "        x, y = batch\n"
-        "        return nn.functional.cross_entropy(self.net(x), y)\n"
-        "    def configure_optimizers(self):\n"
-        "        return torch.optim.SGD(self.parameters(), lr=0.1)\n"
-        "class MyData(LightningDataModule):\n"
-        "    def train_dataloader(self):\n"
-        "        g = torch.Generator().manual_seed(0)\n"
-        "        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)), batch_size=8)\n"
-    )
+    (tmp_path / "my_pkg.py").write_text(USER_MODULE)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [
@@ -113,29 +121,7 @@ def test_own_model_imports_from_the_working_directory_and_recipe_model_settings_
     """As README shows it: the user's module sits in the folder the command runs from (no PYTHONPATH=.); the
     recipe's settings for the example model go to the user's class only where it takes them, and the command
     says which were applied and which were dropped."""
-    (tmp_path / "my_pkg.py").write_text(
-        "import torch\n"
-        "from torch import nn\n"
-        "from torch.utils.data import DataLoader, TensorDataset\n"
-        "from lightning.pytorch import LightningModule, LightningDataModule\n"
-        "class MyModule(LightningModule):\n"
-        "    def __init__(self, width: int = 8, lr: float = 0.1):\n"
-        "        super().__init__()\n"
-        "        self.save_hyperparameters()\n"
-        "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))\n"
-        "    def training_step(self, batch, batch_idx):\n"
-        "        x, y = batch\n"
-        "        return nn.functional.cross_entropy(self.net(x), y)\n"
-        "    def configure_optimizers(self):\n"
-        "        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)\n"
-        "class MyData(LightningDataModule):\n"
-        "    def __init__(self, batch_size: int = 8, noise: float = 1.0):\n"
-        "        super().__init__()\n"
-        "        self.batch_size = batch_size\n"
-        "    def train_dataloader(self):\n"
-        "        g = torch.Generator().manual_seed(0)\n"
-        "        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)), batch_size=self.batch_size)\n"
-    )
+    (tmp_path / "my_pkg.py").write_text(USER_MODULE)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     recipe = REPO_ROOT / "recipes" / "digits_baseline.yaml"  # model: hidden_sizes, lr; data: batch_size
     args = ["fit", "--config", str(recipe), "--model", "my_pkg.MyModule", "--data", "my_pkg.MyData"]
