@@ -16,7 +16,7 @@ there, their step windows scaled from the recipes' 120 steps to ``--steps``. Pee
 
 Reported per row: test cosine fidelity to the original's embeddings and top-1 nearest-neighbour agreement (mean and
 std over seeds), stored weight elements (and nonzero), bytes of ``torch.save(state_dict)``, and CPU latency of a
-batch of 32 sentences against the fp32 original measured in the same process (interleaved rounds, median). The
+batch of 32 sentences (seed 0's model) against the fp32 original measured in the same process (interleaved rounds, median). The
 machine is shared: read the ratios. Writes ``benchmarks/results/minilm.json`` and a plot ``minilm.png`` (fidelity
 against bytes) when matplotlib is installed.
 """
@@ -189,29 +189,31 @@ def main() -> None:
     base = SentenceEncoder(max_length=length).eval()
     batch = next(iter(dm.test_dataloader()))
     rows: list[dict[str, Any]] = []
-    finals: dict[str, nn.Module] = {"fp32 original": base}
     fid, ret = evaluate(base, dm)
     rows.append(dict(name="fp32 original", kind="reference", fidelity=[fid], retrieval=[ret]))
-    for name in [n for n in ORDER if not args.only or n in args.only]:
-        kind = "ours" if name in OURS else "peer"
-        row: dict[str, Any] = dict(name=name, kind=kind, fidelity=[], retrieval=[], seconds=[])
-        for seed in seeds if name != "torch_ao_dynamic_int8" else seeds[:1]:
+    names = [n for n in ORDER if not args.only or n in args.only]
+    by_name = {n: dict(name=n, kind="ours" if n in OURS else "peer", fidelity=[], retrieval=[], seconds=[]) for n in names}
+    rows += by_name.values()
+    for i, seed in enumerate(seeds):  # seed-major: a run cut short still has every row at least once
+        for name in names:
+            row = by_name[name]
+            if "error" in row or (name == "torch_ao_dynamic_int8" and i > 0):  # no training: one seed
+                continue
             t = time.perf_counter()
             try:
-                model = (run_ours if kind == "ours" else run_peer)(name, base, dm, steps, seed)
+                model = (run_ours if row["kind"] == "ours" else run_peer)(name, base, dm, steps, seed)
             except Exception as err:  # a peer that cannot run here: its error goes in the table
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 traceback.print_exc(limit=-2)
-                break
+                continue
             row["seconds"].append(round(time.perf_counter() - t, 1))
             f, r = evaluate(model, dm)
             row["fidelity"].append(f)
             row["retrieval"].append(r)
-            finals[name] = model
-        rows.append(row)
-        measure(row, finals.get(name), base, batch, rounds=3 if args.quick else 10)
-        print(name, {k: v for k, v in row.items() if k != "kind"}, flush=True)
-        write(rows, steps, seeds, length, dm, args)  # after every row: a cut-short run keeps what it measured
+            # sizes and latency of the first seed's model; scores' mean/std over the seeds run so far
+            measure(row, model if i == 0 else None, base, batch, rounds=3 if args.quick else 10)
+            print(name, seed, {k: v for k, v in row.items() if k != "kind"}, flush=True)
+            write(rows, steps, seeds, length, dm, args)  # after every run: a cut-short run keeps what it measured
     measure(rows[0], base, base, batch, rounds=1)
     table(rows)
     write(rows, steps, seeds, length, dm, args)
@@ -247,6 +249,8 @@ def table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'row':28} {'kind':9} {'fidelity':>15} {'retrieval':>15} {'weights':>10} {'nonzero':>10} "
           f"{'MB':>7} {'ms/b32':>8} {'x fp32':>7}")
     for r in rows:
+        if "error" not in r and r.get("fidelity_mean") is None:
+            continue  # not run yet (a run cut short)
         if "error" in r:
             print(f"{r['name']:28} {r['kind']:9} cannot run here: {r['error']}")
             continue
