@@ -46,19 +46,23 @@ def _qat(model: nn.Module, ids: torch.Tensor, **cfg) -> list[str]:
     return names
 
 
-def _load_back(tmp_path: Path, cases: dict[str, Path], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Load each directory with AutoModel.from_pretrained in a fresh interpreter without our package on the path."""
+def _load_back(tmp_path: Path, cases: dict[str, Path], ids: torch.Tensor, weight: str = "") -> dict[str, torch.Tensor]:
+    """Load each directory with AutoModel.from_pretrained in a fresh interpreter without our package on the path;
+    ``weight``: also return that module's weight after the forward (as compressed-tensors decompressed it)."""
     torch.save(ids, tmp_path / "ids.pt")
-    (tmp_path / "cases.json").write_text(json.dumps({k: str(v) for k, v in cases.items()}))
+    (tmp_path / "cases.json").write_text(json.dumps({"weight": weight, "cases": {k: str(v) for k, v in cases.items()}}))
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent("""
         import json, sys, torch, transformers
         ids = torch.load("ids.pt")
         out = {}
-        for key, d in json.load(open("cases.json")).items():
+        todo = json.load(open("cases.json"))
+        for key, d in todo["cases"].items():
             m = transformers.AutoModel.from_pretrained(d).eval()
             with torch.no_grad():
                 out[key] = m(input_ids=ids).last_hidden_state
+                if todo["weight"]:
+                    out[key + "/weight"] = m.get_submodule(todo["weight"]).weight.detach().clone()
         assert not any(k.startswith("lightning_compress") for k in sys.modules)
         torch.save(out, "out.pt")
     """))
