@@ -149,8 +149,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> str:
         ``directory`` as a string.
 
     Raises:
-        ValueError: an unwritable ``directory``, several transformers models inside ``model``, or a layer without a
-            compressed-tensors encoding (named); nothing is written then.
+        ValueError: an unwritable ``directory``, several transformers models inside ``model``, a layer without a
+            compressed-tensors encoding (named), or thinned layers the transformers config cannot describe (named,
+            with their widths); nothing is written then.
     """
     directory = os.fspath(directory)
     parent = os.path.dirname(os.path.abspath(directory))

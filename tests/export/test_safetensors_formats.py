@@ -17,7 +17,7 @@ from lightning_compress.export.low_bit import GroupwiseLinear
 from lightning_compress.export.pruning import thin
 from lightning_compress.export.quantization import convert
 from lightning_compress.layers.quantization import ActivationFakeQuantize, QuantConfig, prepare_qat, set_qat_flags
-from tests.export.test_safetensors import HF_ATOL, _load_back, _qat, _tiny_bert
+from tests.export.test_safetensors import HF_ATOL, _load_back, _qat, _tiny_bert, check_w8a8_w4_float, w8a8_w4_float_cases
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -71,8 +71,10 @@ def _thin_ffn(model: nn.Module, widths: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_transformers_loads_low_bit_formats_and_thinned_bert(tmp_path: Path) -> None:
+def test_transformers_loads_every_format(tmp_path: Path) -> None:
+    """W8A8 / W4 / float (test_safetensors.py), the low-bit formats and a thinned BERT, in one transformers process."""
     ids = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(0))
+    first_refs, first_dirs = w8a8_w4_float_cases(tmp_path, ids)
     refs, weights, unquantized_inputs, dirs = {}, {}, {}, {}
     for key, (cfg, fmt) in FORMATS.items():
         model = _tiny_bert(tmp_path)
@@ -92,7 +94,8 @@ def test_transformers_loads_low_bit_formats_and_thinned_bert(tmp_path: Path) -> 
     dirs["thinned"] = Path(save_pretrained(thinned, tmp_path / "thinned"))
     assert json.loads((dirs["thinned"] / "config.json").read_text())["intermediate_size"] == 40
 
-    loaded = _load_back(tmp_path, dirs, ids, weight=LAYER)
+    loaded = _load_back(tmp_path, {**first_dirs, **dirs}, ids, weight=LAYER)
+    check_w8a8_w4_float(loaded, first_refs, first_dirs, ids, tmp_path)
     for key, ref in refs.items():
         rtol = MX_RTOL if key.startswith("mx") else HF_ATOL
         assert (loaded[key].float() - ref).abs().max() <= rtol * ref.abs().max(), key
