@@ -70,9 +70,9 @@ CT_FORMATS: dict[tuple[str, str], tuple[CtFormat, ...]] = {
     ("mxfp4", "none"): (CtFormat("mxfp4-pack-quantized", frozenset({4}), False, "bfloat16"),),
 }
 
-_SUPPORTED = ("Linear layers with uniform integer weights (8 bits, or 2-7 bits symmetric per tensor/channel, or 2-8 bits "
-              "symmetric per group) and int8 inputs (static or per token at run time), fp8 e4m3 weights with fp8 inputs "
-              "at run time, MXFP8/MXFP6/MXFP4 weights without input quantization")
+_SUPPORTED = ("Linear layers with uniform integer weights (8 bits, or 2-7 bits symmetric per tensor/channel, "
+              "or 2-8 bits symmetric per group) and int8 inputs (static or per token at run time), fp8 e4m3 "
+              "weights with fp8 inputs at run time, MXFP8/MXFP6/MXFP4 weights without input quantization")
 
 
 @dataclass
@@ -138,7 +138,8 @@ def _from_low_bit(layer: nn.Module) -> _Layer:
                                           "strategy": iq["strategy"]}
     else:
         kind = layer.fmt
-        args = {"num_bits": layer.bits, "type": "float", "symmetric": True, "strategy": "group", "group_size": ff.MX_BLOCK,
+        args = {"num_bits": layer.bits, "type": "float", "symmetric": True, "strategy": "group",
+                "group_size": ff.MX_BLOCK,
                 "dynamic": False, "scale_dtype": "torch.uint8"}
         if layer.fmt != "mxint8":
             codes = unpack_bits(layer.qweight, layer.bits, (layer.out_features, layer.in_features))
@@ -216,7 +217,8 @@ def dequantized(state: Mapping[str, torch.Tensor], prefix: str, scheme: Mapping[
             from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
             packed = state[prefix + "weight_packed"]
-            unpack, per_byte = (unpack_fp4_from_uint8, 2.0) if fmt.startswith("mxfp4") else (unpack_fp6_from_uint8, 4 / 3)
+            fp4 = fmt.startswith("mxfp4")
+            unpack, per_byte = (unpack_fp4_from_uint8, 2.0) if fp4 else (unpack_fp6_from_uint8, 4 / 3)
             values = unpack(packed, packed.shape[0], round(packed.shape[1] * per_byte), dtype=torch.float32)
         blocks = values.reshape(values.shape[0], -1, ff.MX_BLOCK) * torch.exp2(scale.float() - 127).unsqueeze(-1)
         return blocks.reshape(values.shape)

@@ -16,8 +16,20 @@ from lightning_compress.export import load_safetensors, save_pretrained
 from lightning_compress.export.low_bit import GroupwiseLinear
 from lightning_compress.export.pruning import thin
 from lightning_compress.export.quantization import convert
-from lightning_compress.layers.quantization import ActivationFakeQuantize, QuantConfig, prepare_qat, set_qat_flags
-from tests.export.test_safetensors import HF_ATOL, _load_back, _qat, _tiny_bert, check_w8a8_w4_float, w8a8_w4_float_cases
+from lightning_compress.layers.quantization import (
+    ActivationFakeQuantize,
+    QuantConfig,
+    prepare_qat,
+    set_qat_flags,
+)
+from tests.export.test_safetensors import (
+    HF_ATOL,
+    _load_back,
+    _qat,
+    _tiny_bert,
+    check_w8a8_w4_float,
+    w8a8_w4_float_cases,
+)
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
