@@ -12,12 +12,14 @@ never thinned (``thin`` keeps attention's channels), so ``num_attention_heads`` 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 WIDTH_KEY = "intermediate_size"
+log = logging.getLogger(__name__)
 
 
 def _weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -48,7 +50,12 @@ def fitted_config(model: nn.Module) -> dict[str, Any]:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     ours = _weight_shapes(model)
-    wrong = _mismatches(model, model.config, ours)
+    try:
+        wrong = _mismatches(model, model.config, ours)
+    except Exception as err:  # a class that cannot be built from its config alone: nothing to compare with
+        log.warning("save_pretrained: %s cannot be built from its config (%s); config.json is written unchanged",
+                    type(model).__name__, err)
+        return config
     if not wrong:
         return config
     size = config.get(WIDTH_KEY)
