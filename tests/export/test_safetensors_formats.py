@@ -39,10 +39,12 @@ FORMATS = {  # QuantConfig of each case -> the compressed-tensors format it must
     "w4g32": (dict(weight_bits=4, activation_bits=None, granularity="per_group", group_size=32), "pack-quantized"),
     "w4g16a8dyn": (dict(weight_bits=4, activation_bits=8, granularity="per_group", group_size=16,
                         activation_granularity="per_token", dynamic=True), "pack-quantized"),
+    "w4g32a8": (dict(weight_bits=4, activation_bits=8, granularity="per_group", group_size=32), "pack-quantized"),
     "w8a8dyn": (dict(weight_bits=8, activation_bits=8, activation_granularity="per_token", dynamic=True), "int-quantized"),
     "fp8": (dict(weight_bits=8, activation_bits=None, scheme="fp8_e4m3"), "float-quantized"),
     "fp8a8tok": (dict(weight_bits=8, activation_bits=8, scheme="fp8_e4m3", granularity="per_tensor",
                       activation_granularity="per_token", dynamic=True), "float-quantized"),
+    "fp8a8tensor": (dict(weight_bits=8, activation_bits=8, scheme="fp8_e4m3", dynamic=True), "float-quantized"),
     "mxfp8": (dict(weight_bits=8, activation_bits=None, scheme="mxfp8"), "mxfp8-quantized"),
     "mxfp6": (dict(weight_bits=6, activation_bits=None, scheme="mxfp6"), "mxfp6-pack-quantized"),
     "mxfp4": (dict(weight_bits=4, activation_bits=None, scheme="mxfp4"), "mxfp4-pack-quantized"),
@@ -151,11 +153,13 @@ def test_plain_module_low_bit_round_trip(tmp_path: Path, key: str) -> None:
             assert f.get_tensor("0.weight").dtype == torch.float8_e4m3fn
         else:
             assert f.get_tensor("0.weight").dtype == torch.int8
-    assert not any(n.startswith("0.input_") for n in names)  # run-time inputs: no stored range
     inputs = group["input_activations"]
     assert (inputs is None) == (cfg["activation_bits"] is None)
+    dynamic = cfg.get("dynamic", False)
+    assert any(n.startswith("0.input_") for n in names) == (inputs is not None and not dynamic)  # static range only
     if inputs is not None:
-        assert inputs["dynamic"] is True and inputs["strategy"] == ("token" if "tok" in key or "dyn" in key else "tensor")
+        assert inputs["dynamic"] is dynamic
+        assert inputs["strategy"] == ("token" if cfg.get("activation_granularity") == "per_token" else "tensor")
     fresh = load_safetensors(d, _mlp())
     conv = convert(net)
     for m in conv.modules():
