@@ -5,23 +5,39 @@ exactly one) as a Hugging Face directory: ``config.json`` with a ``quantization_
 layout, ``model.safetensors`` and the tokenizer files of the source directory, so that
 ``transformers.AutoModel.from_pretrained(directory)`` loads it with the ``compressed-tensors`` package installed and
 nothing of ours imported. Each quantized layer is written in the compressed-tensors format :data:`CT_FORMATS` gives
-for its scheme and activations (the one table of format choices):
+for its weights and inputs (the one table of format choices, in ``_ct_layers.py`` with the tensor layouts):
 
-================  ===========  ====================  ===============================================================
-scheme            activations  format                tensors per layer
-================  ===========  ====================  ===============================================================
-uniform, 8 bits   static       ``int-quantized``     ``weight`` int8, ``weight_scale`` (out, 1) or (1,),
-                                                     ``weight_zero_point`` if asymmetric, ``input_scale`` and
-                                                     ``input_zero_point`` (int8: our uint8 zero point - 128)
-uniform, 8 bits   none         ``naive-quantized``   ``weight`` int8 and its scale (weight-only)
-uniform, 2-7 bits none/static  ``pack-quantized``    symmetric only: ``weight_packed`` (int32, compressed-tensors' packer),
-                                                     ``weight_shape``, ``weight_scale``, input qparams if static
-================  ===========  ====================  ===============================================================
+=======================  ===========  ========================  ===================================================
+weights                  inputs       format                    tensors per layer
+=======================  ===========  ========================  ===================================================
+uniform 8 bits           static       ``int-quantized``         ``weight`` int8, ``weight_scale`` (out, 1) or (1,),
+                                                                ``weight_zero_point`` if asymmetric, ``input_scale``,
+                                                                ``input_zero_point`` (int8: our uint8 zero point - 128)
+uniform 8 bits           per token    ``int-quantized``         the same without input tensors (``dynamic: true,
+                                                                strategy: token``: ranges at run time)
+uniform 8 bits           none         ``naive-quantized``       ``weight`` int8 and its scale (weight-only)
+uniform 2-7 bits         any of these ``pack-quantized``        symmetric only: ``weight_packed`` (int32),
+                                                                ``weight_shape``, ``weight_scale``
+group-wise 2-8 bits      any of these ``pack-quantized``        the same, ``strategy: group``, ``group_size``,
+                                                                ``weight_scale`` (out, in / group_size); symmetric only
+fp8 e4m3 (tensor/chan.)  none / fp8   ``float-quantized``       ``weight`` float8_e4m3fn, ``weight_scale``; fp8 inputs
+                                                                per token or tensor at run time
+MXFP8 / MXFP6 / MXFP4    none         ``mxfp8-quantized``,      ``weight`` fp8 / ``weight_packed`` uint8, and
+                                      ``mxfp6-pack-quantized``, ``weight_scale`` uint8 E8M0 (out, in / 32); the
+                                      ``mxfp4-pack-quantized``  config asks for a bfloat16 model (see below)
+=======================  ===========  ========================  ===================================================
 
-Power-of-two levels have no compressed-tensors encoding (a ``ValueError`` names the layer); ONNX carries them exactly
-(:func:`~lightning_compress.export.onnx.to_onnx`). Pruned or thinned float models are saved dense with no
-``quantization_config`` (compressed-tensors and vLLM removed their sparse formats; no ``sparsity_config``). New schemes
-(group-wise int4 with ``group_size``, fp8, ...) are added as rows of :data:`CT_FORMATS`.
+A layer without a compressed-tensors encoding raises a ``ValueError`` naming it and its scheme, before anything is
+written: power-of-two levels, asymmetric packed weights (packed zero points do not load in transformers 5.25 +
+compressed-tensors 0.20: size mismatch, measured), fp8 e5m2 and MXINT8 (no such compressed-tensors type), MX inputs
+(compressed-tensors rounds each block's maximum before taking the shared exponent, OCP MX floors it: other scales),
+conv layers. ONNX or ``.lcdc`` carry those. compressed-tensors 0.20 decompresses MX weights to bfloat16, which a
+float32 model cannot multiply (dtype error at the first forward, measured), so ``config.json`` of an MX export sets
+``dtype: bfloat16``: the MX weights are exact in bfloat16, the rest of the model runs in bfloat16 (outputs within
+3 % of ours, measured ~1 %). Pruned or thinned float models are saved dense with no ``quantization_config``
+(compressed-tensors and vLLM removed their sparse formats; no ``sparsity_config``); for a model whose feed-forward
+layers ``thin`` made narrower, ``config.json`` gets the new ``intermediate_size`` (layers of different widths: a
+``ValueError`` naming them). New schemes are added as rows of :data:`CT_FORMATS`.
 
 For a plain ``nn.Module``, :func:`save_pretrained` writes ``model.safetensors`` plus ``quantization_config.json`` with
 the same metadata, and :func:`load_safetensors` reads both back into the model (dequantized float weights, input
@@ -46,14 +62,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_compress.export import _ct_layers
 from lightning_compress.export._common import copy_model
-from lightning_compress.export.onnx import _READERS, QuantizedWeight
+from lightning_compress.export._ct_layers import CT_FORMATS, CtFormat
+from lightning_compress.export._hf_config import fitted_config
+from lightning_compress.export.low_bit import LOW_BIT_LAYERS
+from lightning_compress.export.onnx import _READERS
 from lightning_compress.export.quantization import convert
 from lightning_compress.layers.quantization import ActivationFakeQuantize, is_qat_module
 
@@ -62,26 +81,6 @@ __all__ = ["CT_FORMATS", "CtFormat", "load_safetensors", "save_pretrained"]
 SIDECAR = "quantization_config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
                     "vocab.json", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json")
-
-
-@dataclass(frozen=True)
-class CtFormat:
-    """One compressed-tensors encoding: its format name, the weight bit widths it takes, and whether an asymmetric
-    weight grid (a zero point per channel) loads back."""
-
-    format: str
-    bits: frozenset[int]
-    asymmetric: bool = True
-
-
-#: (scheme, activations) -> compressed-tensors format; activations "static" (trained input scale) or "none".
-CT_FORMATS: dict[tuple[str, str, bool], CtFormat] = {
-    ("uniform", "static", True): CtFormat("int-quantized", frozenset({8})),
-    ("uniform", "none", True): CtFormat("naive-quantized", frozenset({8})),
-    # packed zero points: transformers 5.25 + compressed-tensors 0.20 refuse them at load (size mismatch)
-    ("uniform", "static", False): CtFormat("pack-quantized", frozenset(range(2, 8)), asymmetric=False),
-    ("uniform", "none", False): CtFormat("pack-quantized", frozenset(range(2, 8)), asymmetric=False),
-}
 
 
 def _find_hf_model(model: nn.Module) -> nn.Module | None:
@@ -98,50 +97,6 @@ def _find_hf_model(model: nn.Module) -> nn.Module | None:
     return found[0] if found else None
 
 
-def _ct_args(q: QuantizedWeight, name: str) -> tuple[CtFormat, dict[str, Any]]:
-    row = CT_FORMATS.get((q.scheme, q.activations, q.bits == 8))
-    symmetric = not bool((q.zero_point != 0).any())
-    if row is None or q.bits not in row.bits or q.conv or not (symmetric or row.asymmetric):
-        raise ValueError(
-            f"layer {name!r} ({q.scheme}, {q.bits} bits, {'symmetric' if symmetric else 'asymmetric'}, "
-            f"{q.activations} activations{', conv' if q.conv else ''}) has no compressed-tensors encoding; "
-            f"supported: Linear layers with uniform weights, 8 bits (static or no input quantization) or 2-7 bits "
-            f"symmetric (use to_onnx for the others)"
-        )
-    weights = {"num_bits": q.bits, "type": "int", "symmetric": symmetric,
-               "strategy": "tensor" if q.scale.numel() == 1 else "channel", "dynamic": False}
-    if not symmetric:
-        weights["zp_dtype"] = "torch.int8"
-    scheme: dict[str, Any] = {"weights": weights, "input_activations": None, "output_activations": None,
-                              "format": row.format}
-    if q.activations == "static":
-        scheme["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor",
-                                       "dynamic": False, "zp_dtype": "torch.int8"}
-    return row, scheme
-
-
-def _layer_tensors(q: QuantizedWeight, fmt: str, prefix: str) -> dict[str, torch.Tensor]:
-    per_tensor = q.scale.numel() == 1
-    out = {prefix + "weight_scale": q.scale.float().reshape(1) if per_tensor else q.scale.float().reshape(-1, 1)}
-    codes = q.codes.to(torch.int8)
-    if fmt == "pack-quantized":
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-        out[prefix + "weight_packed"] = pack_to_int32(codes, q.bits)
-        out[prefix + "weight_shape"] = torch.tensor(list(codes.shape))
-    else:
-        out[prefix + "weight"] = codes
-    if bool((q.zero_point != 0).any()):
-        zp = q.zero_point.to(torch.int8).reshape(out[prefix + "weight_scale"].shape)
-        out[prefix + "weight_zero_point"] = zp if fmt != "pack-quantized" else pack_to_int32(zp, q.bits, packed_dim=0)
-    if q.bias is not None:
-        out[prefix + "bias"] = q.bias.float()
-    if q.input_qparams is not None:
-        out[prefix + "input_scale"] = q.input_qparams[0].float().reshape(1)
-        out[prefix + "input_zero_point"] = (q.input_qparams[1].reshape(1) - 128).to(torch.int8)
-    return out
-
-
 def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The compressed-tensors state dict of ``model`` and its ``quantization_config`` (None for a float model).
 
@@ -152,18 +107,17 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     work = copy_model(model).eval()
     if any(is_qat_module(m) for m in work.modules()):
         convert(work, inplace=True, dynamic_activations=False)
-    quantized = {n: m for n, m in work.named_modules() if type(m) in _READERS}
+    quantized = {n: m for n, m in work.named_modules() if type(m) in _READERS or isinstance(m, LOW_BIT_LAYERS)}
     state = {k: v for k, v in work.state_dict().items()
              if not any(k.startswith(n + ".") for n in quantized) and not k.endswith(".qparams")}
     if not quantized:
         return {k: v.detach().clone().contiguous() for k, v in state.items()}, None
     groups: dict[str, dict[str, Any]] = {}
     for name, layer in quantized.items():
-        q = _READERS[type(layer)](layer)
-        row, scheme = _ct_args(q, name)
+        row, scheme, described = _ct_layers.describe(layer, name)
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, {**scheme, "targets": []})["targets"].append(name)
-        state.update(_layer_tensors(q, row.format, name + "."))
+        state.update(_ct_layers.layer_tensors(row, described, name + "."))
     formats = {g["format"] for g in groups.values()}
     config = {
         "quant_method": "compressed-tensors",
@@ -173,6 +127,13 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         "ignore": sorted(n for n, m in work.named_modules() if isinstance(m, nn.Linear)),
     }
     return {k: v.detach().clone().contiguous() for k, v in state.items()}, config
+
+
+def _model_dtype(qconfig: dict[str, Any]) -> dict[str, str]:
+    """``{"dtype": ...}`` where a format in ``qconfig`` needs the model in that dtype (MX: bfloat16), else ``{}``."""
+    formats = {g["format"] for g in qconfig["config_groups"].values()}
+    dtypes = {r.dtype for rows in CT_FORMATS.values() for r in rows if r.format in formats and r.dtype}
+    return {"dtype": dtypes.pop()} if dtypes else {}
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> str:
@@ -188,8 +149,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> str:
         ``directory`` as a string.
 
     Raises:
-        ValueError: an unwritable ``directory``, several transformers models inside ``model``, or a layer without a
-            compressed-tensors encoding (named); nothing is written then.
+        ValueError: an unwritable ``directory``, several transformers models inside ``model``, a layer without a
+            compressed-tensors encoding (named), or thinned layers the transformers config cannot describe (named,
+            with their widths); nothing is written then.
     """
     directory = os.fspath(directory)
     parent = os.path.dirname(os.path.abspath(directory))
@@ -197,17 +159,17 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> str:
         raise ValueError(f"`directory` {directory!r} cannot be written (its parent {parent!r} must be a writable folder)")
     hf = _find_hf_model(model)
     target = hf if hf is not None else model
+    config = fitted_config(hf) if hf is not None else None  # a thinned model's widths (raises before writing)
     state, qconfig = compressed_state(target)
     from safetensors.torch import save_file
 
     tmp = tempfile.mkdtemp(prefix=".lc-save-", dir=parent)
     try:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if hf is not None:
-            config = hf.config.to_dict()
-            config.pop("quantization_config", None)
+        if config is not None:
             if qconfig is not None:
                 config["quantization_config"] = qconfig
+                config.update(_model_dtype(qconfig))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
             source = getattr(hf.config, "_name_or_path", "") or getattr(hf, "name_or_path", "")
@@ -225,20 +187,20 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> str:
     return directory
 
 
-def _dequantized(state: Mapping[str, torch.Tensor], prefix: str, weights: Mapping[str, Any]) -> torch.Tensor:
-    scale = state[prefix + "weight_scale"].float()
-    if prefix + "weight_packed" in state:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-        shape = torch.Size(state[prefix + "weight_shape"].tolist())
-        codes = unpack_from_int32(state[prefix + "weight_packed"], weights["num_bits"], shape)
+def _input_quantizer(inputs: Mapping[str, Any], state: dict[str, torch.Tensor], prefix: str) -> ActivationFakeQuantize:
+    """The input quantizer training used: 8-bit with the saved range, or per token / tensor at run time."""
+    if inputs["dynamic"]:
+        scheme = "fp8_e4m3" if inputs["type"] == "float" else "uniform"
+        granularity = "per_token" if inputs["strategy"] == "token" else "per_tensor"
+        iq = ActivationFakeQuantize(8, dynamic=True, scheme=scheme, granularity=granularity)
     else:
-        codes = state[prefix + "weight"]
-    zp = state.get(prefix + "weight_zero_point")
-    if zp is not None and prefix + "weight_packed" in state:
-        zp = unpack_from_int32(zp, weights["num_bits"], torch.Size([scale.shape[0], 1]), packed_dim=0)
-    zp = torch.zeros_like(scale) if zp is None else zp.float().reshape(scale.shape)
-    return (codes.float() - zp) * scale
+        iq = ActivationFakeQuantize(8)
+        iq.scale.copy_(state.pop(prefix + "input_scale"))
+        iq.zero_point.copy_(state.pop(prefix + "input_zero_point").float() + 128)
+        iq.observer_enabled.fill_(0)  # the saved range, also if the model is in training mode
+    iq.initialized.fill_(1)
+    iq.fake_quant_enabled.fill_(1)
+    return iq
 
 
 def load_safetensors(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
@@ -263,18 +225,14 @@ def load_safetensors(directory: str | os.PathLike, model: nn.Module) -> nn.Modul
     for group in (qconfig or {}).get("config_groups", {}).values():
         for name in group["targets"]:
             p = name + "."
-            state[p + "weight"] = _dequantized(state, p, group["weights"])
-            layer = model.get_submodule(name)
-            if group.get("input_activations"):
-                iq = ActivationFakeQuantize(8)
-                iq.scale.copy_(state.pop(p + "input_scale"))
-                iq.zero_point.copy_(state.pop(p + "input_zero_point").float() + 128)
-                iq.initialized.fill_(1)
-                iq.fake_quant_enabled.fill_(1)
-                iq.observer_enabled.fill_(0)  # the saved range, also if the model is in training mode
+            state[p + "weight"] = _ct_layers.dequantized(state, p, group)
+            inputs = group.get("input_activations")
+            if inputs:
+                iq = _input_quantizer(inputs, state, p)
+                layer = model.get_submodule(name)
                 layer.register_forward_pre_hook(lambda m, args, iq=iq: (iq(args[0]),) + tuple(args[1:]))
                 layer.input_quant_loaded = iq
-            for k in ("weight_scale", "weight_zero_point", "weight_packed", "weight_shape"):
+            for k in _ct_layers.WEIGHT_KEYS:
                 state.pop(p + k, None)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -46,19 +46,23 @@ def _qat(model: nn.Module, ids: torch.Tensor, **cfg) -> list[str]:
     return names
 
 
-def _load_back(tmp_path: Path, cases: dict[str, Path], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Load each directory with AutoModel.from_pretrained in a fresh interpreter without our package on the path."""
+def _load_back(tmp_path: Path, cases: dict[str, Path], ids: torch.Tensor, weight: str = "") -> dict[str, torch.Tensor]:
+    """Load each directory with AutoModel.from_pretrained in a fresh interpreter without our package on the path;
+    ``weight``: also return that module's weight after the forward (as compressed-tensors decompressed it)."""
     torch.save(ids, tmp_path / "ids.pt")
-    (tmp_path / "cases.json").write_text(json.dumps({k: str(v) for k, v in cases.items()}))
+    (tmp_path / "cases.json").write_text(json.dumps({"weight": weight, "cases": {k: str(v) for k, v in cases.items()}}))
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent("""
         import json, sys, torch, transformers
         ids = torch.load("ids.pt")
         out = {}
-        for key, d in json.load(open("cases.json")).items():
+        todo = json.load(open("cases.json"))
+        for key, d in todo["cases"].items():
             m = transformers.AutoModel.from_pretrained(d).eval()
             with torch.no_grad():
                 out[key] = m(input_ids=ids).last_hidden_state
+                if todo["weight"]:
+                    out[key + "/weight"] = m.get_submodule(todo["weight"]).weight.detach().clone()
         assert not any(k.startswith("lightning_compress") for k in sys.modules)
         torch.save(out, "out.pt")
     """))
@@ -78,11 +82,11 @@ def _config(d: Path) -> dict:
     return json.loads((d / "config.json").read_text())
 
 
-@pytest.mark.slow
-def test_transformers_loads_w8a8_w4_and_float_exports(tmp_path: Path) -> None:
-    ids = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(0))
+def w8a8_w4_float_cases(tmp_path: Path, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """W8A8, W4 and float exports with our outputs. They are loaded back by transformers together with the low-bit
+    formats in ``test_safetensors_formats.py::test_transformers_loads_every_format`` (one interpreter start-up:
+    starting transformers + compressed-tensors costs ~25 s here), which then calls :func:`check_w8a8_w4_float`."""
     refs, dirs = {}, {}
-    float_bert = _tiny_bert(tmp_path)
     for key, cfg in {"w8a8": dict(weight_bits=8, activation_bits=8),
                      "w4": dict(weight_bits=4, activation_bits=None),
                      "float": None}.items():
@@ -93,9 +97,14 @@ def test_transformers_loads_w8a8_w4_and_float_exports(tmp_path: Path) -> None:
             refs[key] = model(input_ids=ids).last_hidden_state
         holder = _Holder(model) if key == "float" else model  # a LightningModule holding exactly one HF model
         dirs[key] = Path(save_pretrained(holder, tmp_path / key))
-    loaded = _load_back(tmp_path, dirs, ids)
-    for key, ref in refs.items():
-        assert (loaded[key] - ref).abs().max() <= HF_ATOL * ref.abs().max(), key
+    return refs, dirs
+
+
+def check_w8a8_w4_float(loaded: dict[str, torch.Tensor], refs: dict[str, torch.Tensor], dirs: dict[str, Path],
+                        ids: torch.Tensor, tmp_path: Path) -> None:
+    for key in ("w8a8", "w4", "float"):
+        assert (loaded[key] - refs[key]).abs().max() <= HF_ATOL * refs[key].abs().max(), key
+    float_bert = _tiny_bert(tmp_path)
     # the quantized models really differ from the float one: the load-back ran the quantized weights/inputs
     assert (loaded["w8a8"] - float_bert(input_ids=ids).last_hidden_state).abs().max() > 1e-4
 
