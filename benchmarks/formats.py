@@ -18,6 +18,9 @@ torchao's QAT.
    epoch, same data, same seed) for the same format, fake-quantized accuracy. The g128 rows leave the first layer
    (64 inputs, fewer than one group) in float in both frameworks.
 
+3. MiniLM: the same formats on the pretrained all-MiniLM-L6-v2, ours and torchao's, are in
+   ``benchmarks/formats_minilm.py`` (the ``minilm`` section of the same JSON, kept when this script rewrites it).
+
 Timings share a 2-core machine with other work: read the ratios (measured side by side), not the absolute times.
 """
 
@@ -210,6 +213,8 @@ def main() -> None:
     path = ROOT / "benchmarks" / "results" / ("formats_quick.json" if args.quick else "formats.json")
     if args.kernel_only and path.exists():  # keep the stored quality rows, replace the kernel table
         out = {**json.loads(path.read_text()), "kernel": out["kernel"]}
+    elif path.exists() and "minilm" in (stored := json.loads(path.read_text())):  # formats_minilm.py's section
+        out["minilm"] = stored["minilm"]
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}", file=sys.stderr)
 
