@@ -163,6 +163,18 @@ def latencies(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], roun
     return median_times(fns, rounds, inner=1, warmup=1)
 
 
+def load(quick: bool, threads: int) -> tuple[SentenceDataModule, SentenceEncoder, int]:
+    """The data (32 tokens, 1,600 sentences; quick: 16 and 400), the pretrained original and the token length,
+    with torch on ``threads`` threads and Lightning's chatter off."""
+    length, sentences = (16, 400) if quick else (32, 1600)
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    dm = SentenceDataModule(batch_size=32, max_length=length, max_sentences=sentences)
+    dm.setup("fit")
+    return dm, SentenceEncoder(max_length=length).eval(), length
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -179,14 +191,7 @@ def main() -> None:
         return
     steps = args.steps or (12 if args.quick else 120)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    length, sentences = (16, 400) if args.quick else (32, 1600)
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-    dm = SentenceDataModule(batch_size=32, max_length=length, max_sentences=sentences)
-    dm.setup("fit")
-    base = SentenceEncoder(max_length=length).eval()
+    dm, base, length = load(args.quick, args.threads)
     batch = next(iter(dm.test_dataloader()))
     rows: list[dict[str, Any]] = []
     fid, ret = evaluate(base, dm)

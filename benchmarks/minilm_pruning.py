@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import statistics
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import seed_everything
-from minilm import evaluate, fit
+from minilm import evaluate, fit, load
 from torch import nn
 
 from lightning_compress import GradualPruning
@@ -103,14 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     steps = args.steps or (6 if args.quick else 60)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    length, sentences = (16, 400) if args.quick else (32, 1600)
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-    dm = SentenceDataModule(batch_size=32, max_length=length, max_sentences=sentences)
-    dm.setup("fit")
-    base = SentenceEncoder(max_length=length).eval()
+    dm, base, length = load(args.quick, args.threads)
     results: dict[str, Any] = dict(steps=steps, max_length=length, sentences={k: len(v) for k, v in dm.sentences.items()},
                                    quick=args.quick, rows={})
     crit, nm = criteria_runs(), nm_runs()

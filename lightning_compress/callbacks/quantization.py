@@ -25,7 +25,11 @@ from lightning_compress.export.quantization import (
     convert,
     serialized_size,
 )
-from lightning_compress.layers._quant_sharded import attach_input_groups, check_tensor_parallel, detach_input_groups
+from lightning_compress.layers._quant_sharded import (
+    attach_input_groups,
+    check_tensor_parallel,
+    detach_input_groups,
+)
 from lightning_compress.layers.quantization import (
     ActivationFakeQuantize,
     QuantConfig,
