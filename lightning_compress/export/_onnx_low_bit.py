@@ -86,19 +86,40 @@ def storage_for(codes: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtyp
     return torch.int8, None  # does not fit four bits: stays int8
 
 
-def retype_initializers(graph: Any, names: dict[str, str]) -> None:
-    """Rewrite the initializers ``names`` (initializer name -> ONNX element type) of an ``onnx_ir`` graph to
-    that type, values unchanged (checked: a value the type cannot hold raises)."""
+def _typed(value: Any, kind: str, name: str) -> Any:
     import onnx_ir as ir
 
-    for name, kind in names.items():
-        value = graph.initializers[name]
-        array = value.const_value.numpy()
-        typed = array.astype(ONNX_ELEMENTS[kind])
-        if not np.array_equal(typed.astype(np.float64), array.astype(np.float64)):
-            raise ValueError(f"initializer {name!r} does not hold exact {kind} values")
-        value.const_value = ir.Tensor(typed, dtype=getattr(ir.DataType, kind), name=name)
-        value.dtype = getattr(ir.DataType, kind)
+    array = value.const_value.numpy()
+    typed = array.astype(ONNX_ELEMENTS[kind])
+    if not np.array_equal(typed.astype(np.float64), array.astype(np.float64)):
+        raise ValueError(f"initializer {value.name!r} does not hold exact {kind} values")
+    return ir.Value(name=name, type=ir.TensorType(getattr(ir.DataType, kind)), shape=value.shape,
+                    const_value=ir.Tensor(typed, dtype=getattr(ir.DataType, kind), name=name))
+
+
+def retype_initializers(graph: Any, codes: dict[str, str]) -> None:
+    """Retype the initializers ``codes`` (name -> ONNX element type) of an ``onnx_ir`` graph, and the zero points
+    of the ``DequantizeLinear`` nodes reading them, values unchanged (a value the type cannot hold raises). Zero
+    points get new initializers: the exporter shares equal constants between nodes."""
+    for name, kind in codes.items():
+        value = graph.initializers.get(name)
+        if value is None:
+            continue
+        uses = list(value.uses())
+        if any(u.node.op_type != "DequantizeLinear" or u.idx != 0 for u in uses):
+            raise ValueError(f"initializer {name!r} is read by other nodes than DequantizeLinear: cannot retype it")
+        new = _typed(value, kind, name)
+        graph.initializers.pop(name)
+        graph.register_initializer(new)
+        for u in uses:
+            u.node.replace_input_with(0, new)
+            zp = _typed(u.node.inputs[2], kind, f"{name.removesuffix('codes')}zero_point_{kind.lower()}")
+            if zp.name not in graph.initializers:
+                graph.register_initializer(zp)
+            u.node.replace_input_with(2, graph.initializers[zp.name])
+    used = {v.name for n in graph for v in n.inputs if v is not None}
+    for name in [k for k in graph.initializers if k not in used]:
+        graph.initializers.pop(name)  # zero points no node reads any more
 
 
 READERS = {GroupwiseLinear: read_groupwise, Float8Linear: read_float8, MXLinear: read_mx}

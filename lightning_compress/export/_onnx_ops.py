@@ -60,9 +60,11 @@ def _(x: torch.Tensor, codes_t: torch.Tensor, zero_point: torch.Tensor, scale: t
     return x.new_empty((*x.shape[:-1], codes_t.shape[1]))
 
 
-def translation_table() -> dict[Any, Callable[..., Any]]:
-    """``custom_translation_table`` for ``torch.onnx.export``: each custom op above as ONNX nodes."""
-    from onnxscript import opset21 as op
+def translation_table(opset: int = 21) -> dict[Any, Callable[..., Any]]:
+    """``custom_translation_table`` for ``torch.onnx.export``: each custom op above as ONNX nodes of ``opset``."""
+    import onnxscript
+
+    op = getattr(onnxscript, f"opset{opset}")
 
     def dequantize(codes: Any, scale: Any, zero_point: Any, axis: int, block_size: int) -> Any:
         if block_size:

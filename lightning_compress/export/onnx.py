@@ -348,7 +348,7 @@ def to_onnx(
     shapes = None
     if dynamic_batch:
         args, kwargs, shapes = _batch_dims(args, kwargs)
-    table = translation_table() if n_quant else None
+    table = translation_table(opset) if n_quant else None
     try:
         with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             program = torch.onnx.export(export_model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
@@ -357,8 +357,8 @@ def to_onnx(
         raise ValueError(f"torch.onnx could not export {type(model).__name__}: {str(err).strip().splitlines()[0]}") from err
     for node in program.model.graph.all_nodes():
         node.metadata_props.clear()  # the exporter's debug records (source names): a third of a small file
-    lowbit.retype_initializers(program.model.graph, {f"{n}.{b}": m.onnx_type for n, m in export_model.named_modules()
-                                                     if getattr(m, "onnx_type", None) for b in ("codes", "zero_point")})
+    lowbit.retype_initializers(program.model.graph, {f"{n}.codes": m.onnx_type for n, m in export_model.named_modules()
+                                                     if getattr(m, "onnx_type", None)})
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
