@@ -60,6 +60,19 @@ def _(x: torch.Tensor, codes_t: torch.Tensor, zero_point: torch.Tensor, scale: t
     return x.new_empty((*x.shape[:-1], codes_t.shape[1]))
 
 
+@torch.library.custom_op("lightning_compress::add_bias", mutates_args=())
+def add_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``y + bias``, written as ONNX ``Sum``: onnxruntime 1.32 fuses ``MatMul`` + ``Add`` into ``Gemm`` before its
+    DequantizeLinear + MatMul -> ``MatMulNBits`` fusion, which then leaves the 4-bit weight dequantized on every run
+    (measured 27x slower on a 1024-wide MLP); a ``Sum`` keeps the MatMul for ``MatMulNBits``."""
+    return y + bias
+
+
+@add_bias.register_fake
+def _(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(y)
+
+
 def translation_table(opset: int = 21) -> dict[Any, Callable[..., Any]]:
     """``custom_translation_table`` for ``torch.onnx.export``: each custom op above as ONNX nodes of ``opset``."""
     import onnxscript
@@ -79,6 +92,9 @@ def translation_table(opset: int = 21) -> dict[Any, Callable[..., Any]]:
         acc = op.Cast(op.MatMulInteger(xq, codes_t, xz, zero_point), to=1)  # 1 = FLOAT
         return op.Add(op.Mul(acc, op.Mul(xs, scale)), bias)
 
+    def bias_sum(y: Any, bias: Any) -> Any:
+        return op.Sum(y, bias)
+
     ops = torch.ops.lightning_compress
     return {ops.dequantize_weight.default: dequantize, ops.fake_quantize_input.default: fake_quantize,
-            ops.dynamic_int8_matmul.default: dynamic_matmul}
+            ops.dynamic_int8_matmul.default: dynamic_matmul, ops.add_bias.default: bias_sum}

@@ -75,7 +75,8 @@ from torch import nn
 
 from lightning_compress.export import _onnx_low_bit as lowbit
 from lightning_compress.export._common import copy_model, resolve_example
-from lightning_compress.export._onnx_ops import dequantize_weight, dynamic_int8_matmul, fake_quantize_input, translation_table
+from lightning_compress.export._onnx_ops import (add_bias, dequantize_weight, dynamic_int8_matmul, fake_quantize_input,
+                                                 translation_table)
 from lightning_compress.export.quantization import Int8Conv2d, Int8Linear, PackedConv, PackedLinear, convert
 from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import unpack_codes
@@ -217,7 +218,9 @@ class _QDQLayer(nn.Module):
         w = dequantize_weight(self.codes, self.scale, self.zero_point, self.axis, self.block_size)
         if not self.conv:
             y = x @ w
-            return y if self.bias is None else y + self.bias
+            if self.bias is None:
+                return y
+            return add_bias(y, self.bias) if self.activations == "none" else y + self.bias  # weight-only: MatMulNBits
         c = self.conv
         op = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
         if c["pad"] is not None:

@@ -94,8 +94,11 @@ def test_int4_and_groupwise_weights_run_in_onnxruntime_at_their_trained_levels(t
     # float32 MatMulNBits: exact for weight-only layers (static inputs are requantized by onnxruntime's own Q/DQ)
     assert _rel(_run(path, x, exact=True), _dequantized(net)(x)) < (EXACT_RTOL if "a8" not in name else ONNX_QUANT_RTOL)
     _session(path, optimized=tmp_path / "opt.onnx")
-    fused = "MatMulNBits" in {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
-    assert fused == ("a8" not in name)  # with quantized inputs: DequantizeLinear + float Gemm/MatMul
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    if "a8" in name:  # quantized inputs: DequantizeLinear + float Gemm/MatMul
+        assert "MatMulNBits" not in ops
+    else:  # every weight-only layer (the first one followed by ReLU) fused: no weight dequantized at run time
+        assert ops.count("MatMulNBits") == 2 and "DequantizeLinear" not in ops, ops
 
 
 def test_int4_file_is_about_half_the_int8_file(tmp_path: Path) -> None:
