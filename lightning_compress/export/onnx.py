@@ -42,7 +42,8 @@ output): a float model's onnxruntime outputs match PyTorch within ``1e-4``; a qu
 rounding boundary moves one step, which propagates through the following layers) and its weight-only kernel
 (``MatMulNBits``, which onnxruntime fuses from DequantizeLinear + MatMul) quantizes its inputs to int8 per block by
 default (session ``accuracy_level`` 4: 0.5-1 % per layer measured). With the session config entry
-:data:`EXACT_NBITS_CONFIG` it computes in float32 and matches the dequantized weights within ``1e-5`` (tested; the
+:data:`EXACT_NBITS_CONFIG` it computes in float32 (weight-only Linear layers add their bias with ``Sum``, not
+``Add``: onnxruntime's MatMul + Add -> Gemm fusion would otherwise run first and dequantize the weight every run) and matches the dequantized weights within ``1e-5`` (tested; the
 fp8 layers are not fused and match within ``1e-5`` by default); ``weight_dtype="int8"`` on a CPU without
 VNNI may saturate (see :func:`to_onnx`), which this tolerance does not cover. A converted
 model's dynamic layers (per-row input steps in PyTorch, per-tensor in ONNX) are held to the same 5 %.
@@ -75,8 +76,13 @@ from torch import nn
 
 from lightning_compress.export import _onnx_low_bit as lowbit
 from lightning_compress.export._common import copy_model, resolve_example
-from lightning_compress.export._onnx_ops import (add_bias, dequantize_weight, dynamic_int8_matmul, fake_quantize_input,
-                                                 translation_table)
+from lightning_compress.export._onnx_ops import (
+    add_bias,
+    dequantize_weight,
+    dynamic_int8_matmul,
+    fake_quantize_input,
+    translation_table,
+)
 from lightning_compress.export.quantization import Int8Conv2d, Int8Linear, PackedConv, PackedLinear, convert
 from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import unpack_codes
