@@ -9,33 +9,47 @@ its scheme and its activations (the one table of format choices):
 =====================  ===========  ========  ==========================================================================
 scheme                 activations  weight    ONNX pattern (and what onnxruntime's CPU provider runs)
 =====================  ===========  ========  ==========================================================================
-uniform, 2-8 bits      static       (u)int8   QuantizeLinear/DequantizeLinear on the input with its trained scale and
-                                              zero point, DequantizeLinear on the int8 weight (``axis`` per channel)
-                                              -> MatMul/Conv (fused to QGemm / QLinearConv: integer kernels)
+uniform, 2-8 bits      static       (u)int4/  QuantizeLinear/DequantizeLinear on the input with its trained scale and
+                                   (u)int8    zero point, DequantizeLinear on the weight (``axis`` per channel)
+                                              -> MatMul/Conv (8 bits: fused to QGemm / QLinearConv, integer kernels)
 uniform, 8 bits        dynamic      uint8     DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add (fused to
                                               DynamicQuantizeMatMul); Linear only
-uniform, 2-8 bits      none         (u)int8   DequantizeLinear on the weight -> float op (weight-only: smaller file)
+uniform, 2-8 bits      none         (u)int4/  DequantizeLinear on the weight -> float op (weight-only: smaller file;
+                                   (u)int8    Linear: fused to MatMulNBits, see below)
+uniform_group, 2-8     none/static  (u)int4/  blocked DequantizeLinear (opset 21 ``block_size`` = the group, ``axis`` 0
+bits (GroupwiseLinear)             (u)int8    of the (in, out) weight, float32 steps (in / g, out)) -> MatMul (fused
+                                              to MatMulNBits); Linear only
+fp8_e4m3 / fp8_e5m2    none/static  float8    DequantizeLinear of a FLOAT8E4M3FN / FLOAT8E5M2 weight (opset >= 19) with
+(Float8Linear)                                its float32 step per channel or tensor -> MatMul (not fused: float)
 power of two, 2-4 bits static/none  int8      levels ``+/- s 2^-k`` stored exactly as integers ``2^(n-1-k)`` with
                                               step ``s 2^-(n-1)``
 power of two, 5-6 bits static/none  int32     the same, the integers need more than 8 bits
 =====================  ===========  ========  ==========================================================================
 
-Weights of 2-7 bits are exported exactly at their trained levels in int8 storage (int4 storage is not used: the
-integer kernels of onnxruntime take 8-bit weights); 8-bit weights as the same values moved to uint8 (see
-``weight_dtype`` in :func:`to_onnx`). A prepared model is exported as the fake-quantized model computes
-(weight-only layers keep float inputs); a converted model as it computes, except that its per-row dynamic input
+Weights of 2-4 bits are exported exactly at their trained levels as ONNX INT4 (UINT4 where the codes are 0..15)
+at opset >= 21 (int8 below), 5-7 bits as int8, 8 bits as the same values moved to uint8 (see ``weight_dtype`` in
+:func:`to_onnx`). MX formats (:class:`~lightning_compress.export.low_bit.MXLinear`) raise a ``ValueError`` naming
+the layer before anything is written: onnxruntime 1.32's CPU provider has no FLOAT4E2M1 ``DequantizeLinear``, FP6
+has no ONNX type, and a dequantized float weight would not be the format's size (use ``save_pretrained``).
+Layers whose inputs are quantized at run time with sub-8-bit or grouped weights raise as well. A prepared model
+is exported as the fake-quantized model computes (weight-only layers keep float inputs; group-wise steps as the
+converted layer stores them, in bf16); a converted model as it computes, except that its per-row dynamic input
 quantization becomes onnxruntime's per-tensor ``DynamicQuantizeLinear``.
 
 Tolerances (tested in ``tests/export/test_onnx.py``, largest absolute difference over the largest absolute
 output): a float model's onnxruntime outputs match PyTorch within ``1e-4``; a quantized model's within
 ``ONNX_QUANT_RTOL`` (5 %), because onnxruntime's fused kernels requantize with their own rounding (a value at a
 rounding boundary moves one step, which propagates through the following layers) and its weight-only kernel
-(MatMulNBits) computes differently from a float MatMul (measured ~1 %); ``weight_dtype="int8"`` on a CPU without
+(``MatMulNBits``, which onnxruntime fuses from DequantizeLinear + MatMul) quantizes its inputs to int8 per block by
+default (session ``accuracy_level`` 4: 0.5-1 % per layer measured). With the session config entry
+:data:`EXACT_NBITS_CONFIG` it computes in float32 (weight-only Linear layers add their bias with ``Sum``, not
+``Add``: onnxruntime's MatMul + Add -> Gemm fusion would otherwise run first and dequantize the weight every run) and matches the dequantized weights within ``1e-5`` (tested; the
+fp8 layers are not fused and match within ``1e-5`` by default); ``weight_dtype="int8"`` on a CPU without
 VNNI may saturate (see :func:`to_onnx`), which this tolerance does not cover. A converted
 model's dynamic layers (per-row input steps in PyTorch, per-tensor in ONNX) are held to the same 5 %.
 
-New schemes (group-wise int4, fp8, MX, ...) are added as rows of :data:`ONNX_FORMATS` plus a reader in
-``_READERS`` that describes their converted layer as a :class:`QuantizedWeight`.
+New schemes are added as rows of :data:`ONNX_FORMATS` plus a reader in ``_READERS`` that describes their
+converted layer as a :class:`QuantizedWeight` (low-bit ones in ``export/_onnx_low_bit.py``).
 
 Example:
     >>> import os, tempfile, torch
@@ -60,16 +74,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.export import _onnx_low_bit as lowbit
 from lightning_compress.export._common import copy_model, resolve_example
+from lightning_compress.export._onnx_ops import (
+    add_bias,
+    dequantize_weight,
+    dynamic_int8_matmul,
+    fake_quantize_input,
+    translation_table,
+)
 from lightning_compress.export.quantization import Int8Conv2d, Int8Linear, PackedConv, PackedLinear, convert
 from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import unpack_codes
 from lightning_compress.layers.quantization import is_qat_module
 
-__all__ = ["DEFAULT_OPSET", "ONNX_FORMATS", "ONNX_QUANT_RTOL", "OnnxFormat", "QuantizedWeight", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "EXACT_NBITS_CONFIG", "ONNX_FORMATS", "ONNX_QUANT_RTOL", "OnnxFormat", "QuantizedWeight",
+           "to_onnx"]
 
 DEFAULT_OPSET = 21
 ONNX_QUANT_RTOL = 0.05
+#: onnxruntime session config entries (``SessionOptions.add_session_config_entry``) for float32 ``MatMulNBits``
+EXACT_NBITS_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
 @dataclass(frozen=True)
@@ -81,9 +106,11 @@ class OnnxFormat:
     pattern: str
 
 
-_ALL = frozenset({"linear", "conv"})
-# 8-bit codes are stored as uint8 (the same values and zero point moved by 128): see `weight_dtype` in to_onnx
-_INT8 = {**{b: torch.int8 for b in range(2, 8)}, 8: torch.uint8}
+_ALL, _LINEAR = frozenset({"linear", "conv"}), frozenset({"linear"})
+# 8-bit codes are stored as uint8 (the same values and zero point moved by 128): see `weight_dtype` in to_onnx;
+# torch.int4 stands for ONNX INT4, or UINT4 where the codes are 0..15 (opset >= 21, else int8)
+_INT8 = {**{b: torch.int4 for b in range(2, 5)}, **{b: torch.int8 for b in range(5, 8)}, 8: torch.uint8}
+_FP8 = {"fp8_e4m3": {8: torch.float8_e4m3fn}, "fp8_e5m2": {8: torch.float8_e5m2}}
 
 #: (scheme, activations) -> encoding. ``activations`` is "static" (trained scale), "dynamic" (run time) or "none".
 ONNX_FORMATS: dict[tuple[str, str], OnnxFormat] = {
@@ -95,6 +122,9 @@ ONNX_FORMATS: dict[tuple[str, str], OnnxFormat] = {
                                            _ALL, "QDQ input (static) + DQ exact power-of-two integers"),
     ("power_of_two", "none"): OnnxFormat({2: torch.int8, 3: torch.int8, 4: torch.int8, 5: torch.int32, 6: torch.int32},
                                          _ALL, "DQ exact power-of-two integers -> float op"),
+    ("uniform_group", "none"): OnnxFormat(_INT8, _LINEAR, "blocked DQ int4/uint4 weight (block_size) -> MatMul (MatMulNBits)"),
+    ("uniform_group", "static"): OnnxFormat(_INT8, _LINEAR, "QDQ input (static) + blocked DQ int4 weight -> MatMul"),
+    **{(e, a): OnnxFormat(_FP8[e], _LINEAR, f"DQ {e} weight -> MatMul") for e in _FP8 for a in ("none", "static")},
 }
 
 
@@ -112,6 +142,7 @@ class QuantizedWeight:
     activations: str
     input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
     conv: dict[str, Any] = field(default_factory=dict)
+    block_size: int = 0  # > 0: one step per block of inputs (scale (out, in / block_size))
 
 
 def _conv_args(layer: nn.Module) -> dict[str, Any]:
@@ -151,92 +182,32 @@ def _read_packed(layer: nn.Module) -> QuantizedWeight:
     static = layer.input_scale is not None
     return QuantizedWeight(
         layer.kind, layer.bits, codes, scale, zp, None if layer.bias is None else layer.bias.clone(),
-        "static" if static else "none", (layer.input_scale, layer.input_zero_point) if static else None,
+        "static" if static else "dynamic" if getattr(layer, "dynamic_input", False) else "none", (layer.input_scale, layer.input_zero_point) if static else None,
         _conv_args(layer) if isinstance(layer, PackedConv) else {},
     )
 
 
 _READERS: dict[type, Callable[[nn.Module], QuantizedWeight]] = {
-    Int8Linear: _read_int8, Int8Conv2d: _read_int8, PackedLinear: _read_packed, PackedConv: _read_packed,
+    Int8Linear: _read_int8, Int8Conv2d: _read_int8, PackedLinear: _read_packed, PackedConv: _read_packed, **lowbit.READERS,
 }
-
-# --- custom ops: traced by torch.export, written as ONNX QDQ nodes by the translation table below ---------------
-
-
-@torch.library.custom_op("lightning_compress::dequantize_weight", mutates_args=())
-def _dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
-    shape = [1] * codes.dim()
-    if scale.dim():
-        shape[axis] = -1
-    return (codes.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
-
-
-@_dequantize_weight.register_fake
-def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
-    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-
-
-@torch.library.custom_op("lightning_compress::fake_quantize_input", mutates_args=())
-def _fake_quantize_input(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return qf.fake_quantize_uniform(x, scale.reshape(1), zero_point.float().reshape(1), 0, 255)
-
-
-@_fake_quantize_input.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("lightning_compress::dynamic_int8_matmul", mutates_args=())
-def _dynamic_int8_matmul(
-    x: torch.Tensor, codes_t: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
-    lo, hi = x.amin().clamp(max=0), x.amax().clamp(min=0)
-    s = ((hi - lo) / 255).clamp(min=1e-12)
-    z = torch.clamp(torch.round(-lo / s), 0, 255)
-    xq = torch.clamp(torch.round(x / s) + z, 0, 255)
-    return ((xq - z) @ (codes_t.float() - zero_point.float())) * (s * scale) + bias
-
-
-@_dynamic_int8_matmul.register_fake
-def _(x: torch.Tensor, codes_t: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
-      bias: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], codes_t.shape[1]))
-
-
-def _translation_table() -> dict[Any, Callable[..., Any]]:
-    from onnxscript import opset21 as op
-
-    def dequantize_weight(codes: Any, scale: Any, zero_point: Any, axis: int) -> Any:
-        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
-
-    def fake_quantize_input(x: Any, scale: Any, zero_point: Any) -> Any:
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
-
-    def dynamic_int8_matmul(x: Any, codes_t: Any, zero_point: Any, scale: Any, bias: Any) -> Any:
-        xq, xs, xz = op.DynamicQuantizeLinear(x)
-        acc = op.Cast(op.MatMulInteger(xq, codes_t, xz, zero_point), to=1)  # 1 = FLOAT
-        return op.Add(op.Mul(acc, op.Mul(xs, scale)), bias)
-
-    ops = torch.ops.lightning_compress
-    return {ops.dequantize_weight.default: dequantize_weight, ops.fake_quantize_input.default: fake_quantize_input,
-            ops.dynamic_int8_matmul.default: dynamic_int8_matmul}
-
 
 class _QDQLayer(nn.Module):
     """The export form of one quantized layer: integer codes + steps as buffers, forward through the custom ops."""
 
     def __init__(self, q: QuantizedWeight, dtype: torch.dtype) -> None:
         super().__init__()
-        self.activations, self.conv = q.activations, q.conv
+        self.activations, self.conv, self.block_size = q.activations, q.conv, q.block_size
         linear = not q.conv
         codes = q.codes.t() if linear else q.codes  # linear: (in, out) for MatMul, channel on axis 1
-        self.axis = 1 if linear else 0
+        self.axis = 0 if q.block_size else 1 if linear else 0  # blocks: along the inputs (axis 0 of (in, out))
         per_tensor = q.scale.numel() == 1
         shift = 128 if dtype == torch.uint8 else 0  # int8 codes stored as uint8: the same values, zero point + 128
+        scale, zp = (q.scale.t(), q.zero_point.t()) if q.block_size else (q.scale, q.zero_point)
+        zp = zp.reshape(()) if per_tensor else zp
+        dtype, self.onnx_type = lowbit.storage_for(codes, zp, dtype)  # int4 / fp8: exact stand-ins, retyped later
         self.register_buffer("codes", (codes + shift).to(dtype).contiguous())
-        self.register_buffer("scale", q.scale.float().reshape(()) if per_tensor else q.scale.float().clone())
-        zp = q.zero_point.reshape(()) if per_tensor else q.zero_point
-        self.register_buffer("zero_point", (zp + shift).to(dtype).clone())
+        self.register_buffer("scale", scale.float().reshape(()) if per_tensor else scale.float().contiguous())
+        self.register_buffer("zero_point", (zp + shift).to(dtype).contiguous())
         self.register_buffer("bias", None if q.bias is None else q.bias.float().clone())
         if q.input_qparams is not None:
             self.register_buffer("input_scale", q.input_qparams[0].float().reshape(()).clone())
@@ -247,13 +218,15 @@ class _QDQLayer(nn.Module):
             n = self.codes.shape[1]
             bias = self.bias if self.bias is not None else torch.zeros(n)
             scale, zp = self.scale.expand(n).contiguous(), self.zero_point.expand(n).contiguous()
-            return _dynamic_int8_matmul(x, self.codes, zp, scale, bias)
+            return dynamic_int8_matmul(x, self.codes, zp, scale, bias)
         if self.activations == "static":
-            x = _fake_quantize_input(x, self.input_scale, self.input_zero_point)
-        w = _dequantize_weight(self.codes, self.scale, self.zero_point, self.axis)
+            x = fake_quantize_input(x, self.input_scale, self.input_zero_point)
+        w = dequantize_weight(self.codes, self.scale, self.zero_point, self.axis, self.block_size)
         if not self.conv:
             y = x @ w
-            return y if self.bias is None else y + self.bias
+            if self.bias is None:
+                return y
+            return add_bias(y, self.bias) if self.activations == "none" else y + self.bias  # weight-only: MatMulNBits
         c = self.conv
         op = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
         if c["pad"] is not None:
@@ -261,8 +234,11 @@ class _QDQLayer(nn.Module):
         return op(x, w, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
 
 
-def _qdq_layer(name: str, layer: nn.Module, weight_dtype: str) -> _QDQLayer:
-    q = _READERS[type(layer)](layer)
+def _qdq_layer(name: str, layer: nn.Module, weight_dtype: str, opset: int) -> _QDQLayer:
+    try:
+        q = _READERS[type(layer)](layer)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r} ({type(layer).__name__}): {err}") from None
     fmt = ONNX_FORMATS.get((q.scheme, q.activations))
     kind = "conv" if q.conv else "linear"
     if fmt is None or q.bits not in fmt.storage or kind not in fmt.layers:
@@ -273,8 +249,11 @@ def _qdq_layer(name: str, layer: nn.Module, weight_dtype: str) -> _QDQLayer:
             + ("; convert with dynamic_activations=False to keep its inputs in float" if q.activations == "dynamic" else "")
         )
     dtype = fmt.storage[q.bits]
-    if weight_dtype == "int8" and dtype == torch.uint8:
+    if weight_dtype == "int8" and dtype == torch.uint8 or dtype == torch.int4 and opset < 21:
         dtype = torch.int8
+    need = 21 if q.block_size else 19 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 13
+    if opset < need:
+        raise ValueError(f"layer {name!r} ({q.scheme}{', blocks' if q.block_size else ''}) needs `opset` >= {need}, got {opset}")
     return _QDQLayer(q, dtype)
 
 
@@ -307,7 +286,7 @@ def _writable_target(path: str | os.PathLike) -> str:
     return path
 
 
-def prepare_for_onnx(model: nn.Module, weight_dtype: str = "uint8") -> tuple[nn.Module, int]:
+def prepare_for_onnx(model: nn.Module, weight_dtype: str = "uint8", opset: int = 21) -> tuple[nn.Module, int]:
     """A copy of ``model`` in eval mode whose quantized layers are in their export form; the number of them.
 
     Raises:
@@ -319,7 +298,7 @@ def prepare_for_onnx(model: nn.Module, weight_dtype: str = "uint8") -> tuple[nn.
         convert(out, inplace=True, dynamic_activations=False)
     layers = [(n, m) for n, m in out.named_modules() if type(m) in _READERS]
     for name, layer in layers:
-        new = _qdq_layer(name, layer, weight_dtype)
+        new = _qdq_layer(name, layer, weight_dtype, opset)
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child, new)
     return out, len(layers)
@@ -373,12 +352,12 @@ def to_onnx(
         raise ValueError(f"`weight_dtype` must be one of ['int8', 'uint8'], got {weight_dtype!r}")
     example = resolve_example(model, example_input)
     path = _writable_target(path)
-    export_model, n_quant = prepare_for_onnx(model, weight_dtype)
+    export_model, n_quant = prepare_for_onnx(model, weight_dtype, opset)
     args, kwargs = _as_args(example)
     shapes = None
     if dynamic_batch:
         args, kwargs, shapes = _batch_dims(args, kwargs)
-    table = _translation_table() if n_quant else None
+    table = translation_table(opset) if n_quant else None
     try:
         with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             program = torch.onnx.export(export_model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
@@ -387,6 +366,8 @@ def to_onnx(
         raise ValueError(f"torch.onnx could not export {type(model).__name__}: {str(err).strip().splitlines()[0]}") from err
     for node in program.model.graph.all_nodes():
         node.metadata_props.clear()  # the exporter's debug records (source names): a third of a small file
+    lowbit.retype_initializers(program.model.graph, {f"{n}.codes": m.onnx_type for n, m in export_model.named_modules()
+                                                     if getattr(m, "onnx_type", None)})
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:

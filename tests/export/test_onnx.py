@@ -114,8 +114,9 @@ def test_quantized_mlp_matches_onnxruntime_at_its_trained_levels(tmp_path: Path,
     assert ops.count("DequantizeLinear") >= 3
     assert ops.count("QuantizeLinear") == (3 if cfg["activation_bits"] else 0)
     codes = [i for i in model.graph.initializer if i.name.endswith("codes")]
-    wide = cfg.get("scheme") == "power_of_two" and cfg["weight_bits"] == 5
-    expected = onnx.TensorProto.INT32 if wide else onnx.TensorProto.UINT8 if cfg["weight_bits"] == 8 else onnx.TensorProto.INT8
+    pow2, bits = cfg.get("scheme") == "power_of_two", cfg["weight_bits"]
+    expected = {8: onnx.TensorProto.UINT8, 5: onnx.TensorProto.INT32 if pow2 else onnx.TensorProto.INT8}.get(
+        bits, onnx.TensorProto.INT8 if pow2 else onnx.TensorProto.INT4)  # uniform 2-4 bits: INT4 at opset 21
     assert len(codes) == 3 and all(c.data_type == expected for c in codes)
 
 
