@@ -54,6 +54,7 @@ class CriterionStats:
         self.criterion = criterion
         self.sums: dict[str, torch.Tensor] = {}  # this rank's input sums of squares / movement scores
         self.restored: dict[str, torch.Tensor] = {}  # activation sums from a checkpoint (already reduced)
+        self._waiting_since: int | None = None  # first step a mask update waited for statistics
         self._handles: list[Any] = []
 
     @property
@@ -71,7 +72,7 @@ class CriterionStats:
         if self.criterion == "magnitude" or self.sums or self.restored:
             self._waiting_since = None
             return True
-        since = getattr(self, "_waiting_since", None)
+        since = self._waiting_since
         if since is not None and step > since:
             what = "inputs (forward pre-hooks)" if self.criterion == "activation" else "gradients"
             raise RuntimeError(
