@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_compress import claims
 from lightning_compress._validation import check_choice, check_number, check_state_version
-from lightning_compress.callbacks import _pruning_sharded, _pruning_stats
+from lightning_compress.callbacks import _pruning_masking, _pruning_sharded, _pruning_stats
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
@@ -176,7 +176,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._pooled: list[str] = []  # weight fqns ranked together (global scope)
         self._window: tuple[int, int] | None = None
         self._model_layer_numel = 0
-        self._factors: list[tuple[nn.Parameter, torch.Tensor]] = []  # (weight or bias, 0/1 factor of its dtype)
+        self._masking = _pruning_masking.Masking()  # the masks as 0/1 factors, applied after every step
         self._step_hooks = AfterOptimizerStep(self._apply_masks)
         self._layers: dict[str, list[nn.Module]] = {}  # weight fqn -> modules using it (activation statistics)
         self._strategy: Any = None
@@ -298,7 +298,7 @@ class GradualPruning(_ReleasesModelOnException):
         if self._window is not None and self._last_update_step < self._window[1]:
             self._stats.accumulate({f: w for f, w in self._weights.items() if id(w) in params})
         if self._clips:
-            _pruning_stats.multiply(self._factors, params, grads=True)
+            self._masking.apply(params, grads=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -333,7 +333,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._deferred = not self._stats.ready(step)
         if self._deferred:
             return
-        previous = {f: keep for f, w in self._weights.items() for p, keep in self._factors if p is w}  # 0/1 floats
+        previous = {f: self._masks[f] for f in self._weights if f in self._masks}  # rank-local pieces
         sparsity = {f: self.sparsity_at(step, self._final[f]) for f in self._weights}
         new = _pruning_sharded.compute_masks(self._weights, self._layers, self._pooled, previous,
                             self._stats.all_statistics(list(self._weights), self._strategy), self.criterion,
@@ -349,11 +349,11 @@ class GradualPruning(_ReleasesModelOnException):
 
     def _set_masks(self, new: dict[str, torch.Tensor]) -> None:
         self._masks = {fqn: new[fqn].to(weight.device) for fqn, weight in self._weights.items()}
-        self._factors = _pruning_stats.mask_factors(self._masks, self._weights, self._biases)
+        self._masking.update(self._masks, self._weights, self._biases)
         self._counts = _pruning_sharded.kept_counts(self._masks, self._weights)
 
     def _apply_masks(self, params: set[int] | None = None) -> None:
-        _pruning_stats.multiply(self._factors, params)
+        self._masking.apply(params)
 
     # -- reporting ----------------------------------------------------------------------------------
     @property
