@@ -35,8 +35,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_compress import _sharding
+from lightning_compress._validation import check_number
 from lightning_compress.functional import pruning as masks
 from lightning_compress.graph import output_layers
+from lightning_compress.targets import validate_patterns
 
 __all__: list[str] = []  # private to GradualPruning
 
@@ -199,6 +201,17 @@ def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, n
         if mask.shape != weights[fqn].shape:
             raise ValueError(f"GradualPruning: mask for {fqn!r} has shape {tuple(mask.shape)}, weight has "
                              f"{tuple(weights[fqn].shape)}")
+
+
+def check_layer_sparsity(layer_sparsity: Any) -> None:
+    """Raise unless ``layer_sparsity`` is ``None`` or maps valid layer patterns to sparsities in [0, 1)."""
+    if layer_sparsity is None:
+        return
+    if not isinstance(layer_sparsity, dict):
+        raise TypeError(f"`layer_sparsity` must map layer patterns to sparsities, got {layer_sparsity!r}")
+    validate_patterns(list(layer_sparsity), "layer_sparsity")
+    for key, value in layer_sparsity.items():
+        check_number(value, f"layer_sparsity[{key!r}]", low=0, high=1, high_open=True)
 
 
 def check_pattern(
