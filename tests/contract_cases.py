@@ -419,7 +419,7 @@ CASES: list[Case] = [
     Case(
         "pruning",
         "lightning_compress.callbacks.pruning.GradualPruning",
-        lambda d: {"final_sparsity": 0.75, "start_step": 2, "end_step": 10, "update_every": 2},
+        lambda d: {"final_sparsity": 0.75, "start_step": 1, "end_step": 10, "update_every": 3},
         "prune",
         lambda cb, m: _tensors(cb.masks, "mask"),
         _verify_pruning,
@@ -530,7 +530,7 @@ def composed(workdir: Path) -> list[Callback]:
     2-10, net.1 shared at step 11, the teacher distilled through logits and a net.1 feature hint."""
     return [
         build(case_by_name("low_rank"), workdir, start_step=0, targets=["net.3"]),
-        build(case_by_name("pruning"), workdir, targets=["net.1", "net.5"]),
+        build(case_by_name("pruning"), workdir, targets=["net.1", "net.5"], start_step=2, update_every=2),
         build(case_by_name("weight_sharing"), workdir, targets=["net.1"], start_step=11),
         build(case_by_name("quantization"), workdir, targets=["net.5", "net.3.down", "net.3.up"]),
         build(case_by_name("distillation"), workdir),
@@ -542,7 +542,7 @@ def composed_sharded(workdir: Path) -> list[Callback]:
     """The composed run without the methods that refuse FSDP2 (low_rank, slimmable): net.1 and net.5 pruned,
     net.1 shared at step 11, net.3 and net.5 fake-quantized, the teacher distilled, the monitor."""
     return [
-        build(case_by_name("pruning"), workdir, targets=["net.1", "net.5"]),
+        build(case_by_name("pruning"), workdir, targets=["net.1", "net.5"], start_step=2, update_every=2),
         build(case_by_name("weight_sharing"), workdir, targets=["net.1"], start_step=11),
         build(case_by_name("quantization"), workdir, targets=["net.3", "net.5"]),
         build(case_by_name("distillation"), workdir),

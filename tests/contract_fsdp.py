@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["KILL_AT", "RESUMED", "RESUME_FROM", "main", "verify_all"]
 
-KILL_AT = 10  # after the epoch-end checkpoint at step 8, while pruning still updates its masks (steps 2-10)
+KILL_AT = 10  # after the epoch-end checkpoint at step 8, two steps before the last mask update of pruning (1, 4, 7, 10)
 RESUME_FROM = "epoch=1-step=8.ckpt"
 RESUMED = "pruning"
 

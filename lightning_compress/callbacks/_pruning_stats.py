@@ -35,8 +35,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_compress import _sharding
+from lightning_compress._validation import check_number
 from lightning_compress.functional import pruning as masks
 from lightning_compress.graph import output_layers
+from lightning_compress.targets import validate_patterns
 
 __all__: list[str] = []  # private to GradualPruning
 
@@ -201,28 +203,15 @@ def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, n
                              f"{tuple(weights[fqn].shape)}")
 
 
-def mask_factors(
-    keep: dict[str, torch.Tensor], weights: dict[str, nn.Parameter], biases: dict[str, nn.Parameter]
-) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """``(parameter, 0/1 factor in its dtype)`` for every masked weight and bias (of pruned units): a float
-    multiply is several times faster than a masked fill or a multiply by a ``bool`` tensor."""
-    factors = []
-    for fqn, mask in keep.items():
-        weight, bias = weights[fqn], biases.get(fqn)
-        factors.append((weight, mask.to(weight.dtype)))
-        if bias is not None:
-            factors.append((bias, mask.reshape(mask.shape[0], -1)[:, 0].to(bias.dtype)))
-    return factors
-
-
-@torch.no_grad()
-def multiply(factors: list[tuple[nn.Parameter, torch.Tensor]], params: set[int] | None, grads: bool = False) -> None:
-    """Zero the pruned entries of the parameters in ``params`` (all when ``None``), or of their gradients, in one
-    ``torch._foreach_mul_``."""
-    pairs = [(p.grad if grads else p, keep) for p, keep in factors if params is None or id(p) in params]
-    pairs = [(_sharding.local(t), keep) for t, keep in pairs if t is not None]  # sharded: the rank's rows
-    if pairs:
-        torch._foreach_mul_([t for t, _ in pairs], [keep for _, keep in pairs])
+def check_layer_sparsity(layer_sparsity: Any) -> None:
+    """Raise unless ``layer_sparsity`` is ``None`` or maps valid layer patterns to sparsities in [0, 1)."""
+    if layer_sparsity is None:
+        return
+    if not isinstance(layer_sparsity, dict):
+        raise TypeError(f"`layer_sparsity` must map layer patterns to sparsities, got {layer_sparsity!r}")
+    validate_patterns(list(layer_sparsity), "layer_sparsity")
+    for key, value in layer_sparsity.items():
+        check_number(value, f"layer_sparsity[{key!r}]", low=0, high=1, high_open=True)
 
 
 def check_pattern(

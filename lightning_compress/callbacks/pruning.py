@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_compress import claims
 from lightning_compress._validation import check_choice, check_number, check_state_version
-from lightning_compress.callbacks import _pruning_sharded, _pruning_stats
+from lightning_compress.callbacks import _pruning_masking, _pruning_sharded, _pruning_stats
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
@@ -131,25 +131,13 @@ class GradualPruning(_ReleasesModelOnException):
         check_choice(scope, "scope", ("global", "layer"))
         validate_patterns(targets, "targets")
         validate_patterns(exclude, "exclude")
-        if layer_sparsity is not None:
-            if not isinstance(layer_sparsity, dict):
-                raise TypeError(f"`layer_sparsity` must map layer patterns to sparsities, got {layer_sparsity!r}")
-            validate_patterns(list(layer_sparsity), "layer_sparsity")
-            for key, value in layer_sparsity.items():
-                check_number(value, f"layer_sparsity[{key!r}]", low=0, high=1, high_open=True)
+        _pruning_stats.check_layer_sparsity(layer_sparsity)
         self.final_sparsity = final_sparsity
         self.initial_sparsity = initial_sparsity
-        self.start_epoch = start_epoch
-        self.end_epoch = end_epoch
-        self.start_step = start_step
-        self.end_step = end_step
+        self.start_epoch, self.end_epoch, self.start_step, self.end_step = start_epoch, end_epoch, start_step, end_step
         self.update_every = update_every
         self.schedule = schedule
-        self.mode = mode
-        self.norm = norm
-        self.scope = scope
-        self.targets = targets
-        self.exclude = exclude
+        self.mode, self.norm, self.scope, self.targets, self.exclude = mode, norm, scope, targets, exclude
         self.layer_sparsity = layer_sparsity
         self.prune_bias = prune_bias
         check_choice(criterion, "criterion", ("magnitude", "activation", "movement"))
@@ -160,6 +148,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._owner = f"GradualPruning#{next(_COUNTER)}"
         self._reset_runtime()
         self._masks: dict[str, torch.Tensor] = {}  # weight fqn -> keep mask (bool); empty until the first update
+        self._whole = False  # `_masks` are whole (restored, or kept after a fit), not yet cut to this rank's pieces
         self._last_update_step = -1
         self._counts: tuple[int, int] | None = None  # (kept, total) of the masks over all ranks
         self._model_ref: weakref.ref | None = None  # the model the masks were computed for
@@ -176,7 +165,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._pooled: list[str] = []  # weight fqns ranked together (global scope)
         self._window: tuple[int, int] | None = None
         self._model_layer_numel = 0
-        self._factors: list[tuple[nn.Parameter, torch.Tensor]] = []  # (weight or bias, 0/1 factor of its dtype)
+        self._masking = _pruning_masking.Masking()  # the masks as 0/1 factors, applied after every step
         self._step_hooks = AfterOptimizerStep(self._apply_masks)
         self._layers: dict[str, list[nn.Module]] = {}  # weight fqn -> modules using it (activation statistics)
         self._strategy: Any = None
@@ -265,18 +254,23 @@ class GradualPruning(_ReleasesModelOnException):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window = self.window(trainer)
         self._weights, self._biases = _pruning_sharded.resolve(pl_module, self._layers, self._weights, self._biases, self.criterion)
+        self._localize()
+
+    def _localize(self) -> None:
+        # whole masks and movement scores (restored, or kept from the last fit) cut to this rank's pieces, once
         self._stats.localize(self._weights)
-        if self._masks:  # restored from a checkpoint (full masks): they must fit this model
+        if self._masks and self._whole:  # they must fit this model
             self._set_masks(_pruning_sharded.local_masks(self._masks, self._weights))
             self._apply_masks()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._masks = _pruning_sharded.full_masks(self._masks, self._weights)  # sharded: keep whole masks after fit
+        self._masks, self._whole = self._whole_masks(), True  # sharded: keep whole masks after the fit
         self._stats.sums = self._stats.full(self._weights)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._localize()  # restored after `on_fit_start` by strategies that load checkpoints after their setup
         self._step_hooks.attach(trainer)
         if self._window is not None and self._last_update_step < self._window[1]:  # updates to come: gather
             self._stats.attach(self._layers)
@@ -298,7 +292,7 @@ class GradualPruning(_ReleasesModelOnException):
         if self._window is not None and self._last_update_step < self._window[1]:
             self._stats.accumulate({f: w for f, w in self._weights.items() if id(w) in params})
         if self._clips:
-            _pruning_stats.multiply(self._factors, params, grads=True)
+            self._masking.apply(params, grads=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -333,7 +327,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._deferred = not self._stats.ready(step)
         if self._deferred:
             return
-        previous = {f: keep for f, w in self._weights.items() for p, keep in self._factors if p is w}  # 0/1 floats
+        previous = {f: self._masks[f] for f in self._weights if f in self._masks}  # rank-local pieces
         sparsity = {f: self.sparsity_at(step, self._final[f]) for f in self._weights}
         new = _pruning_sharded.compute_masks(self._weights, self._layers, self._pooled, previous,
                             self._stats.all_statistics(list(self._weights), self._strategy), self.criterion,
@@ -348,12 +342,15 @@ class GradualPruning(_ReleasesModelOnException):
         return Schedule(self.schedule, 0.0, 1.0, *(self._window or (0, 0))).value_at(step)
 
     def _set_masks(self, new: dict[str, torch.Tensor]) -> None:
-        self._masks = {fqn: new[fqn].to(weight.device) for fqn, weight in self._weights.items()}
-        self._factors = _pruning_stats.mask_factors(self._masks, self._weights, self._biases)
+        self._masks, self._whole = {fqn: new[fqn].to(weight.device) for fqn, weight in self._weights.items()}, False
+        self._masking.update(self._masks, self._weights, self._biases)
         self._counts = _pruning_sharded.kept_counts(self._masks, self._weights)
 
+    def _whole_masks(self) -> dict[str, torch.Tensor]:
+        return dict(self._masks) if self._whole else _pruning_sharded.full_masks(self._masks, self._weights)
+
     def _apply_masks(self, params: set[int] | None = None) -> None:
-        _pruning_stats.multiply(self._factors, params)
+        self._masking.apply(params)
 
     # -- reporting ----------------------------------------------------------------------------------
     @property
@@ -387,7 +384,7 @@ class GradualPruning(_ReleasesModelOnException):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _VERSION,
-            "masks": {f: m.detach().cpu().clone() for f, m in _pruning_sharded.full_masks(self._masks, self._weights).items()},
+            "masks": {f: m.detach().cpu().clone() for f, m in self._whole_masks().items()},
             "last_update_step": self._last_update_step,
             "criterion_stats": self._stats.state_dict(self._strategy, self._weights),  # version 2
         }
@@ -395,6 +392,6 @@ class GradualPruning(_ReleasesModelOnException):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_version(state_dict, _VERSION, "GradualPruning")
-        self._masks, self._counts = {fqn: mask.bool() for fqn, mask in state_dict.get("masks", {}).items()}, None
+        self._masks, self._counts, self._whole = {f: m.bool() for f, m in state_dict.get("masks", {}).items()}, None, True
         self._last_update_step = int(state_dict.get("last_update_step", -1))
         self._stats.load_state_dict(state_dict.get("criterion_stats", {}))

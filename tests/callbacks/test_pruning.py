@@ -342,3 +342,25 @@ def test_default_targets_are_linear_and_conv_layers_embeddings_only_when_named(m
     named = GradualPruning(final_sparsity=0.5, start_step=0, end_step=2, targets=["emb", "net.*"])
     make_trainer(callbacks=[named], max_steps=3).fit(WithEmbedding())
     assert set(named.masks) == {"emb.weight", "net.0.weight", "net.2.weight"}
+
+
+def test_masking_skips_all_kept_weights_and_reuses_its_factor_buffers() -> None:
+    from lightning_compress.callbacks._pruning_masking import Masking
+
+    a, b = nn.Parameter(torch.tensor([[1.0, -2.0], [3.0, 4.0]])), nn.Parameter(torch.tensor([5.0, 6.0]))
+    bias = nn.Parameter(torch.tensor([1.0, 1.0]))
+    masking = Masking()
+    masking.update({"a": torch.tensor([[True, True], [False, False]]), "b": torch.ones(2, dtype=torch.bool)},
+                   {"a": a, "b": b}, {"a": bias})
+    assert [p is a or p is bias for p, _ in masking.factors] == [True, True], "b keeps everything: no factor"
+    buffer = masking.factors[0][1]
+    a.data.fill_(7.0)
+    masking.update({"a": torch.tensor([[True, False], [False, False]]), "b": torch.ones(2, dtype=torch.bool)},
+                   {"a": a, "b": b}, {"a": bias})
+    assert masking.factors[0][1] is buffer and buffer.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    params = {id(a)}
+    masking.apply(params)
+    masking.apply(params)  # the lists built for this set of parameters are reused
+    assert a.tolist() == [[7.0, 0.0], [0.0, 0.0]] and b.tolist() == [5.0, 6.0] and bias.tolist() == [1.0, 1.0]
+    masking.apply()
+    assert bias.tolist() == [1.0, 0.0]

@@ -88,3 +88,33 @@ def test_global_masks_of_a_large_weight_follow_kthvalue_and_never_grow() -> None
     assert int((~new["w"]).sum()) == masks.num_to_prune(0.7, w.numel())
     threshold = torch.kthvalue(w.abs().reshape(-1), masks.num_to_prune(0.7, w.numel())).values
     assert torch.equal(new["w"], w.abs() > threshold)  # continuous values: no tie at the cut
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_a_crowded_or_sparse_cut_bin_gives_the_sorted_masks(crowded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a sparse bin at the cut is collected in the pass that writes the masks; a crowded one (the previously
+    # pruned entries, or half of `a` equal)
+    # takes the histogram of the low digit and a comparison pass: both equal the stable sort, ties straddling
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(12_001, generator=g), torch.randn(40, 200, generator=g)
+    if crowded:
+        a[::2] = 0.75
+    mask = torch.rand(a.shape, generator=g) > 0.2
+    parts = [sel.Scores(a, mask, magnitude=True), sel.Scores(b, magnitude=True)]
+    calls = []
+    collect = sel._cut_in_bin
+    monkeypatch.setattr(sel, "_cut_in_bin", lambda *args: calls.append(1) or collect(*args))
+    for k in (1_000, 11_000, 13_000) if crowded else (2_500, 5_003, 9_000):  # crowded: the pruned, or the 0.75s
+        ours = sel.lowest_pruned(parts, k, chunk=1000)
+        for x, y in zip(ours, _reference(parts, k), strict=True):
+            assert torch.equal(x, y), k
+    assert len(calls) == (0 if crowded else 3)
+
+
+def test_sparse_positions_equal_nonzero() -> None:
+    g = torch.Generator().manual_seed(6)
+    for n in (0, 5, 8, 1003, 4096):
+        for density in (0.0, 0.002, 0.3, 1.0):
+            flags = torch.rand(n + 3, generator=g) < density
+            for f in (flags, flags[3:], flags[:n]):  # offsets 0 and 3 (not 8-byte aligned), lengths not of 8
+                assert torch.equal(sel._positions(f), torch.nonzero(f).view(-1))
