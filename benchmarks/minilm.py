@@ -2,6 +2,7 @@
 
     python benchmarks/minilm.py            # 120 steps, 3 seeds, 32 tokens (long on 2 shared cores)
     python benchmarks/minilm.py --quick    # 12 steps, 1 seed, 16 tokens, 400 sentences
+    python benchmarks/minilm.py --steps 60 --seeds 1 --only distillation   # adds its rows to a stored run of the same settings
 
 Every training row fine-tunes the packaged pretrained all-MiniLM-L6-v2 on the same data (SentenceDataModule:
 standard-library docstring sentences, target = the original model's embedding), the same step budget (3 epochs of
@@ -247,7 +248,15 @@ def write(rows: list[dict[str, Any]], steps: int, seeds: list[int], length: int,
     out = dict(steps=steps, seeds=seeds, max_length=length, sentences={k: len(v) for k, v in dm.sentences.items()},
                batch_size=32, threads=args.threads, quick=args.quick, rows=rows,
                note="2 CPU cores shared with other jobs while measured: latencies are noisy, read the ratios")
-    (ROOT / "benchmarks" / "results" / "minilm.json").write_text(json.dumps(out, indent=1))
+    path = ROOT / "benchmarks" / "results" / "minilm.json"
+    stored = json.loads(path.read_text()) if args.only and path.exists() else {}
+    if all(stored.get(k) == out[k] for k in ("steps", "max_length", "quick")) and stored:
+        # an --only run adds its rows to a stored run of the same settings (rows it did not run are kept)
+        ran = {r["name"] for r in rows}
+        merged = rows + [r for r in stored["rows"] if r["name"] not in ran]
+        out["rows"] = sorted(merged, key=lambda r: -1 if r["name"] == "fp32 original" else ORDER.index(r["name"]))
+        out["seeds"] = sorted(set(stored.get("seeds", [])) | set(seeds))
+    path.write_text(json.dumps(out, indent=1))
 
 
 def table(rows: list[dict[str, Any]]) -> None:
