@@ -12,6 +12,8 @@ keeps it), the last epoch at the final sparsity.
 
 - criteria (seed 0 only, to keep the run short: 7 fine-tunings): magnitude and activation (Wanda) at 50, 70 and
   90 %, movement at 50 %;
+- per row (``--only row``, seed 0): ``scope="row"``, each output row's entries ranked among themselves (Wanda's
+  comparison group), activation at 50 and 70 %, magnitude at 50 %;
 - N:M (``--seeds``): activation-ranked 2:4 ramped the same way (the fraction of groups held to 2:4 follows the
   schedule) and 2:4 one-shot at step 0 then fine-tuned (NVIDIA's recipe; seed 0), against 50 % unstructured.
 
@@ -45,6 +47,11 @@ def criteria_runs() -> dict[str, dict[str, Any]]:
     return runs
 
 
+def row_runs() -> dict[str, dict[str, Any]]:  # Wanda's comparison group: each output row ranked on its own
+    return {f"{c} per row@{s}": dict(criterion=c, final_sparsity=s, scope="row")
+            for c, s in (("activation", 0.5), ("magnitude", 0.5), ("activation", 0.7))}
+
+
 def nm_runs() -> dict[str, dict[str, Any]]:
     return {
         "activation@0.5": dict(criterion="activation", final_sparsity=0.5),
@@ -61,7 +68,7 @@ def encoder_sparsity(model: nn.Module) -> float:
 
 def prune_run(base: SentenceEncoder, dm: SentenceDataModule, steps: int, seed: int, **kwargs: Any) -> dict[str, float]:
     window = {} if "start_step" in kwargs else dict(start_epoch=0, end_epoch=2)
-    pruning = GradualPruning(scope="layer", update_every=10, **window, **kwargs)
+    pruning = GradualPruning(update_every=10, **{"scope": "layer", **window, **kwargs})
     seed_everything(seed, verbose=False)
     model = copy.deepcopy(base)
     fit(model, dm, steps, [pruning])
@@ -78,9 +85,11 @@ def table(results: dict[str, Any]) -> None:
     rows = results["rows"]
     cell = lambda k: _fmt([r["fidelity"] for r in rows[k]]) if k in rows else "—"  # noqa: E731
     print(f"\nall-MiniLM-L6-v2, {results['steps']} fine-tuning steps, test cosine fidelity to the original")
-    print("\n| sparsity | magnitude | activation (Wanda) | movement |\n|---|---|---|---|")
+    print("\n| sparsity | magnitude | activation (Wanda) | movement | magnitude per row | activation per row |"
+          "\n|---|---|---|---|---|---|")
     for s in (0.5, 0.7, 0.9):
-        print(f"| {s:.0%} | {cell(f'magnitude@{s}')} | {cell(f'activation@{s}')} | {cell(f'movement@{s}')} |")
+        print(f"| {s:.0%} | {cell(f'magnitude@{s}')} | {cell(f'activation@{s}')} | {cell(f'movement@{s}')} "
+              f"| {cell(f'magnitude per row@{s}')} | {cell(f'activation per row@{s}')} |")
     print("\n| 50 % unstructured | 2:4 gradual | 2:4 one-shot + fine-tune | 2:4 gradual - 50 % |\n|---|---|---|---|")
     if "activation 2:4 gradual" in rows and "activation@0.5" in rows:
         gap = (statistics.mean(r["fidelity"] for r in rows["activation 2:4 gradual"])
@@ -94,7 +103,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seeds", type=int)
-    parser.add_argument("--only", nargs="+", choices=["criteria", "nm"], default=["criteria", "nm"])
+    parser.add_argument("--only", nargs="+", choices=["criteria", "nm", "row"],
+                        default=["criteria", "nm", "row"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="skip the runs already in the stored JSON")
     args = parser.parse_args()
@@ -103,10 +113,12 @@ def main() -> None:
     dm, base, length = load(args.quick, args.threads)
     results: dict[str, Any] = dict(steps=steps, max_length=length, sentences={k: len(v) for k, v in dm.sentences.items()},
                                    quick=args.quick, rows={})
-    crit, nm = criteria_runs(), nm_runs()
+    crit, nm, row = criteria_runs(), nm_runs(), row_runs()
     # most telling first (a run cut short keeps them): the 50 % and 2:4 targets, then the rest of the table, then seeds
     first = [("activation@0.5", crit["activation@0.5"], 0), ("activation 2:4 gradual", nm["activation 2:4 gradual"], 0)]
     plan: list[tuple[str, dict[str, Any], int]] = first if "nm" in args.only else first[:1]
+    if "row" in args.only:
+        plan += [(name, kw, 0) for name, kw in row.items()]
     if "criteria" in args.only:
         plan += [(name, kw, 0) for name, kw in crit.items()]
     if "nm" in args.only:

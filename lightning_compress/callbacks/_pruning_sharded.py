@@ -65,9 +65,11 @@ def compute_masks(
     nm: tuple[int, int] | None,
     sparsity: dict[str, float],
     fraction: float,
+    per_row: bool = False,
 ) -> dict[str, torch.Tensor]:
     """New keep-masks (rank-local pieces): the ``pooled`` weights ranked together (at the sparsity of their first),
-    the others each on its own at ``sparsity[fqn]``, or every one held to N:M in a ``fraction`` of its groups.
+    the others each on its own at ``sparsity[fqn]`` (``per_row``: each output row on its own, whole on one rank),
+    or every one held to N:M in a ``fraction`` of its groups.
     ``previous`` masks and ``movement`` statistics are pieces; ``activation`` statistics are per input column. A
     layer without statistics (no training batch went through it) is ranked by magnitude. Every rank must call it."""
     signed = criterion == "movement"
@@ -105,6 +107,8 @@ def compute_masks(
             units = _full_units(weight, piece, scores[fqn], prev, norm, False, signed)
             keep = masks._prune_lowest(units, masks.num_to_prune(sparsity[fqn], weight.shape[0]))
             new[fqn] = _unit_keep_local(keep, weight, piece)
+        elif per_row:
+            new[fqn] = masks.row_mask(piece, sparsity[fqn], prev, scores[fqn], signed)
         else:
             new[fqn] = lowest_pruned([part(fqn)], masks.num_to_prune(sparsity[fqn], weight.numel()))[0]
     return new

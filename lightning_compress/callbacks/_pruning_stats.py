@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_compress import _sharding
-from lightning_compress._validation import check_number
+from lightning_compress._validation import check_choice, check_number
 from lightning_compress.functional import pruning as masks
 from lightning_compress.graph import output_layers
 from lightning_compress.targets import validate_patterns
@@ -201,6 +201,14 @@ def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, n
         if mask.shape != weights[fqn].shape:
             raise ValueError(f"GradualPruning: mask for {fqn!r} has shape {tuple(mask.shape)}, weight has "
                              f"{tuple(weights[fqn].shape)}")
+
+
+def check_scope(scope: Any, mode: str) -> None:
+    """Raise unless ``scope`` is ``global``, ``layer`` or ``row`` (``row`` in ``unstructured`` mode only)."""
+    check_choice(scope, "scope", ("global", "layer", "row"))
+    if scope == "row" and mode == "structured":
+        raise ValueError("`scope='row'` ranks the entries of each output unit among themselves, but `mode='structured'` "
+                         "prunes whole units: use scope 'global' or 'layer' with it")
 
 
 def check_layer_sparsity(layer_sparsity: Any) -> None:

@@ -67,7 +67,8 @@ class GradualPruning(_ReleasesModelOnException):
             an error.
         norm: 1 or 2, the norm that ranks units in ``structured`` mode.
         scope: ``global`` (one ranking across all targeted layers, so layers end with different sparsities)
-            or ``layer`` (every layer pruned to the scheduled sparsity).
+            or ``layer`` (every layer pruned to the scheduled sparsity) or ``row`` (every output unit of every layer
+            pruned to it, its entries ranked among themselves: Wanda's comparison group; ``unstructured`` only).
         targets: layers to prune (names, globs or ``"re:"`` regexes); ``None``: every Linear/Conv layer.
             ``Embedding`` layers are pruned (``unstructured`` mode) only when named here.
             Layers with frozen weights are skipped with a warning unless ``targets`` is given.
@@ -108,7 +109,7 @@ class GradualPruning(_ReleasesModelOnException):
         schedule: Literal["cubic", "linear", "exponential", "constant", "one_shot"] = "cubic",
         mode: Literal["unstructured", "structured"] = "unstructured",
         norm: Literal[1, 2] = 1,
-        scope: Literal["global", "layer"] = "global",
+        scope: Literal["global", "layer", "row"] = "global",
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         layer_sparsity: dict[str, float] | None = None,
@@ -128,7 +129,7 @@ class GradualPruning(_ReleasesModelOnException):
         validate_kind(schedule)
         check_choice(mode, "mode", ("unstructured", "structured"))
         check_choice(norm, "norm", (1, 2))
-        check_choice(scope, "scope", ("global", "layer"))
+        _pruning_stats.check_scope(scope, mode)
         validate_patterns(targets, "targets")
         validate_patterns(exclude, "exclude")
         _pruning_stats.check_layer_sparsity(layer_sparsity)
@@ -331,7 +332,7 @@ class GradualPruning(_ReleasesModelOnException):
         sparsity = {f: self.sparsity_at(step, self._final[f]) for f in self._weights}
         new = _pruning_sharded.compute_masks(self._weights, self._layers, self._pooled, previous,
                             self._stats.all_statistics(list(self._weights), self._strategy), self.criterion,
-                            self.mode, self.norm, self._nm, sparsity, self._group_fraction(step))
+                            self.mode, self.norm, self._nm, sparsity, self._group_fraction(step), self.scope == "row")
         self._set_masks(new)
         self._last_update_step = step
         self._apply_masks()

@@ -6,6 +6,7 @@ ever shrink as the sparsity rises, and exactly ``round(sparsity * n)`` entries (
 are broken by position (a stable sort), never by a threshold that could take more.
 
 - unstructured: entries ranked by ``|w|`` (magnitude pruning, Han et al. 2015; Zhu & Gupta 2017);
+- per row: every output unit's entries ranked among themselves (:func:`row_mask`; Wanda's comparison group);
 - structured: whole output units (rows of a ``Linear``, filters of a ``Conv``) ranked by their L1 or L2 norm;
 - N:M (semi-structured): in every group of ``M`` consecutive weights along the input dimension (a ``Linear``'s
   columns, a ``Conv``'s input channels) at most ``N`` stay (:func:`nm_mask`; 2:4 is what sparse tensor cores run).
@@ -40,7 +41,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lightning_compress.functional._selection import Scores, lowest_pruned
+from lightning_compress.functional._selection import CHUNK, Scores, lowest_pruned
 from lightning_compress.functional._selection import masked_scores as _masked_scores
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "nm_fraction",
     "nm_mask",
     "parse_pattern",
+    "row_mask",
     "global_unstructured_masks",
     "num_to_prune",
     "structured_mask",
@@ -123,6 +125,42 @@ def unstructured_mask(
     """
     part = Scores(weight if scores is None else scores, mask, magnitude=scores is None, signed=signed)
     return lowest_pruned([part], num_to_prune(sparsity, weight.numel()))[0].view(weight.shape)
+
+
+def row_mask(
+    weight: torch.Tensor,
+    sparsity: float,
+    mask: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    signed: bool = False,
+) -> torch.Tensor:
+    """Keep-mask pruning, in every output unit (dim 0) of ``weight``, its ``round(sparsity * fan_in)`` entries with
+    the lowest score, fan-in being the entries of one unit (a ``Linear`` row, a ``Conv`` filter).
+
+    Wanda (Sun et al. 2023) compares ``|w| * ||x_j||`` within each output row rather than across the layer: every
+    output keeps the same number of inputs, so no unit loses most of its weights (their section 3, "comparison
+    group": per output better than per layer on the language models they prune). Entries already ``False`` in ``mask``
+    go first; ties by position. Rows are sorted in blocks of about :data:`~._selection.CHUNK` entries (extra memory:
+    8 bytes per entry of a block).
+
+    Example:
+        >>> row_mask(torch.tensor([[3.0, -1.0, 2.0, 0.5], [0.1, 0.2, 0.3, 0.4]]), 0.5).int().tolist()
+        [[1, 0, 1, 0], [0, 0, 1, 1]]
+    """
+    rows = weight.shape[0]
+    fan_in = weight.numel() // rows if rows else 0
+    k = num_to_prune(sparsity, fan_in)
+    keep = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    if k == 0 or fan_in == 0:
+        return keep if mask is None else keep & mask.to(device=keep.device, dtype=torch.bool)
+    part = Scores(weight if scores is None else scores, mask, magnitude=scores is None, signed=signed)
+    flat, block = keep.view(rows, fan_in), max(1, CHUNK // fan_in)
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        keys = part.keys(start * fan_in, stop * fan_in).view(stop - start, fan_in)
+        lowest = torch.sort(keys, dim=1, stable=True).indices[:, :k]
+        flat[start:stop].scatter_(1, lowest.to(keep.device), False)
+    return keep
 
 
 def unit_scores(weight: torch.Tensor, norm: int = 1, normalize: bool = False, signed: bool = False) -> torch.Tensor:

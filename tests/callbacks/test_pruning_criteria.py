@@ -54,6 +54,23 @@ def test_activation_criterion_ranks_by_weight_times_input_norm_from_the_training
     assert not model.net[0]._forward_pre_hooks, "the input hooks were not removed"
 
 
+def test_row_scope_prunes_every_output_row_to_the_sparsity_by_its_own_ranking(make_trainer) -> None:
+    seed_everything(0)
+    model = TinyModule()
+    witness = Witness(step=3)
+    pruning = GradualPruning(final_sparsity=0.5, start_step=3, end_step=3, schedule="one_shot", targets=["net.0"],
+                             criterion="activation", scope="row")
+    make_trainer(callbacks=[witness, pruning], max_steps=5).fit(model)
+    norms = torch.linalg.vector_norm(torch.cat(witness.inputs), dim=0)
+    w = witness.weights["net.0.weight"]
+    keep = pruning.masks["net.0.weight"]
+    expected = torch.stack([masks.unstructured_mask(row, 0.5, scores=row.abs() * norms) for row in w])
+    assert torch.equal(keep, expected)
+    assert (~keep).sum(1).tolist() == [masks.num_to_prune(0.5, w.shape[1])] * w.shape[0]
+    assert not torch.equal(keep, masks.unstructured_mask(w, 0.5, scores=w.abs() * norms))  # not the layer's cut
+    assert bool((model.net[0].weight.detach()[~keep] == 0).all())
+
+
 def test_activation_criterion_prunes_a_model_passed_to_fit_in_eval_mode(make_trainer) -> None:
     # Lightning trains a module handed over in eval mode in eval mode; the input norms must still be gathered
     # (before the fix the hooks skipped eval-mode modules and the masks were never computed: 0 % sparsity)
@@ -230,6 +247,8 @@ def test_gradients_of_pruned_entries_are_masked_only_for_gradient_clipping(clip:
         ({"criterion": "wanda"}, "`criterion` must be one of"),
         ({"pattern": "4:2"}, "`pattern` must be 'N:M' with integers 1 <= N < M"),
         ({"pattern": "2:4", "mode": "structured"}, "takes neither `mode='structured'`"),
+        ({"scope": "row", "mode": "structured"}, "`scope='row'` ranks the entries of each output unit"),
+        ({"scope": "rows"}, "`scope` must be one of"),
         ({"pattern": "2:4", "layer_sparsity": {"net.0": 0.5}}, "takes neither"),
     ],
 )

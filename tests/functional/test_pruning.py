@@ -131,6 +131,30 @@ def test_movement_scores_are_signed_and_masks_never_grow_back() -> None:
     assert units[:, 0].tolist() == [True, True, False]  # unit sums 2, 1, 0.5
 
 
+@pytest.mark.parametrize("shape", [(6, 10), (4, 3, 3, 3)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_row_mask_prunes_each_output_unit_on_its_own(shape: tuple[int, ...], signed: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _weight(*shape)
+    scores = _weight(*shape, seed=1) if signed else None
+    previous = masks.unstructured_mask(w, 0.3)  # pruned entries go first and stay pruned
+    expected = torch.stack([masks.unstructured_mask(w[i], 0.6, previous[i], None if scores is None else scores[i],
+                                                    signed) for i in range(shape[0])])
+    monkeypatch.setattr(masks, "CHUNK", 2 * w[0].numel())  # rows sorted two at a time, in blocks
+    keep = masks.row_mask(w, 0.6, previous, scores, signed)
+    assert torch.equal(keep, expected)
+    fan_in = w[0].numel()
+    assert (~keep).reshape(shape[0], -1).sum(1).tolist() == [masks.num_to_prune(0.6, fan_in)] * shape[0]
+    assert not bool((keep & ~previous).any())
+    assert not torch.equal(keep, masks.unstructured_mask(w, 0.6, previous, scores, signed))  # not the layer's ranking
+
+
+def test_row_mask_at_zero_sparsity_keeps_the_previous_mask() -> None:
+    previous = torch.tensor([[True, False], [True, True]])
+    assert torch.equal(masks.row_mask(_weight(2, 2), 0.0, previous), previous)
+    assert bool(masks.row_mask(_weight(2, 2), 0.0).all())
+
+
 @pytest.mark.parametrize("shape", [(8, 16), (4, 8, 3, 3)])
 def test_nm_mask_keeps_n_of_every_m_along_the_input_dimension(shape: tuple[int, ...]) -> None:
     w = _weight(*shape)
