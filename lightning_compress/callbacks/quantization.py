@@ -60,7 +60,9 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     ``weight``/``bias`` parameters (state-dict keys unchanged, quantizer state added as buffers), so every
     checkpoint written mid-QAT resumes with ``ckpt_path=`` and loads for evaluation with
     :func:`lightning_compress.checkpoints.load_quantized_checkpoint`. From ``start_*`` on, the forward uses quantized values with the
-    straight-through estimator. At the end of fit (``convert_on_fit_end``) or by calling
+    straight-through estimator. Input ranges are observed in every training batch whatever the module's train/eval
+    mode (Lightning trains a model handed to ``fit`` in eval mode in eval mode); validation, test and predict
+    forwards never change them. At the end of fit (``convert_on_fit_end``) or by calling
     :func:`lightning_compress.export.quantization.convert`, the layers become integer layers: int8 kernel-backed
     for 8-bit uniform weights, packed 2/4/8-bit codes + scales otherwise.
 

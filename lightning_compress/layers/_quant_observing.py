@@ -7,7 +7,8 @@ enabled, whatever its train/eval mode. Lightning 2.6 trains a model handed to ``
 a user may put a prepared model (or part of it) in eval mode on purpose (to keep BatchNorm statistics fixed, say):
 keyed on the mode alone, the observed ranges would stay those of the first batch (or of an earlier fit) for good.
 Validation, test and predict forwards run outside training batches and without gradients, so they never update a
-range, in either mode.
+range, in either mode. One difference remains: a ``no_grad`` forward inside ``training_step`` updates the ranges
+of quantizers in training mode only.
 
 The mark is a plain attribute (not a buffer): it is not part of any ``state_dict``.
 

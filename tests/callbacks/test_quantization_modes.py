@@ -134,3 +134,35 @@ def test_forwards_outside_a_fit_observe_in_training_mode_only() -> None:
     assert all(torch.equal(before[k], v) for k, v in _input_states(model).items())
     model.train()(torch.randn(4, 16) * 10)
     assert float(quantizer.max_val) > float(before["net.0.input_quant.max_val"])
+
+
+class _ConvBn(GrowingInputs):
+    """Conv2d + BatchNorm (folded into the quantized conv weight) on the same growing inputs seen as 1x4x4 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, 4, 4)), torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(16, 4),
+        )
+
+
+def test_eval_mode_fit_with_folded_batchnorm_observes_and_leaves_batchnorm_alone(make_trainer) -> None:
+    # the BatchNorm keeps the mode the user chose (eval: running statistics used, not updated); only the observers
+    # ignore the mode. The first conv's input is the data, so its observed range matches the train-mode fit's.
+    states, bn_means = {}, {}
+    for eval_mode in (False, True):
+        seed_everything(0)
+        model = _ConvBn()
+        make_trainer(max_steps=1, limit_val_batches=0,
+                     callbacks=[QuantizationAwareTraining(convert_on_fit_end=False)]).fit(model)
+        assert model.net[1].folded_bn() is model.net[2]
+        mean_before = model.net[2].running_mean.clone()
+        model.train(not eval_mode)
+        make_trainer(max_epochs=1, limit_val_batches=0,
+                     callbacks=[QuantizationAwareTraining(convert_on_fit_end=False)]).fit(model)
+        assert model.net[2].training is not eval_mode
+        states[eval_mode] = {k: v for k, v in _input_states(model).items() if k.startswith("net.1.")}
+        bn_means[eval_mode] = (mean_before, model.net[2].running_mean.clone())
+    assert states[True] and all(torch.equal(states[True][k], v) for k, v in states[False].items())
+    assert torch.equal(*bn_means[True]) and not torch.equal(*bn_means[False])
