@@ -26,6 +26,7 @@ from lightning_compress.export.quantization import (
     convert,
     serialized_size,
 )
+from lightning_compress.layers._quant_observing import mark_training_batch
 from lightning_compress.layers._quant_sharded import (
     attach_input_groups,
     check_tensor_parallel,
@@ -59,7 +60,9 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     ``weight``/``bias`` parameters (state-dict keys unchanged, quantizer state added as buffers), so every
     checkpoint written mid-QAT resumes with ``ckpt_path=`` and loads for evaluation with
     :func:`lightning_compress.checkpoints.load_quantized_checkpoint`. From ``start_*`` on, the forward uses quantized values with the
-    straight-through estimator. At the end of fit (``convert_on_fit_end``) or by calling
+    straight-through estimator. Input ranges are observed in every training batch whatever the module's train/eval
+    mode (Lightning trains a model handed to ``fit`` in eval mode in eval mode); validation, test and predict
+    forwards never change them. At the end of fit (``convert_on_fit_end``) or by calling
     :func:`lightning_compress.export.quantization.convert`, the layers become integer layers: int8 kernel-backed
     for 8-bit uniform weights, packed 2/4/8-bit codes + scales otherwise.
 
@@ -218,6 +221,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         claims.release(pl_module, self.state_key)
         detach_input_groups(pl_module)
+        mark_training_batch(pl_module, False)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,11 +255,17 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         s = self._steps
         fo, fb = s.get("freeze_observers"), s.get("freeze_bn")
         set_qat_flags(pl_module, fake_quant=step >= s.get("start", 0), observe=fo is None or step < fo)
+        mark_training_batch(pl_module, True)  # input ranges are observed in this batch whatever the module's mode
         if self._sharded and self.learn_scale and step >= s.get("start", 0):
             observe_weights(pl_module, uninitialized_only=True)  # an LSQ step set in forward would be lost (FSDP2)
         if fb is not None and step >= fb:
             for bn in self._batchnorms(pl_module):
                 bn.eval()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        mark_training_batch(pl_module, False)
 
     def _batchnorms(self, pl_module: nn.Module) -> list[nn.Module]:
         if self._bn_pairs:

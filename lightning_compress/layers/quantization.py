@@ -38,6 +38,7 @@ from torch import nn
 from lightning_compress.functional import formats as ff
 from lightning_compress.functional import quantization as qf
 from lightning_compress.layers._quant_config import QuantConfig
+from lightning_compress.layers._quant_observing import observes
 from lightning_compress.layers._quant_sharded import observe_weights, reduce_input_range
 
 __all__ = [
@@ -155,7 +156,8 @@ def quantize_input_dynamic(x: torch.Tensor, scheme: str, granularity: str, bits:
 class ActivationFakeQuantize(nn.Module):
     """Fake-quantizes a layer input to unsigned 8-bit affine levels (zero point exact) from an EMA min/max.
 
-    The observer updates in training mode only (``momentum`` of the moving average, first batch taken as is).
+    The observer updates in training mode, and in a fit's training batches whatever the mode (``momentum`` of
+    the moving average, first batch taken as is; see :mod:`~lightning_compress.layers._quant_observing`).
     With ``dynamic`` there is no observer: each input is quantized with its own ranges at run time (see
     :func:`quantize_input_dynamic`; ``scheme`` and ``granularity`` say how).
     """
@@ -194,7 +196,7 @@ class ActivationFakeQuantize(nn.Module):
         if self.dynamic:
             self.initialized.fill_(1)
             return quantize_input_dynamic(x, self.scheme, self.granularity, self.bits)
-        if not bool(self.initialized) or (self.training and bool(self.observer_enabled)):
+        if not bool(self.initialized) or observes(self):
             self._observe(x)
         return qf.fake_quantize_uniform(x, self.scale, self.zero_point, 0, 2**self.bits - 1)
 
