@@ -63,7 +63,7 @@ def embedding_tables(model: nn.Module, mode: str) -> dict[str, str]:
         if not isinstance(module, nn.Embedding):
             continue
         if id(module) in seen:  # one module under several names: the exporter may name its table after any
-            tables[f"{name}.weight"] = seen[id(module)]
+            tables[f"{name}.weight" if name else "weight"] = seen[id(module)]
             continue
         seen[id(module)] = name
         tied = [n for n in tied_elsewhere(model, name) if model.get_submodule(n) is not module]
@@ -73,7 +73,7 @@ def embedding_tables(model: nn.Module, mode: str) -> dict[str, str]:
         if module.max_norm is not None:
             raise ValueError(f"`embeddings='int8'`: embedding {name!r} has max_norm={module.max_norm} (its rows are "
                              "renormalized in the forward); use embeddings='float'")
-        tables[f"{name}.weight"] = name
+        tables[f"{name}.weight" if name else "weight"] = name
     return tables
 
 

@@ -336,8 +336,7 @@ def to_onnx(
             by the rows' steps (onnxruntime keeps the table int8 in memory; see ``export/_onnx_embedding.py`` for
             the measured alternative). This is post-training quantization at export time, not QAT, for float and
             QAT models alike: each table value moves by at most half its row's step (``max |row| / 254``); a zero
-            (``padding_idx``) row stays 0. ``"float"`` (default) keeps the tables as they are.
-            ``to_onnx(model, "m.onnx", ids, embeddings="int8")`` is MiniLM's word table at 1/4 of its size.
+            (``padding_idx``) row stays 0. ``"float"`` (default) keeps the tables as they are. MiniLM: 0.61x.
 
     Returns:
         ``path`` as a string.
@@ -354,6 +353,10 @@ def to_onnx(
         Traceback (most recent call last):
         ...
         ValueError: `example_input` is required (one input batch for the model's forward, e.g. torch.zeros(1, 1, 8, 8)) unless the model sets `example_input_array`; got None for Linear
+        >>> ids, emb = torch.randint(0, 1000, (2, 5)), nn.Embedding(1000, 16)
+        >>> f, q = (to_onnx(emb, os.path.join(tempfile.mkdtemp(), "e.onnx"), ids, embeddings=e) for e in ("float", "int8"))
+        >>> round(os.path.getsize(q) / os.path.getsize(f), 2)  # int8 rows + one float32 step per row
+        0.32
     """
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
