@@ -11,10 +11,11 @@ The graph, rewritten after ``torch.onnx.export`` (the exporter writes ``nn.Embed
 
 so onnxruntime gathers int8 rows and dequantizes only the rows it looked up. The alternative,
 ``DequantizeLinear(table, steps, axis=0) -> Gather``, is not constant-folded by onnxruntime 1.32 (it keeps
-DequantizeLinear nodes): it dequantizes the whole table on every run. Measured on a 30522 x 384 table (MiniLM's),
-ids (32, 32), 1 thread, onnxruntime 1.32, shared 2-core machine: Gather form 0.41 ms per run and +14 MB
-resident after the first run; DequantizeLinear form 6.9 ms and +62 MB (the float table, 47 MB, rebuilt each run);
-the float table's plain Gather 0.24 ms and +60 MB.
+DequantizeLinear nodes): it dequantizes the whole table on every run. ``python benchmarks/onnx_embedding.py``
+(MiniLM's 30522 x 384 table, ids (32, 32), 1 thread, onnxruntime 1.32, median of 15 alternating rounds in one
+process on a shared 2-core machine; ``benchmarks/results/onnx_embedding.json``): the Gather form 0.48 ms per run,
+the DequantizeLinear form 7.0 ms, the float table's plain Gather 0.26 ms; resident memory added by the session and
+one run (each in a fresh process): +25 MB, +74 MB (the 47 MB float table rebuilt each run), +58 MB.
 """
 
 from __future__ import annotations
