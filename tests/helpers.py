@@ -71,6 +71,33 @@ class TinyModule(LightningModule):
         return _tiny_loader(self.hparams.in_features, self.hparams.out_features, seed=1)
 
 
+class TinyTokenModule(LightningModule):
+    """Token ids -> ``nn.Embedding`` (``padding_idx=0``) -> mean over tokens -> Linear: a real LightningModule with an
+    embedding table (export tests)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 16, classes: int = 4, length: int = 6) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.head = nn.Linear(dim, classes)
+        self.example_input_array = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids).mean(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ids, y = batch
+        return F.cross_entropy(self(ids), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.hparams.vocab, (64, self.hparams.length), generator=g)
+        return DataLoader(TensorDataset(ids, torch.randint(0, self.hparams.classes, (64,), generator=g)), batch_size=16)
+
+
 def _tiny_loader(in_features: int, out_features: int, seed: int, n: int = 128) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_features, generator=g)

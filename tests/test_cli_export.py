@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -53,3 +54,38 @@ def test_export_format_other_than_lcdc_needs_a_config(qat_checkpoint, tmp_path, 
     assert exit_info.value.code == 2
     assert "--format onnx needs --config" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_onnx_embeddings_int8_stores_the_table_as_int8(tmp_path, make_trainer) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from tests.helpers import TinyTokenModule
+
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {class_path: tests.helpers.TinyTokenModule}\n")
+    trainer = make_trainer(max_steps=2)
+    trainer.fit(TinyTokenModule())
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    with pytest.raises(SystemExit) as exit_info:  # the option is for onnx only
+        main(["export", "--ckpt", str(ckpt), "--format", "lcdc", "--onnx-embeddings", "int8", "--out", str(tmp_path / "m.lcdc")])
+    assert exit_info.value.code == 2 and not (tmp_path / "m.lcdc").exists()
+    out = tmp_path / "model.onnx"
+    argv = ["export", "--ckpt", str(ckpt), "--config", str(config), "--format", "onnx", "--out", str(out)]
+    assert main([*argv, "--onnx-embeddings", "int8"]) == 0
+    tables = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    assert tables["emb.weight_int8"].dtype == np.int8 and tables["emb.weight_int8"].shape == (64, 16)
+    assert "emb.weight" not in tables
+    model = TinyTokenModule()
+    model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    x = torch.randint(0, 64, (8, 6))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    # each table value within half its row's step; the mean over tokens and the head keep that bound
+    bound = float(tables["emb.weight_scale"].max()) / 2 * model.head.weight.detach().abs().sum(1)
+    err = (torch.from_numpy(got) - want).abs()
+    assert bool((err <= bound + 1e-6).all()) and float(err.max()) > 0

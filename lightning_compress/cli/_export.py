@@ -15,6 +15,7 @@ from lightning_compress.checkpoints import load_factorized_checkpoint, load_quan
 from lightning_compress.cli._lightning import run_cli
 from lightning_compress.export.deploy import FORMATS, export_model
 from lightning_compress.export.lcdc import save_compressed
+from lightning_compress.export.onnx import to_onnx
 from lightning_compress.export.quantization import convert as convert_quantized
 
 __all__ = ["export_main", "model_from_config"]
@@ -57,14 +58,16 @@ def model_from_config(config: str | Path) -> nn.Module:
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-compress export --ckpt CKPT [--config CONFIG] --out PATH [--format lcdc|onnx|safetensors]``.
+    """``lightning-compress export --ckpt CKPT [--config CONFIG] --out PATH [--format lcdc|onnx|safetensors]
+    [--onnx-embeddings float|int8]``.
 
     ``lcdc`` (the default) writes the Deep Compression file of the checkpoint's weights: with ``--config`` (a
     recipe or a saved ``config.yaml``) the model is built from it and the checkpoint's ``state_dict`` is loaded with
     ``strict=True`` first, so a mismatch is an error; without it the ``state_dict`` is written as is. ``onnx`` and
     ``safetensors`` need ``--config``: the model is built, its weights loaded (a quantization-aware-trained
     checkpoint is rebuilt with its fake-quant layers and converted, a factorized one with its factors), and written by
-    :func:`lightning_compress.export.export_model`. Returns 0.
+    :func:`lightning_compress.export.export_model` (``onnx``: :func:`~lightning_compress.export.to_onnx` with
+    ``embeddings=--onnx-embeddings``, int8 per-row embedding tables post-training). Returns 0.
     """
     parser = argparse.ArgumentParser(prog="lightning-compress export", description=export_main.__doc__)
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) to export")
@@ -72,7 +75,11 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="file (lcdc, onnx) or directory (safetensors) to write")
     parser.add_argument("--format", default="lcdc", choices=sorted(FORMATS), help="artefact format (default: lcdc)")
     parser.add_argument("--quiet", action="store_true", help="do not print the stage table (lcdc)")
+    parser.add_argument("--onnx-embeddings", default="float", choices=["float", "int8"],
+                        help="onnx: nn.Embedding tables as float (default) or int8 per row (to_onnx's `embeddings`)")
     args = parser.parse_args(argv)
+    if args.onnx_embeddings != "float" and args.format != "onnx":
+        parser.error(f"--onnx-embeddings {args.onnx_embeddings} applies to --format onnx only, got --format {args.format}")
     for flag, value in (("--ckpt", args.ckpt), ("--config", args.config)):
         if value is not None and not Path(value).is_file():
             parser.error(f"{flag} {value!r}: no such file")
@@ -83,7 +90,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         if args.config is None:
             parser.error(f"--format {args.format} needs --config to build the model the checkpoint belongs to")
         model = _load_for_deploy(model_from_config(args.config), args.ckpt, checkpoint)
-        print(f"wrote {export_model(model, args.format, args.out)}")
+        if args.format == "onnx":
+            print(f"wrote {to_onnx(model, args.out, embeddings=args.onnx_embeddings)}")
+        else:
+            print(f"wrote {export_model(model, args.format, args.out)}")
         return 0
     unexportable = _written_by_a_layer_changing_callback(checkpoint)
     if unexportable:

@@ -92,7 +92,7 @@ def _report_recipe_settings(args: Any, config: Any) -> None:
     """
     argv = [str(a) for a in (sys.argv[1:] if args is None else args if isinstance(args, list) else [])]
     recipe: dict[str, Any] = {}
-    for arg, following in zip(argv, [*argv[1:], ""], strict=True):
+    for arg, following in zip(argv, [*argv[1:], ""] if argv else [], strict=True):  # argv empty: args was a dict
         path = (
             arg.partition("=")[2] if arg.startswith("--config=") else following if arg == "--config" else ""
         )
