@@ -60,19 +60,23 @@ __all__ = [
 _EPS = 1e-12
 
 
-def int_range(bits: int, symmetric: bool, signed: bool = True) -> tuple[int, int]:
+def int_range(bits: int, symmetric: bool, signed: bool = True, full_range: bool = False) -> tuple[int, int]:
     """Integer range ``(qmin, qmax)`` of a ``bits``-wide grid.
 
-    Symmetric signed grids drop the most negative code (``[-127, 127]`` at 8 bits) so that ``+/-`` are alike;
-    unsigned grids are ``[0, 2**bits - 1]``.
+    Symmetric signed grids drop the most negative code (``[-127, 127]`` at 8 bits) so that ``+/-`` are alike,
+    unless ``full_range``: then they keep all ``2**bits`` codes (``[-8, 7]`` at 4 bits, as torchao's symmetric
+    int4 and compressed-tensors' symmetric ``q_min``; see :func:`range_qparams` for the step). Asymmetric signed
+    grids are ``[-2**(bits-1), 2**(bits-1) - 1]``, unsigned grids ``[0, 2**bits - 1]``.
 
     Example:
         >>> int_range(8, True), int_range(8, False), int_range(8, False, signed=False)
         ((-127, 127), (-128, 127), (0, 255))
+        >>> int_range(4, True), int_range(4, True, full_range=True)
+        ((-7, 7), (-8, 7))
     """
     if not signed:
         return 0, 2**bits - 1
-    if symmetric:
+    if symmetric and not full_range:
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
@@ -99,29 +103,40 @@ def _shape(stat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_qparams(
-    x: torch.Tensor, bits: int, symmetric: bool, per_channel: bool
+    x: torch.Tensor, bits: int, symmetric: bool, per_channel: bool, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero point from the min/max of ``x`` (per output channel = dim 0, or per tensor).
 
     Returns float tensors of shape ``(C,)`` or ``(1,)``; the zero point holds integers and is 0 when
-    ``symmetric``. The range always contains 0, so 0 is exactly representable.
+    ``symmetric``. The range always contains 0, so 0 is exactly representable. ``full_range``: see
+    :func:`range_qparams`.
     """
     dims = _reduce_dims(x, per_channel)
     x = x.detach().float()
-    return range_qparams(torch.amin(x, dim=dims).reshape(-1), torch.amax(x, dim=dims).reshape(-1), bits, symmetric)
+    lo, hi = torch.amin(x, dim=dims).reshape(-1), torch.amax(x, dim=dims).reshape(-1)
+    return range_qparams(lo, hi, bits, symmetric, full_range)
 
 
-def range_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def range_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, full_range: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero point of :func:`uniform_qparams` from already reduced ranges ``lo``/``hi`` (e.g. over shards).
+
+    A symmetric step is ``max|x| / ((qmax - qmin) / 2)``: ``max / 127`` on the restricted 8-bit grid, and with
+    ``full_range`` (codes ``[-8, 7]`` at 4 bits) ``max / 7.5``, the convention of torchao's symmetric intx fake
+    quantization and of compressed-tensors; the largest magnitude then lands between the two outermost codes
+    and is clamped to ``7 * s`` (positive) or hit as ``-8 * s`` (its half-step rounding error).
 
     Example:
         >>> range_qparams(torch.tensor([-1.0]), torch.tensor([0.5]), 8, symmetric=True)[0] * 127
         tensor([1.])
+        >>> range_qparams(torch.tensor([-1.5]), torch.tensor([0.5]), 4, symmetric=True, full_range=True)[0]
+        tensor([0.2000])
     """
     lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
-    qmin, qmax = int_range(bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric, full_range=full_range)
     if symmetric:
-        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=_EPS)
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp(min=_EPS)
         return scale, torch.zeros_like(scale)
     scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
     zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
@@ -145,7 +160,10 @@ def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tup
 
 
 def lsq_init_scale(x: torch.Tensor, bits: int, symmetric: bool, per_channel: bool) -> torch.Tensor:
-    """LSQ initial step ``2 * mean(|x|) / sqrt(qmax)`` (Esser et al. 2020), per channel or per tensor."""
+    """LSQ initial step ``2 * mean(|x|) / sqrt(qmax)`` (Esser et al. 2020), per channel or per tensor.
+
+    ``qmax`` is the largest positive code, ``2**(bits-1) - 1`` for a symmetric grid whether or not it keeps the
+    extra negative code (``full_range``), so LSQ starts from the same step on both symmetric grids."""
     _, qmax = int_range(bits, symmetric)
     mean_abs = x.detach().float().abs().mean(dim=_reduce_dims(x, per_channel)).reshape(-1)
     return (2.0 * mean_abs / math.sqrt(qmax)).clamp(min=1e-8)
@@ -257,11 +275,12 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_qparams(
-    x: torch.Tensor, bits: int, symmetric: bool, group_size: int, lsq: bool = False
+    x: torch.Tensor, bits: int, symmetric: bool, group_size: int, lsq: bool = False, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step and zero point of each group of ``group_size`` inputs of each output channel, shape ``(C, K / g)``.
 
-    The min/max grid of :func:`uniform_qparams` (or LSQ's initial step, ``lsq=True``) taken per group.
+    The min/max grid of :func:`uniform_qparams` (or LSQ's initial step, ``lsq=True``) taken per group;
+    ``full_range``: see :func:`range_qparams`.
 
     Example:
         >>> w = torch.tensor([[1.0, -2.0, 0.5, 0.25]])
@@ -270,7 +289,7 @@ def group_qparams(
         ([[2.0, 0.5]], [[0.0, 0.0]])
     """
     rows = _groups(x, group_size)
-    scale, zero_point = uniform_qparams(rows, bits, symmetric, per_channel=True)
+    scale, zero_point = uniform_qparams(rows, bits, symmetric, per_channel=True, full_range=full_range)
     if lsq:
         scale = lsq_init_scale(rows, bits, symmetric, per_channel=True)
     return scale.reshape(x.shape[0], -1), zero_point.reshape(x.shape[0], -1)

@@ -11,6 +11,7 @@ from lightning_compress.functional.formats import ELEMENTS, MX_ELEMENT
 SCHEMES = ("uniform", "power_of_two", "fp8_e4m3", "fp8_e5m2", "mxfp8", "mxfp6", "mxfp4", "mxint8")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
+SYMMETRIC_RANGES = ("auto", "restricted", "full")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class QuantConfig:
         ValueError: `weight_bits` must be an integer in [2, 8], got 9
         >>> QuantConfig(weight_bits=4, scheme="mxfp4", activation_bits=None).element
         'fp4_e2m1'
+        >>> QuantConfig(weight_bits=4).full_range, QuantConfig(weight_bits=8).full_range
+        (True, False)
+        >>> QuantConfig(weight_bits=8, symmetric_range="full")
+        Traceback (most recent call last):
+        ...
+        ValueError: `symmetric_range`='full' is for 2-7 bits: 8-bit symmetric weights stay on [-127, 127], which the int8 kernels and exports rely on; allowed: 'auto' or 'restricted'
     """
 
     weight_bits: int = 8
@@ -42,12 +49,14 @@ class QuantConfig:
     group_size: int | None = None
     activation_granularity: str = "per_tensor"
     dynamic: bool = False
+    symmetric_range: str = "auto"
 
     def __post_init__(self) -> None:
         check_number(self.weight_bits, "weight_bits", low=2, high=8, integer=True)
         check_choice(self.scheme, "scheme", SCHEMES)
         check_choice(self.granularity, "granularity", GRANULARITIES)
         check_choice(self.activation_granularity, "activation_granularity", ACTIVATION_GRANULARITIES)
+        check_choice(self.symmetric_range, "symmetric_range", SYMMETRIC_RANGES)
         for name in ("symmetric", "learn_scale", "dynamic"):
             check_bool(getattr(self, name), name)
         self._check_weights()
@@ -81,6 +90,7 @@ class QuantConfig:
                 raise ValueError(f"`granularity`='per_group' needs `group_size`, an integer >= 2, got {g!r}")
         elif g is not None and not self.is_mx:
             raise ValueError(f"`group_size`={g!r} applies to `granularity`='per_group' only, got {self.granularity!r}")
+        self._check_range()
         if s == "power_of_two" and not self.symmetric:
             raise ValueError("`scheme`='power_of_two' has levels +/- s*2^-k, symmetric around 0: set `symmetric`=True")
         if s == "power_of_two" and self.learn_scale:
@@ -96,6 +106,22 @@ class QuantConfig:
                 f"`scheme`={s!r} shares one scale per block of 32 inputs: leave `granularity`/`group_size` at "
                 f"per_channel/None or set per_group/32, got {self.granularity!r}/{g!r}"
             )
+
+    def _check_range(self) -> None:
+        r = self.symmetric_range
+        if r != "auto" and (self.scheme != "uniform" or not self.symmetric):
+            raise ValueError(f"`symmetric_range`={r!r} chooses the codes of symmetric uniform weights: leave it at "
+                             f"'auto' with `scheme`={self.scheme!r}, `symmetric`={self.symmetric}")
+        if r == "full" and self.weight_bits == 8:
+            raise ValueError("`symmetric_range`='full' is for 2-7 bits: 8-bit symmetric weights stay on [-127, 127], "
+                             "which the int8 kernels and exports rely on; allowed: 'auto' or 'restricted'")
+
+    @property
+    def full_range(self) -> bool:
+        """Whether symmetric uniform weights use all ``2**bits`` codes (``[-8, 7]`` at 4 bits, step ``max / 7.5``)
+        rather than the restricted ``[-7, 7]`` (step ``max / 7``): ``symmetric_range`` 'full', or 'auto' below 8 bits."""
+        auto = self.symmetric_range == "auto" and self.weight_bits < 8
+        return self.scheme == "uniform" and self.symmetric and (self.symmetric_range == "full" or auto)
 
     @property
     def per_channel(self) -> bool:

@@ -85,12 +85,13 @@ def _abs_stat(piece: torch.Tensor, like: torch.Tensor, per_channel: bool, kind: 
 
 
 def _uniform(
-    piece: torch.Tensor, like: torch.Tensor, per_channel: bool, bits: int, symmetric: bool, lsq: bool
+    piece: torch.Tensor, like: torch.Tensor, per_channel: bool, bits: int, symmetric: bool, lsq: bool,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max step and zero point (:func:`qf.uniform_qparams`), with LSQ's initial step
-    ``2 * mean|x| / sqrt(qmax)`` in place of the step when ``lsq``, over the full tensor."""
+    """Min/max step and zero point (:func:`qf.uniform_qparams`, on the grid ``full_range`` says), with LSQ's
+    initial step ``2 * mean|x| / sqrt(qmax)`` in place of the step when ``lsq``, over the full tensor."""
     lo, hi = tensor_range(piece, like, per_channel)
-    scale, zp = qf.range_qparams(lo, hi, bits, symmetric)
+    scale, zp = qf.range_qparams(lo, hi, bits, symmetric, full_range)
     if lsq:
         _, qmax = qf.int_range(bits, symmetric)
         scale = (2.0 * _abs_stat(piece, like, per_channel, "mean") / math.sqrt(qmax)).clamp(min=1e-8)
@@ -124,7 +125,7 @@ def observe_weight(quantizer: nn.Module, piece: torch.Tensor, like: torch.Tensor
     ``like``): min/max steps and zero points, power-of-two tops, fp8 amax scales or LSQ initial steps, computed
     as :meth:`WeightFakeQuantize._observe` computes them on the full weight. Collective when ``like`` is sharded."""
     c = quantizer.config
-    per_channel = c.per_channel
+    per_channel, full = c.per_channel, bool(quantizer.full_range)
     if c.is_mx:  # scales are computed per block as it is quantized: nothing stored
         pass
     elif c.scheme == "power_of_two":
@@ -134,12 +135,12 @@ def observe_weight(quantizer: nn.Module, piece: torch.Tensor, like: torch.Tensor
         _store(quantizer.scale, (amax / ff.ELEMENTS[c.scheme].max_value).clamp(min=1e-12))
     elif c.per_group:  # every rank holds whole rows, so whole groups: computed locally, then gathered
         groups = piece.detach().reshape(-1, c.group_size)
-        scale, zp = _uniform(groups, groups, True, c.weight_bits, c.symmetric, c.learn_scale)
+        scale, zp = _uniform(groups, groups, True, c.weight_bits, c.symmetric, c.learn_scale, full)
         shape = (piece.shape[0], piece.shape[1] // c.group_size)
         _store(quantizer.scale, sh.full(scale.reshape(shape), like))
         _store(quantizer.zero_point, sh.full(zp.reshape(shape), like))
     else:
-        scale, zp = _uniform(piece, like, per_channel, c.weight_bits, c.symmetric, c.learn_scale)
+        scale, zp = _uniform(piece, like, per_channel, c.weight_bits, c.symmetric, c.learn_scale, full)
         _store(quantizer.scale, scale)
         _store(quantizer.zero_point, zp)
     quantizer.initialized.fill_(1)

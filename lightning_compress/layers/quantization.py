@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from lightning_compress.functional import quantization as qf
 from lightning_compress.layers._quant_config import QuantConfig
 from lightning_compress.layers._quant_observing import observes
 from lightning_compress.layers._quant_sharded import observe_weights, reduce_input_range
+from lightning_compress.layers._quant_state import fill_missing
 
 __all__ = [
     "ActivationFakeQuantize",
@@ -78,11 +78,13 @@ class WeightFakeQuantize(nn.Module):
         self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
-        self._register_load_state_dict_pre_hook(_fill_missing, with_module=True)
+        self.register_buffer("full_range", torch.tensor(int(config.full_range), dtype=torch.uint8))
+        self._register_load_state_dict_pre_hook(fill_missing, with_module=True)
 
     @property
     def qrange(self) -> tuple[int, int]:
-        return qf.int_range(self.config.weight_bits, self.config.symmetric)
+        """``(qmin, qmax)`` of the grid recorded in ``full_range`` (see ``layers._quant_state``)."""
+        return qf.int_range(self.config.weight_bits, self.config.symmetric, full_range=bool(self.full_range))
 
     @torch.no_grad()
     def _observe(self, w: torch.Tensor) -> None:
@@ -94,7 +96,7 @@ class WeightFakeQuantize(nn.Module):
         elif c.is_mx:  # the shared scales are computed from each block as it is quantized
             pass
         elif c.per_group:
-            scale, zp = qf.group_qparams(w, c.weight_bits, c.symmetric, c.group_size, lsq=c.learn_scale)
+            scale, zp = qf.group_qparams(w, c.weight_bits, c.symmetric, c.group_size, c.learn_scale, bool(self.full_range))
             self.scale.copy_(scale)
             self.zero_point.copy_(zp)
         elif c.learn_scale:
@@ -102,7 +104,7 @@ class WeightFakeQuantize(nn.Module):
             if not c.symmetric:
                 self.zero_point.copy_(qf.uniform_qparams(w, c.weight_bits, False, c.per_channel)[1])
         else:
-            scale, zp = qf.uniform_qparams(w, c.weight_bits, c.symmetric, c.per_channel)
+            scale, zp = qf.uniform_qparams(w, c.weight_bits, c.symmetric, c.per_channel, bool(self.full_range))
             self.scale.copy_(scale)
             self.zero_point.copy_(zp)
         self.initialized.fill_(1)
@@ -138,7 +140,8 @@ class WeightFakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         group = f", group_size={c.group_size}" if c.per_group else ""
-        return f"bits={c.weight_bits}, scheme={c.scheme}, {c.granularity}{group}, symmetric={c.symmetric}, lsq={c.learn_scale}"
+        grid = f", range={self.qrange}" if c.scheme == "uniform" else ""
+        return f"bits={c.weight_bits}, scheme={c.scheme}, {c.granularity}{group}, symmetric={c.symmetric}{grid}, lsq={c.learn_scale}"
 
 
 def quantize_input_dynamic(x: torch.Tensor, scheme: str, granularity: str, bits: int = 8) -> torch.Tensor:
@@ -175,7 +178,7 @@ class ActivationFakeQuantize(nn.Module):
         self.register_buffer("fake_quant_enabled", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
-        self._register_load_state_dict_pre_hook(_fill_missing, with_module=True)
+        self._register_load_state_dict_pre_hook(fill_missing, with_module=True)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -204,16 +207,6 @@ class ActivationFakeQuantize(nn.Module):
         if self.dynamic:
             return f"bits={self.bits}, dynamic, {self.scheme}, {self.granularity}"
         return f"bits={self.bits}, momentum={self.momentum}"
-
-
-def _fill_missing(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: a float checkpoint (written before prepare) has no quantizer entries at all;
-    then the quantizer keeps its own (not yet initialized) state instead of failing a strict load."""
-    own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
-    if not any(prefix + k in state_dict for k in own):
-        for k, t in own.items():
-            if t is not None:
-                state_dict[prefix + k] = t.detach().clone()
 
 
 class _QATMixin:

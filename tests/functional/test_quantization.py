@@ -154,3 +154,46 @@ def test_config_errors(kwargs: dict, message: str) -> None:
         QuantConfig(**kwargs)
     with pytest.raises(TypeError, match="`symmetric` must be a bool"):
         QuantConfig(symmetric="yes")  # type: ignore[arg-type]
+
+
+def test_symmetric_grids_restricted_and_full_range() -> None:
+    assert qf.int_range(4, True) == (-7, 7) and qf.int_range(4, True, full_range=True) == (-8, 7)
+    assert qf.int_range(2, True, full_range=True) == (-2, 1) and qf.int_range(8, True) == (-127, 127)
+    # asymmetric and unsigned grids already use every code: full_range changes nothing there
+    assert qf.int_range(4, False, full_range=True) == qf.int_range(4, False) == (-8, 7)
+    assert qf.int_range(4, False, signed=False, full_range=True) == (0, 15)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_full_range_step_is_max_over_half_the_code_span(bits: int) -> None:
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(bits))
+    amax = w.abs().amax(1)
+    half = 2 ** (bits - 1) - 0.5  # (qmax - qmin) / 2: 7.5 at 4 bits, as torchao / compressed-tensors
+    full, zp = qf.uniform_qparams(w, bits, True, per_channel=True, full_range=True)
+    restricted, _ = qf.uniform_qparams(w, bits, True, per_channel=True)
+    assert torch.equal(full, amax / half) and torch.equal(restricted, amax / (2 ** (bits - 1) - 1))
+    assert torch.equal(zp, torch.zeros_like(zp))
+    qmin, qmax = qf.int_range(bits, True, full_range=True)
+    codes = qf.quantize_uniform(w, full, zp, qmin, qmax)
+    assert int(codes.min()) == qmin and int(codes.max()) == qmax
+    # every value is within half a step of its level (the positive maximum is clamped by exactly half a step)
+    err = (qf.fake_quantize_uniform(w, full, zp, qmin, qmax) - w).abs()
+    assert bool((err <= full.reshape(-1, 1) * (0.5 + 1e-5)).all())
+    # one more level in the same span: less squared error than the restricted grid on Gaussian weights
+    r_err = qf.fake_quantize_uniform(w, restricted, zp, *qf.int_range(bits, True)) - w
+    assert float(err.pow(2).sum()) < float(r_err.pow(2).sum())
+
+
+def test_full_range_groups_and_8_bit_unchanged() -> None:
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    s, z = qf.group_qparams(w, 4, True, 32, full_range=True)
+    assert torch.equal(s, w.reshape(8, 4, 32).abs().amax(-1) / 7.5)
+    codes = qf.quantize_grouped(w, s, z, -8, 7)
+    assert int(codes.min()) == -8 and int(codes.max()) == 7
+    assert torch.equal(qf.dequantize_grouped(codes, s, z), qf.fake_quantize_grouped(w, s, z, -8, 7))
+    # the 8-bit symmetric step is bit-for-bit the restricted max / 127 it always was
+    s8, _ = qf.uniform_qparams(w, 8, True, per_channel=True)
+    assert torch.equal(s8, w.abs().amax(1) / 127)
+    # LSQ's first step uses qmax = 2^(b-1) - 1 on both symmetric grids
+    assert torch.equal(qf.group_qparams(w, 4, True, 32, lsq=True, full_range=True)[0],
+                       qf.group_qparams(w, 4, True, 32, lsq=True)[0])
