@@ -140,7 +140,7 @@ def run_peer(name: str, base: SentenceEncoder, dm: SentenceDataModule, steps: in
         calib = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in dm.train_dataloader()]
         model.bert = nncf.quantize(model.bert, nncf.Dataset(calib[:8]), subset_size=min(len(calib), 8) * dm.batch_size)
         fit(model, dm, steps, [])
-        model.bert = nncf.strip(model.bert)
+        model.bert = nncf.strip(model.bert, example_input=calib[0])  # NNCF 3.x traces the model to strip it
         return model
     if name == "torchao_qat_int8da_int4w":
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
