@@ -12,7 +12,8 @@ there, their step windows scaled from the recipes' 120 steps to ``--steps``. Pee
 - ``torch.ao`` dynamic int8 post-training quantization of the original's Linear layers (no training);
 - Lightning's ``ModelPruning`` (``l1_unstructured``, 50 % of every encoder Linear weight, once at the end of the
   first epoch, no lottery-ticket reset), then the remaining epochs of fine-tuning;
-- NNCF (3.x, torch backend) ``nncf.quantize`` (int8 weights and activations, fake-quantized) then fine-tuning (QAT);
+- NNCF (3.x, torch backend) ``nncf.quantize`` (int8 weights and activations, fake-quantized, ``model_type=TRANSFORMER``
+  as NNCF advises for transformers) then fine-tuning (QAT);
 - torchao 0.18 ``QATConfig`` (int8 dynamic activations + int4 weights, group 32) prepare, fine-tuning, convert.
 
 Reported per row: test cosine fidelity to the original's embeddings and top-1 nearest-neighbour agreement (mean and
@@ -138,7 +139,8 @@ def run_peer(name: str, base: SentenceEncoder, dm: SentenceDataModule, steps: in
         import nncf
 
         calib = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in dm.train_dataloader()]
-        model.bert = nncf.quantize(model.bert, nncf.Dataset(calib[:8]), subset_size=min(len(calib), 8) * dm.batch_size)
+        model.bert = nncf.quantize(model.bert, nncf.Dataset(calib[:8]), subset_size=min(len(calib), 8) * dm.batch_size,
+                                   model_type=nncf.ModelType.TRANSFORMER)  # NNCF's advice for transformer models
         fit(model, dm, steps, [])
         model.bert = nncf.strip(model.bert, example_input=calib[0])  # NNCF 3.x traces the model to strip it
         return model
