@@ -116,6 +116,13 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
             ``full`` below 8 bits, ``restricted`` at 8. ``full`` at 8 bits is refused. Each weight quantizer
             records its grid (buffer ``full_range``), so a checkpoint resumes on the grid it was trained on; one
             written before that buffer existed resumes on ``restricted`` (its steps were computed for it).
+        smooth_quant: SmoothQuant migration strength ``alpha`` in (0, 1) (Xiao et al. 2023; ``None``: off). Each
+            quantized Linear's input is divided per channel by ``s = max|x|^alpha / max|W|^(1-alpha)`` (from the
+            first training batch with fake quantization, then fixed) and its weight multiplied by ``s``: the same
+            float layer, with the input's outlier channels (BERT's LayerNorm outputs) moved into the weight before
+            8-bit per-tensor quantization. Needs ``activation_bits``; DDP yes, FSDP2 not yet (refused in ``setup``).
+            Converted layers divide their input by ``s``; ``to_onnx`` exports that division, ``save_pretrained``
+            refuses (compressed-tensors has no place for it). See ``layers._quant_smoothing``.
 
     Raises:
         ValueError: bits out of range, an unknown scheme/granularity, power-of-two with an asymmetric grid, LSQ
@@ -156,10 +163,11 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         activation_granularity: Literal["per_tensor", "per_token"] = "per_tensor",
         dynamic: bool = False,
         symmetric_range: Literal["auto", "restricted", "full"] = "auto",
+        smooth_quant: float | None = None,
     ) -> None:
         super().__init__()
         self._config = QuantConfig(weight_bits, activation_bits, scheme, granularity, symmetric, learn_scale,
-                                   group_size, activation_granularity, dynamic, symmetric_range)
+                                   group_size, activation_granularity, dynamic, symmetric_range, smooth_quant)
         for what in ("start", "freeze_observers", "freeze_bn"):
             _check_point(locals()[f"{what}_step"], locals()[f"{what}_epoch"], what)
         validate_patterns(targets, "targets")
@@ -173,7 +181,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         self.targets, self.exclude = targets, exclude
         self.convert_on_fit_end = convert_on_fit_end
         self.group_size, self.activation_granularity, self.dynamic = group_size, activation_granularity, dynamic
-        self.symmetric_range = symmetric_range
+        self.symmetric_range, self.smooth_quant = symmetric_range, smooth_quant
         self._layers: list[str] = []
         self._bn_pairs: dict[str, str] = {}
         self._steps: dict[str, int | None] = {}
@@ -195,6 +203,9 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_tensor_parallel(trainer.strategy, "QuantizationAwareTraining")
+        if self.smooth_quant is not None and type(trainer.strategy).__name__ == "ModelParallelStrategy":
+            raise ValueError("QuantizationAwareTraining: `smooth_quant` cannot run under ModelParallelStrategy (FSDP2) "
+                             "yet (its factors need whole weight columns); use DDP or `smooth_quant`=None")
         if self._model_ref is None or self._model_ref() is not pl_module:
             if _is_converted(pl_module):  # e.g. `trainer.validate(convert_quantized(model))`: nothing to prepare
                 self._model_ref = weakref.ref(pl_module)

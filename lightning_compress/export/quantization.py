@@ -57,6 +57,7 @@ from lightning_compress.functional import quantization as qf
 from lightning_compress.functional.packing import pack_codes, unpack_codes
 from lightning_compress.functional.quantization import bn_factor
 from lightning_compress.layers._quant_sharded import gathered
+from lightning_compress.layers._quant_smoothing import SmoothedInput
 from lightning_compress.layers.quantization import is_qat_module, quantize_input_dynamic
 
 __all__ = [
@@ -364,6 +365,9 @@ def convert(model: nn.Module, inplace: bool = False, dynamic_activations: bool =
         raise ValueError("`model` has no fake-quantized layer: prepare it with QuantizationAwareTraining or prepare_qat first")
     for name, m in layers:
         new = _convert_layer(gathered(m), name, dynamic_activations).to(local(m.weight).device)
+        sm = m._modules.get("smoothing")
+        if sm is not None and bool(sm.initialized):  # SmoothQuant: the integer layer sees x / s
+            new = SmoothedInput(new, sm.factor)
         _replace(model, name, new)
         bn_name = m.__dict__.get("_bn_name")
         if bn_name is not None:

@@ -74,6 +74,7 @@ from lightning_compress.export._hf_config import fitted_config
 from lightning_compress.export.low_bit import LOW_BIT_LAYERS
 from lightning_compress.export.onnx import _READERS
 from lightning_compress.export.quantization import convert
+from lightning_compress.layers._quant_smoothing import SmoothedInput
 from lightning_compress.layers.quantization import ActivationFakeQuantize, is_qat_module
 
 __all__ = ["CT_FORMATS", "CtFormat", "load_safetensors", "save_pretrained"]
@@ -107,6 +108,10 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     work = copy_model(model).eval()
     if any(is_qat_module(m) for m in work.modules()):
         convert(work, inplace=True, dynamic_activations=False)
+    smoothed = [n for n, m in work.named_modules() if isinstance(m, SmoothedInput)]
+    if smoothed:
+        raise ValueError(f"layers {smoothed} divide their input by SmoothQuant factors (`smooth_quant`), which the "
+                         "compressed-tensors layout cannot hold: export them with `to_onnx`, or train with `smooth_quant`=None")
     quantized = {n: m for n, m in work.named_modules() if type(m) in _READERS or isinstance(m, LOW_BIT_LAYERS)}
     state = {k: v for k, v in work.state_dict().items()
              if not any(k.startswith(n + ".") for n in quantized) and not k.endswith(".qparams")}

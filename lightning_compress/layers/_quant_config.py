@@ -50,6 +50,7 @@ class QuantConfig:
     activation_granularity: str = "per_tensor"
     dynamic: bool = False
     symmetric_range: str = "auto"
+    smooth_quant: float | None = None
 
     def __post_init__(self) -> None:
         check_number(self.weight_bits, "weight_bits", low=2, high=8, integer=True)
@@ -78,6 +79,12 @@ class QuantConfig:
             raise ValueError("`dynamic`=True quantizes layer inputs at run time: set `activation_bits`, or `dynamic`=False")
         if fmt_bits is not None and ab is not None and not self.dynamic:
             raise ValueError(f"inputs in the {self.scheme} format are scaled at run time: set `dynamic`=True")
+        sq = self.smooth_quant
+        if sq is not None and (isinstance(sq, bool) or not isinstance(sq, (int, float)) or not 0 < sq < 1):
+            raise ValueError(f"`smooth_quant` must be None or a migration strength in (0, 1), got {sq!r}")
+        if sq is not None and ab is None:
+            raise ValueError("`smooth_quant` moves input outliers into the weights for quantized inputs: set "
+                             "`activation_bits`, or `smooth_quant`=None for weight-only quantization")
         if self.scheme in ("uniform", "power_of_two") and self.dynamic and self.activation_granularity != "per_token":
             raise ValueError("`dynamic`=True 8-bit integer inputs are quantized per token: set `activation_granularity`='per_token'")
 

@@ -39,6 +39,7 @@ from lightning_compress.functional import quantization as qf
 from lightning_compress.layers._quant_config import QuantConfig
 from lightning_compress.layers._quant_observing import observes
 from lightning_compress.layers._quant_sharded import observe_weights, reduce_input_range
+from lightning_compress.layers._quant_smoothing import InputSmoothing
 from lightning_compress.layers._quant_state import fill_missing
 
 __all__ = [
@@ -222,18 +223,23 @@ class _QATMixin:
         return self.__dict__.get("_bn")
 
     def effective_weight(self) -> torch.Tensor:
-        """The float weight the quantizer sees: ``weight``, times ``gamma / sqrt(var + eps)`` with a folded BN."""
-        bn = self.folded_bn()
-        if bn is None:
-            return self.weight
-        return self.weight * qf.bn_factor(bn).reshape([-1] + [1] * (self.weight.dim() - 1))
+        """The float weight the quantizer sees: ``weight`` x ``gamma / sqrt(var + eps)`` (folded BN) x SmoothQuant factors."""
+        bn, sm = self.folded_bn(), self._modules.get("smoothing")
+        w = self.weight if bn is None else self.weight * qf.bn_factor(bn).reshape([-1] + [1] * (self.weight.dim() - 1))
+        return w if sm is None else sm.scale_weight(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sm = self._modules.get("smoothing")
+        if sm is not None:  # factors from the first training batch with fake quantization (then fixed)
+            if not bool(sm.initialized) and bool(self.weight_quant.fake_quant_enabled) and observes(self.input_quant):
+                sm.calibrate(x, self.weight)
+            x = sm.divide(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         bn = self.folded_bn()
         if bn is None or not bool(self.weight_quant.fake_quant_enabled):
-            return self._float_forward(x, self.weight_quant(self.weight), self.bias)
+            w = self.weight if bn is not None else self.effective_weight()  # a BN is folded only while quantizing
+            return self._float_forward(x, self.weight_quant(w), self.bias)
         factor = qf.bn_factor(bn)
         y = self._float_forward(x, self.weight_quant(self.effective_weight()), None)
         shape = [1, -1] + [1] * (y.dim() - 2)
@@ -353,6 +359,8 @@ def prepare_qat(
                 config.activation_bits, dynamic=config.dynamic, scheme=config.scheme,
                 granularity=config.activation_granularity,
             ).to(module.weight.device)
+        if config.smooth_quant is not None and isinstance(new, QATLinear):
+            new.smoothing = InputSmoothing(module.in_features, config.smooth_quant).to(module.weight.device)
         if name in bn_pairs:
             new.__dict__["_bn"] = model.get_submodule(bn_pairs[name])
             new.__dict__["_bn_name"] = bn_pairs[name]

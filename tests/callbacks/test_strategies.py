@@ -104,6 +104,12 @@ def test_weight_sharing_refuses_export_under_model_parallel(tmp_path: Path) -> N
         _fit(tmp_path, [sharing])
 
 
+def test_smooth_quant_is_refused_under_model_parallel(tmp_path: Path) -> None:
+    qat = QuantizationAwareTraining(smooth_quant=0.5, start_step=2)
+    with pytest.raises(ValueError, match="QuantizationAwareTraining: `smooth_quant` cannot run under ModelParallelStrategy"):
+        _fit(tmp_path, [qat])
+
+
 @pytest.mark.parametrize(
     ("callback", "name"),
     [

@@ -145,6 +145,18 @@ def test_qat_with_a_real_trainer_prepared_converted_and_dynamic(tmp_path: Path, 
     assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}, ops
 
 
+def test_smooth_quant_layers_export_their_division(tmp_path: Path) -> None:
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    x[:, 3] *= 30  # an outlier input channel
+    net = _prepared(_mlp(), ["0", "2", "4"], x, weight_bits=8, activation_bits=8, smooth_quant=0.5)
+    assert bool(net[0].smoothing.initialized) and net[0].smoothing.factor.argmax() == 3
+    for tag, model in (("fake", net), ("int", convert(net))):
+        path = to_onnx(model, tmp_path / f"{tag}.onnx", x[:4])
+        assert _rel(_run(path, x), model(x)) < ONNX_QUANT_RTOL, tag
+        ops = [n.op_type for n in onnx.load(path).graph.node]
+        assert ops.count("Div") == 3 and ops.count("QuantizeLinear") == 3, (tag, ops)
+
+
 def test_w8a8_runs_integer_kernels_and_is_small(tmp_path: Path) -> None:
     x = torch.rand(16, 16)
     torch.manual_seed(0)
