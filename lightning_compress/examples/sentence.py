@@ -99,6 +99,23 @@ def build_bert(config: dict[str, Any] | None = None, init_seed: int = 0) -> nn.M
         return BertModel(BertConfig(**config), add_pooling_layer=False)
 
 
+def set_dropout(bert: nn.Module, p: float) -> None:
+    """Set the probability of every ``nn.Dropout`` in ``bert`` (and its config's hidden/attention dropout) to ``p``.
+
+    Example:
+        >>> bert = build_bert(dict(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=16))
+        >>> set_dropout(bert, 0.0)
+        >>> {m.p for m in bert.modules() if isinstance(m, nn.Dropout)}, bert.config.hidden_dropout_prob
+        ({0.0}, 0.0)
+    """
+    for module in bert.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    config = getattr(bert, "config", None)
+    if config is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = p
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the token vectors where ``attention_mask`` is 1: ``(N, L, H), (N, L) -> (N, H)``.
 
@@ -201,10 +218,12 @@ class SentenceEncoder(LightningModule):
         depth: fraction of the transformer layers to keep, in (0, 1]: ``< 1`` builds a shallower student with
             :func:`lightning_compress.export.scale` (the first ``ceil(depth * n)`` layers, trained weights kept),
             e.g. ``0.5`` turns MiniLM's 6 layers into 3, to distil the original into.
+        dropout: the dropout probability of every dropout layer of the encoder (hidden and attention) while
+            training, or ``None`` to keep the model's own (0.1 for MiniLM).
 
     Raises:
-        ValueError: ``lr <= 0``, ``weight_decay < 0``, an unknown ``loss``, ``max_length < 2`` or ``depth``
-            outside (0, 1].
+        ValueError: ``lr <= 0``, ``weight_decay < 0``, an unknown ``loss``, ``max_length < 2``, ``depth``
+            outside (0, 1] or ``dropout`` outside [0, 1).
     """
 
     def __init__(
@@ -216,6 +235,7 @@ class SentenceEncoder(LightningModule):
         loss: Literal["cosine", "mse"] = "cosine",
         max_length: int = 32,
         depth: float = 1.0,
+        dropout: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
@@ -226,6 +246,9 @@ class SentenceEncoder(LightningModule):
             raise ValueError(f"`loss` must be 'cosine' or 'mse', got {loss!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"`max_length` must be an int >= 2, got {max_length!r}")
+        if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                    or not 0 <= dropout < 1):
+            raise ValueError(f"`dropout` must be None or a number in [0, 1), got {dropout!r}")
         self.save_hyperparameters()
         self.config, self.init_seed, self.lr, self.weight_decay, self.loss = config, init_seed, lr, weight_decay, loss
         self.bert = build_bert(config, init_seed)
@@ -237,6 +260,8 @@ class SentenceEncoder(LightningModule):
 
             self.bert = scale(self.bert, depth=depth, example_input=self.example_input_array)
             self.bert.config.num_hidden_layers = len(self.bert.encoder.layer)
+        if dropout is not None:
+            set_dropout(self.bert, float(dropout))
         self._outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ def test_split_is_fixed_disjoint_and_tokenized_once(data: SentenceDataModule) ->
         (SentenceEncoder, dict(lr=0), "`lr` must be a number > 0, got 0"),
         (SentenceEncoder, dict(loss="l1"), "`loss` must be 'cosine' or 'mse', got 'l1'"),
         (SentenceEncoder, dict(config=TINY, depth=0), r"`depth` must be a fraction in \(0, 1\], got 0"),
+        (SentenceEncoder, dict(config=TINY, dropout=1.0), r"`dropout` must be None or a number in \[0, 1\), got 1.0"),
         (SentenceDataModule, dict(max_length=1), "`max_length` must be an int >= 2, got 1"),
         (SentenceDataModule, dict(val_fraction=0.5, test_fraction=0.5), "must be < 1"),
     ],
@@ -78,6 +79,19 @@ def test_original_scores_one_and_training_moves_towards_it(make_trainer, data: S
     after = make_trainer().validate(student, data, verbose=False)[0]
     assert after["val/fidelity"] > before + 0.05
     assert 0.0 <= after["val/retrieval"] <= 1.0
+
+
+def test_dropout_setting_reaches_every_dropout_of_the_encoder(data: SentenceDataModule) -> None:
+    batch = next(iter(data.train_dataloader()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    kept = _encoder(dropout=None).train()  # the config's own 0.1: two training-mode forwards differ
+    assert {m.p for m in kept.bert.modules() if isinstance(m, nn.Dropout)} == {0.1}
+    assert not torch.allclose(kept(ids, mask), kept(ids, mask))
+    off = _encoder(dropout=0.0).train()  # hidden and attention dropout off: training mode computes the eval output
+    assert off.bert.config.attention_probs_dropout_prob == 0.0 == off.bert.config.hidden_dropout_prob
+    with torch.no_grad():
+        train_out = off(ids, mask)
+        torch.testing.assert_close(train_out, off.eval()(ids, mask))
 
 
 def test_retrieval_agreement_and_depth() -> None:
