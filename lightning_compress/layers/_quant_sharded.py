@@ -41,7 +41,7 @@ from lightning_compress import _sharding as sh
 from lightning_compress.functional import formats as ff
 from lightning_compress.functional import quantization as qf
 
-__all__ = ["attach_input_groups", "check_tensor_parallel", "gathered", "observe_weight", "observe_weights", "reduce_input_range", "tensor_range"]
+__all__ = ["attach_input_groups", "check_tensor_parallel", "gathered", "observe_weight", "observe_weights", "reduce_input_max", "reduce_input_range", "tensor_range"]
 
 _GROUP_KEY = "_lc_input_group"  # on an ActivationFakeQuantize's __dict__: the process group its inputs are split over
 
@@ -194,14 +194,28 @@ def detach_input_groups(model: nn.Module) -> None:
         module.__dict__.pop(_GROUP_KEY, None)
 
 
+def _input_group(quantizer: nn.Module) -> Any:
+    """The process group :func:`attach_input_groups` gave ``quantizer``, or ``None`` (not attached / no process group)."""
+    return quantizer.__dict__.get(_GROUP_KEY) if dist.is_initialized() else None
+
+
+def reduce_input_max(quantizer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` reduced by elementwise max over the processes ``quantizer`` was attached to by
+    :func:`attach_input_groups` (``t`` itself otherwise)."""
+    group = _input_group(quantizer)
+    if group is None:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
 def reduce_input_range(quantizer: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)`` of one batch, reduced (min, max) over the processes ``quantizer`` was attached to by
     :func:`attach_input_groups` (unchanged otherwise)."""
-    group: Any = quantizer.__dict__.get(_GROUP_KEY)
-    if group is None or not dist.is_initialized():
+    if _input_group(quantizer) is None:
         return lo, hi
-    both = torch.cat([-lo.reshape(1), hi.reshape(1)])  # one MAX all-reduce for both ends
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    both = reduce_input_max(quantizer, torch.cat([-lo.reshape(1), hi.reshape(1)]))  # one all-reduce for both ends
     return -both[:1], both[1:]
 
 

@@ -8,7 +8,7 @@ strength ``alpha``::
     s_j = max|x_j| ** alpha / max|W_:,j| ** (1 - alpha), clipped to [q10(s), 100]
 
 where ``max|x_j|`` is input channel ``j``'s largest magnitude in the first training batch that runs with fake
-quantization (under DDP: the largest over the ranks), ``max|W_:,j|`` the weight's column maximum and ``q10(s)`` the
+quantization (under DDP: the largest over the ranks, over the group the layer's input range is reduced over), ``max|W_:,j|`` the weight's column maximum and ``q10(s)`` the
 10 % quantile of the factors (NNCF's clipping; it keeps channels that never fire from getting factors near zero).
 The factors are then fixed (a buffer: checkpoints and resume keep them); until they are set the layer is the plain
 float layer. Conversion divides the input by ``s`` in front of the integer layer and quantizes ``W * s``.
@@ -25,8 +25,9 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from lightning_compress.layers._quant_sharded import reduce_input_max
 
 __all__ = ["InputSmoothing", "smoothing_factors"]
 
@@ -48,11 +49,11 @@ class InputSmoothing(nn.Module):
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
 
     @torch.no_grad()
-    def calibrate(self, x: torch.Tensor, weight: torch.Tensor) -> None:
-        """Set the factors from the input ``x`` (last dim = channels) and the layer's float ``weight``."""
+    def calibrate(self, x: torch.Tensor, weight: torch.Tensor, input_quant: nn.Module) -> None:
+        """Set the factors from the input ``x`` (last dim = channels) and the layer's float ``weight``; the input
+        maxima are reduced over the processes the layer's ``input_quant`` reduces its range over (DDP: all)."""
         act_max = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(act_max, op=dist.ReduceOp.MAX)  # every rank: the same factors
+        act_max = reduce_input_max(input_quant, act_max)  # every rank: the same factors
         self.factor.copy_(smoothing_factors(act_max, weight, self.alpha))
         self.initialized.fill_(1)
 

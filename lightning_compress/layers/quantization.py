@@ -232,7 +232,7 @@ class _QATMixin:
         sm = self._modules.get("smoothing")
         if sm is not None:  # factors from the first training batch with fake quantization (then fixed)
             if not bool(sm.initialized) and bool(self.weight_quant.fake_quant_enabled) and observes(self.input_quant):
-                sm.calibrate(x, self.weight)
+                sm.calibrate(x, self.weight, self.input_quant)
             x = sm.divide(x)
         if self.input_quant is not None:
             x = self.input_quant(x)

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.export.quantization import convert
-from lightning_compress.layers._quant_smoothing import InputSmoothing, SmoothedInput, smoothing_factors
+from lightning_compress.layers._quant_sharded import attach_input_groups
+from lightning_compress.layers._quant_smoothing import SmoothedInput, smoothing_factors
 from lightning_compress.layers.quantization import QuantConfig, prepare_qat, set_qat_flags
 from tests.helpers import TinyModule
 
@@ -73,7 +74,7 @@ def test_factors_follow_the_formula_and_leave_the_float_layer_unchanged() -> Non
     net[0].load_state_dict(linear.state_dict())
     prepare_qat(net, ["0"], QuantConfig(smooth_quant=0.8))
     x = _inputs(32, seed=2)
-    net[0].smoothing.calibrate(x, net[0].weight)
+    net[0].smoothing.calibrate(x, net[0].weight, net[0].input_quant)
     assert bool(net[0].smoothing.initialized) and net[0].smoothing.factor[OUTLIER] > 10
     with torch.no_grad():  # fake quantization off: (x / s) (W s)^T is the float layer
         torch.testing.assert_close(net(x), linear(x), rtol=1e-5, atol=1e-5)
@@ -144,10 +145,14 @@ def test_compressed_tensors_export_refuses_smoothed_layers(make_trainer: Any, tm
 def _calibrate_on_rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    smoothing = InputSmoothing(16, alpha=0.5)
-    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))  # replicated, as under DDP
-    smoothing.calibrate(_inputs(16, seed=10 + rank, amplitude=1.0 + 3 * rank), weight)
-    torch.save(smoothing.factor, f"{out}/rank{rank}.pt")
+    net = nn.Sequential(nn.Linear(16, 8))
+    with torch.no_grad():  # replicated, as under DDP
+        net[0].weight.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))
+    prepare_qat(net, ["0"], QuantConfig(smooth_quant=0.5))
+    attach_input_groups(net, "test", data_parallel=True)  # as QuantizationAwareTraining does at fit start
+    set_qat_flags(net, fake_quant=True)
+    net.train()(_inputs(16, seed=10 + rank, amplitude=1.0 + 3 * rank))  # the first training forward sets the factors
+    torch.save(net[0].smoothing.factor, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
