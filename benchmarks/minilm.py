@@ -7,7 +7,8 @@
 Every training row fine-tunes the packaged pretrained all-MiniLM-L6-v2 on the same data (SentenceDataModule:
 standard-library docstring sentences, target = the original model's embedding), the same step budget (3 epochs of
 ``steps / 3`` batches) and the same seeds. Our rows are the callbacks of ``recipes/minilm_*.yaml`` as written
-there, their step windows scaled from the recipes' 120 steps to ``--steps``. Peers:
+there, their step windows scaled from the recipes' 120 steps to ``--steps``. A reference row ``finetune`` runs
+the same fine-tuning with no callback (what the budget and dropout alone cost). Peers:
 
 - ``torch.ao`` dynamic int8 post-training quantization of the original's Linear layers (no training);
 - Lightning's ``ModelPruning`` (``l1_unstructured``, 50 % of every encoder Linear weight, once at the end of the
@@ -52,7 +53,7 @@ from lightning_compress.examples.sentence import SentenceDataModule, SentenceEnc
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ["qat_int8", "pruning", "prune_qat_kd", "distillation", "low_rank", "qat_int4_weights"]
 PEERS = ["torch_ao_dynamic_int8", "lightning_model_pruning", "torchao_qat_int8da_int4w", "nncf_qat_int8"]
-ORDER = ["torch_ao_dynamic_int8", "qat_int8", "lightning_model_pruning", "pruning", "torchao_qat_int8da_int4w",
+ORDER = ["finetune", "torch_ao_dynamic_int8", "qat_int8", "lightning_model_pruning", "pruning", "torchao_qat_int8da_int4w",
          "prune_qat_kd", "distillation", "low_rank", "qat_int4_weights", "nncf_qat_int8"]  # cheapest answers first
 
 
@@ -124,6 +125,9 @@ def run_peer(name: str, base: SentenceEncoder, dm: SentenceDataModule, steps: in
     seed_everything(seed)
     model = copy.deepcopy(base)
     linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("bert.encoder")]
+    if name == "finetune":  # the same fine-tuning, nothing compressed: what the budget alone costs
+        fit(model, dm, steps, [])
+        return model
     if name == "torch_ao_dynamic_int8":
         return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
     if name == "lightning_model_pruning":
@@ -201,7 +205,8 @@ def main() -> None:
     rows.append(dict(name="fp32 original", kind="reference", fidelity=[fid], retrieval=[ret]))
     measure(rows[0], base, base, batch, rounds=1)  # first: a run cut short still has the reference's size
     names = [n for n in ORDER if not args.only or n in args.only]
-    by_name = {n: dict(name=n, kind="ours" if n in OURS else "peer", fidelity=[], retrieval=[], seconds=[]) for n in names}
+    kinds = {n: "ours" if n in OURS else "reference" if n == "finetune" else "peer" for n in names}
+    by_name = {n: dict(name=n, kind=kinds[n], fidelity=[], retrieval=[], seconds=[]) for n in names}
     rows += by_name.values()
     for i, seed in enumerate(seeds):  # seed-major: a run cut short still has every row at least once
         for name in names:
@@ -291,7 +296,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for kind, (marker, color) in style.items():
         pts = [r for r in rows if r["kind"] == kind and r.get("bytes") and r.get("fidelity_mean") is not None]
         ax.scatter([r["bytes"] / 1e6 for r in pts], [r["fidelity_mean"] for r in pts], marker=marker, color=color,
-                   label={"ours": "lightning-compress", "peer": "peers", "reference": "fp32 original"}[kind])
+                   label={"ours": "lightning-compress", "peer": "peers", "reference": "fp32 (original, fine-tuned)"}[kind])
         for r in pts:
             ax.annotate(r["name"], (r["bytes"] / 1e6, r["fidelity_mean"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")

@@ -385,6 +385,7 @@ def to_onnx(
     lowbit.retype_initializers(program.model.graph, {f"{n}.codes": m.onnx_type for n, m in export_model.named_modules()
                                                      if getattr(m, "onnx_type", None)})
     quantize_gathers(program.model.graph, tables)
+    _drop_intermediate_shapes(program.model.graph)
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
@@ -394,3 +395,16 @@ def to_onnx(
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _drop_intermediate_shapes(graph: Any) -> None:
+    """Forget the inferred type and shape of every value between nodes and the exporter's records on the weights
+    (the file's ``value_info``): runtimes infer them again on load, and on a small model they are 6 % of the file
+    (DigitsMLP W8A8: 3.8 of 61.8 KB)."""
+    outputs = {id(v) for v in graph.outputs}
+    for value in graph.initializers.values():
+        value.metadata_props.clear()
+    for node in graph.all_nodes():
+        for value in node.outputs:
+            if id(value) not in outputs:
+                value.type, value.shape = None, None

@@ -117,7 +117,8 @@ def test_tiny_bert_int8_tables_within_the_propagated_bound(tmp_path: Path) -> No
     word = _check_table(tables, "bert.embeddings.word_embeddings.weight", emb.word_embeddings.weight)
     ttype = _check_table(tables, "bert.embeddings.token_type_embeddings.weight", emb.token_type_embeddings.weight)
     saved = os.path.getsize(fp) - os.path.getsize(q)
-    assert abs(saved - 3 * 300 * 32) < 0.05 * 3 * 300 * 32
+    tables_saved = sum(3 * t.numel() - 4 * t.shape[0] for t in (word, ttype))  # int8 values + a float step per row
+    assert abs(saved - tables_saved) < 0.03 * tables_saved  # the rest: the Cast/Mul nodes added
 
     x = torch.randint(0, 300, (3, 8), generator=torch.Generator().manual_seed(2))
     got = _run(q, x)
@@ -155,7 +156,7 @@ def test_qat_bert_gets_int8_tables_beside_its_qdq_layers(tmp_path: Path) -> None
     ops = {n.op_type for n in onnx.load(q).graph.node}
     assert {"DequantizeLinear", "QuantizeLinear", "Cast", "Gather"} <= ops
     word = _check_table(_tables(q), "bert.embeddings.word_embeddings.weight", model.bert.embeddings.word_embeddings.weight)
-    assert os.path.getsize(plain) - os.path.getsize(q) > 0.95 * 3 * 300 * 32
+    assert os.path.getsize(plain) - os.path.getsize(q) > 0.95 * (3 * word.numel() - 4 * word.shape[0])  # + a step per row
     ref = copy.deepcopy(model)
     with torch.no_grad():
         ref.bert.embeddings.word_embeddings.weight.copy_(word)
