@@ -14,6 +14,8 @@ keeps it), the last epoch at the final sparsity.
   90 %, movement at 50 %;
 - per row (``--only row``, seed 0): ``scope="row"``, each output row's entries ranked among themselves (Wanda's
   comparison group), activation at 50 and 70 %, magnitude at 50 %;
+- reconstruct (``--only recon``, seed 0): ``reconstruct=True`` (SparseGPT's update of the kept weights at every
+  mask update) on activation 50 % per layer and per row, and on 2:4 gradual and one-shot;
 - N:M (``--seeds``): activation-ranked 2:4 ramped the same way (the fraction of groups held to 2:4 follows the
   schedule) and 2:4 one-shot at step 0 then fine-tuned (NVIDIA's recipe; seed 0), against 50 % unstructured.
 
@@ -61,6 +63,15 @@ def nm_runs() -> dict[str, dict[str, Any]]:
     }
 
 
+def recon_runs() -> dict[str, dict[str, Any]]:  # the same, with the kept weights updated at every mask update
+    return {"activation@0.5 reconstruct": dict(criterion="activation", final_sparsity=0.5, reconstruct=True),
+            "activation per row@0.5 reconstruct": dict(criterion="activation", final_sparsity=0.5, scope="row",
+                                                       reconstruct=True),
+            "activation 2:4 gradual reconstruct": dict(criterion="activation", pattern="2:4", reconstruct=True),
+            "activation 2:4 one-shot reconstruct": dict(criterion="activation", pattern="2:4", schedule="one_shot",
+                                                        start_step=0, end_step=0, reconstruct=True)}
+
+
 def encoder_sparsity(model: nn.Module) -> float:
     ws = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("bert.encoder")]
     return float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
@@ -96,6 +107,9 @@ def table(results: dict[str, Any]) -> None:
                - statistics.mean(r["fidelity"] for r in rows["activation@0.5"]))
         print(f"| {cell('activation@0.5')} | {cell('activation 2:4 gradual')} | {cell('activation 2:4 one-shot')} "
               f"| {gap:+.4f} |")
+    print("\n| with reconstruct=True | fidelity |\n|---|---|")
+    for name in recon_runs():
+        print(f"| {name} | {cell(name)} |")
 
 
 def main() -> None:
@@ -103,8 +117,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seeds", type=int)
-    parser.add_argument("--only", nargs="+", choices=["criteria", "nm", "row"],
-                        default=["criteria", "nm", "row"])
+    parser.add_argument("--only", nargs="+", choices=["criteria", "nm", "row", "recon"],
+                        default=["criteria", "nm", "row", "recon"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="skip the runs already in the stored JSON")
     args = parser.parse_args()
@@ -119,6 +133,8 @@ def main() -> None:
     plan: list[tuple[str, dict[str, Any], int]] = first if "nm" in args.only else first[:1]
     if "row" in args.only:
         plan += [(name, kw, 0) for name, kw in row.items()]
+    if "recon" in args.only:
+        plan += [(name, kw, 0) for name, kw in recon_runs().items()]
     if "criteria" in args.only:
         plan += [(name, kw, 0) for name, kw in crit.items()]
     if "nm" in args.only:

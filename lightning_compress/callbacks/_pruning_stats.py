@@ -54,6 +54,7 @@ class CriterionStats:
 
     def __init__(self, criterion: str) -> None:
         self.criterion = criterion
+        self.label, self.instead = f"criterion={criterion!r}", "criterion='magnitude'"  # for the error below
         self.sums: dict[str, torch.Tensor] = {}  # this rank's input sums of squares / movement scores
         self.restored: dict[str, torch.Tensor] = {}  # activation sums from a checkpoint (already reduced)
         self._waiting_since: int | None = None  # first step a mask update waited for statistics
@@ -78,9 +79,9 @@ class CriterionStats:
         if since is not None and step > since:
             what = "inputs (forward pre-hooks)" if self.criterion == "activation" else "gradients"
             raise RuntimeError(
-                f"GradualPruning(criterion={self.criterion!r}) has gathered no {what} of the pruned layers from "
+                f"GradualPruning({self.label}) has gathered no {what} of the pruned layers from "
                 f"step {since} to step {step}: they are not run in `training_step` with gradients enabled. Use "
-                "criterion='magnitude' or make the targeted layers part of the training forward."
+                f"{self.instead} or make the targeted layers part of the training forward."
             )
         self._waiting_since = step if since is None else since
         return False
@@ -201,6 +202,27 @@ def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, n
         if mask.shape != weights[fqn].shape:
             raise ValueError(f"GradualPruning: mask for {fqn!r} has shape {tuple(mask.shape)}, weight has "
                              f"{tuple(weights[fqn].shape)}")
+
+
+def check_arguments(final_sparsity: Any, initial_sparsity: Any, update_every: Any, mode: Any, norm: Any, scope: Any,
+                    targets: Any, exclude: Any, layer_sparsity: Any, reconstruct: Any) -> None:
+    """Raise ``ValueError``/``TypeError`` for a bad ``GradualPruning`` argument (the schedule's are checked apart)."""
+    check_number(final_sparsity, "final_sparsity", low=0, high=1, high_open=True)
+    check_number(initial_sparsity, "initial_sparsity", low=0, high=1, high_open=True)
+    if initial_sparsity > final_sparsity:
+        raise ValueError(f"`initial_sparsity` must be <= `final_sparsity`, got {initial_sparsity} > {final_sparsity}")
+    check_number(update_every, "update_every", low=1, integer=True)
+    check_choice(mode, "mode", ("unstructured", "structured"))
+    check_choice(norm, "norm", (1, 2))
+    check_scope(scope, mode)
+    validate_patterns(targets, "targets")
+    validate_patterns(exclude, "exclude")
+    check_layer_sparsity(layer_sparsity)
+    if not isinstance(reconstruct, bool):
+        raise TypeError(f"`reconstruct` must be a bool, got {reconstruct!r}")
+    if reconstruct and mode == "structured":
+        raise ValueError("`reconstruct`=True updates the kept entries of partly pruned rows; `mode='structured'` "
+                         "prunes whole output units, which leaves it nothing to update: use mode='unstructured'")
 
 
 def check_scope(scope: Any, mode: str) -> None:

@@ -14,12 +14,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress import claims
-from lightning_compress._validation import check_choice, check_number, check_state_version
+from lightning_compress._validation import check_choice, check_state_version
 from lightning_compress.callbacks import _pruning_masking, _pruning_sharded, _pruning_stats
+from lightning_compress.callbacks import _pruning_reconstruct as _recon
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._step_hooks import AfterOptimizerStep
 from lightning_compress.schedules import Schedule, resolve_window, validate_kind, validate_window
-from lightning_compress.targets import match, select_modules, validate_patterns
+from lightning_compress.targets import match, select_modules
 
 __all__ = ["GradualPruning"]
 
@@ -82,6 +83,9 @@ class GradualPruning(_ReleasesModelOnException):
         pattern: ``"N:M"`` (e.g. ``"2:4"``): at most N of every M consecutive weights along the input dimension
             stay; the fraction of groups held to it follows the schedule from 0 to 1 (``final_sparsity`` and
             ``scope`` unused: every layer ends at (M - N) / M).
+        reconstruct: after each mask update, move the kept weights so that each layer's output on the training
+            inputs since the previous update changes least (SparseGPT's sweep, Frantar & Alistarh 2023, on the mask
+            chosen; ``nn.Linear`` only, unstructured; ``in_features**2`` floats a layer, see ``_pruning_reconstruct``).
 
     Raises:
         ValueError: a sparsity outside [0, 1), a window that ends before it starts or after the run,
@@ -116,36 +120,22 @@ class GradualPruning(_ReleasesModelOnException):
         prune_bias: bool = True,
         criterion: Literal["magnitude", "activation", "movement"] = "magnitude",
         pattern: str | None = None,
+        reconstruct: bool = False,
     ) -> None:
         super().__init__()
-        check_number(final_sparsity, "final_sparsity", low=0, high=1, high_open=True)
-        check_number(initial_sparsity, "initial_sparsity", low=0, high=1, high_open=True)
-        if initial_sparsity > final_sparsity:
-            raise ValueError(
-                f"`initial_sparsity` must be <= `final_sparsity`, got {initial_sparsity} > {final_sparsity}"
-            )
+        _pruning_stats.check_arguments(final_sparsity, initial_sparsity, update_every, mode, norm, scope, targets,
+                                       exclude, layer_sparsity, reconstruct)
         validate_window(start_step, end_step, start_epoch, end_epoch)
-        check_number(update_every, "update_every", low=1, integer=True)
         validate_kind(schedule)
-        check_choice(mode, "mode", ("unstructured", "structured"))
-        check_choice(norm, "norm", (1, 2))
-        _pruning_stats.check_scope(scope, mode)
-        validate_patterns(targets, "targets")
-        validate_patterns(exclude, "exclude")
-        _pruning_stats.check_layer_sparsity(layer_sparsity)
-        self.final_sparsity = final_sparsity
-        self.initial_sparsity = initial_sparsity
-        self.start_epoch, self.end_epoch, self.start_step, self.end_step = start_epoch, end_epoch, start_step, end_step
-        self.update_every = update_every
-        self.schedule = schedule
-        self.mode, self.norm, self.scope, self.targets, self.exclude = mode, norm, scope, targets, exclude
-        self.layer_sparsity = layer_sparsity
-        self.prune_bias = prune_bias
         check_choice(criterion, "criterion", ("magnitude", "activation", "movement"))
         self._nm = _pruning_stats.check_pattern(pattern, mode, layer_sparsity)
-        self.criterion = criterion
-        self.pattern = pattern
+        self.final_sparsity, self.initial_sparsity, self.update_every = final_sparsity, initial_sparsity, update_every
+        self.start_epoch, self.end_epoch, self.start_step, self.end_step = start_epoch, end_epoch, start_step, end_step
+        self.mode, self.norm, self.scope, self.targets, self.exclude = mode, norm, scope, targets, exclude
+        self.schedule, self.layer_sparsity, self.prune_bias = schedule, layer_sparsity, prune_bias
+        self.criterion, self.pattern = criterion, pattern
         self._stats = _pruning_stats.CriterionStats(criterion)
+        self.reconstruct, self._gram = reconstruct, _recon.InputGram() if reconstruct else None
         self._owner = f"GradualPruning#{next(_COUNTER)}"
         self._reset_runtime()
         self._masks: dict[str, torch.Tensor] = {}  # weight fqn -> keep mask (bool); empty until the first update
@@ -178,7 +168,6 @@ class GradualPruning(_ReleasesModelOnException):
         return self._generate_state_key(mode=self.mode, final_sparsity=self.final_sparsity, targets=self.targets,
                                         exclude=self.exclude)
 
-    # -- setup -------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -188,7 +177,8 @@ class GradualPruning(_ReleasesModelOnException):
             # a callback reused for another model: that model's masks come from its own weights (or from the
             # checkpoint it resumes, whose state Lightning loads after `setup`), not from the previous model's
             self._masks, self._last_update_step, self._counts = {}, -1, None
-            self._stats.clear()
+            for stats in self._gathering():
+                stats.clear()
         self._model_ref = weakref.ref(pl_module)
         self._strategy, self._clips = trainer.strategy, bool(trainer.gradient_clip_val)
         narrow = self.mode == "structured" or self.criterion == "activation" or self._nm is not None
@@ -232,6 +222,8 @@ class GradualPruning(_ReleasesModelOnException):
                 _pruning_stats.check_keeps_a_unit(argument, self._final[fqn], module_name, weight.shape[0])
         if not self._weights:
             raise ValueError(f"GradualPruning: every targeted layer has frozen weights: {list(modules)}")
+        if self.reconstruct:
+            _recon.check_layers(self._layers, self._strategy)
         claimed = list(self._weights) + [names[id(b)] for b in self._biases.values()]
         claims.claim(pl_module, claimed, "prune", self._owner)
         self._model_layer_numel = _pruning_stats.layer_numel(pl_module)
@@ -245,6 +237,9 @@ class GradualPruning(_ReleasesModelOnException):
             start, _ = resolve_window(trainer, self.start_step, None, self.start_epoch, None, check_fits=check_fits)
             return start, max(start, int(total) // 2)
         return resolve_window(trainer, self.start_step, self.end_step, self.start_epoch, self.end_epoch, check_fits=check_fits)
+
+    def _gathering(self) -> list[_pruning_stats.CriterionStats]:  # what the hooks gather from training
+        return [self._stats] + ([self._gram] if self._gram is not None else [])
 
     @property
     def pruned_weights(self) -> list[str]:
@@ -274,7 +269,8 @@ class GradualPruning(_ReleasesModelOnException):
         self._localize()  # restored after `on_fit_start` by strategies that load checkpoints after their setup
         self._step_hooks.attach(trainer)
         if self._window is not None and self._last_update_step < self._window[1]:  # updates to come: gather
-            self._stats.attach(self._layers)
+            for stats in self._gathering():
+                stats.attach(self._layers)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -300,7 +296,8 @@ class GradualPruning(_ReleasesModelOnException):
         if stage != "fit":
             return
         self._step_hooks.remove()
-        self._stats.remove()
+        for stats in self._gathering():
+            stats.remove()
         claims.release(pl_module, self._owner)
         self._reset_runtime()  # drop references to the model and trainer; masks and step stay
 
@@ -325,7 +322,7 @@ class GradualPruning(_ReleasesModelOnException):
     def update_masks(self, step: int) -> None:
         """Recompute every mask for the sparsity scheduled at ``step`` and apply it to the weights (``activation``
         and ``movement``: an update due before any statistic was gathered waits for the next step)."""
-        self._deferred = not self._stats.ready(step)
+        self._deferred = not self._stats.ready(step) or (self._gram is not None and not self._gram.ready(step))
         if self._deferred:
             return
         previous = {f: self._masks[f] for f in self._weights if f in self._masks}  # rank-local pieces
@@ -335,8 +332,12 @@ class GradualPruning(_ReleasesModelOnException):
                             self.mode, self.norm, self._nm, sparsity, self._group_fraction(step), self.scope == "row")
         self._set_masks(new)
         self._last_update_step = step
+        last = self._window is not None and step >= self._window[1]
+        if self._gram is not None:  # the kept weights absorb what the pruned ones did (then masked as ever)
+            _recon.update_weights(self._weights, self._masks, self._gram.grams(self._strategy))
+            self._gram.updated(last)
         self._apply_masks()
-        self._stats.updated(last=self._window is not None and step >= self._window[1])
+        self._stats.updated(last)
         log.debug("GradualPruning: step %d, masks updated to %.4f", step, self.current_sparsity())
 
     def _group_fraction(self, step: int) -> float:  # N:M: the fraction of groups held, scheduled from 0 to 1
@@ -353,7 +354,6 @@ class GradualPruning(_ReleasesModelOnException):
     def _apply_masks(self, params: set[int] | None = None) -> None:
         self._masking.apply(params)
 
-    # -- reporting ----------------------------------------------------------------------------------
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """The current keep-masks, parameter name -> ``bool`` tensor (empty before pruning starts; during a sharded
@@ -380,7 +380,6 @@ class GradualPruning(_ReleasesModelOnException):
         """Weight name -> ``(N, M)`` for the layers held to an N:M pattern (read by ``CompressionMonitor``)."""
         return {fqn: self._nm for fqn in self._weights} if self._nm is not None else {}
 
-    # -- checkpointing ------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -388,6 +387,7 @@ class GradualPruning(_ReleasesModelOnException):
             "masks": {f: m.detach().cpu().clone() for f, m in self._whole_masks().items()},
             "last_update_step": self._last_update_step,
             "criterion_stats": self._stats.state_dict(self._strategy, self._weights),  # version 2
+            "reconstruct_gram": self._gram.state_dict(self._strategy) if self._gram is not None else {},
         }
 
     @override
@@ -396,3 +396,5 @@ class GradualPruning(_ReleasesModelOnException):
         self._masks, self._counts, self._whole = {f: m.bool() for f, m in state_dict.get("masks", {}).items()}, None, True
         self._last_update_step = int(state_dict.get("last_update_step", -1))
         self._stats.load_state_dict(state_dict.get("criterion_stats", {}))
+        if self._gram is not None:
+            self._gram.load_state_dict(state_dict.get("reconstruct_gram", {}))
