@@ -112,11 +112,14 @@ def test_movement_criterion_ranks_by_accumulated_minus_weight_times_gradient(mak
     assert not pruning._stats.sums, "movement scores kept after the last update"
 
 
-def test_criterion_statistics_resume_exactly_and_hooks_go_on_a_crash(tmp_path: Path, make_trainer) -> None:
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_criterion_statistics_resume_exactly_and_hooks_go_on_a_crash(reconstruct: bool, tmp_path: Path,
+                                                                     make_trainer) -> None:
     def fit(root: Path, crash: bool = False, ckpt: str | None = None) -> tuple[TinyModule, GradualPruning]:
         seed_everything(0)
         model = TinyModule()
-        pruning = GradualPruning(final_sparsity=0.8, start_step=5, end_step=14, update_every=3, criterion="activation")
+        pruning = GradualPruning(final_sparsity=0.8, start_step=5, end_step=14, update_every=3, criterion="activation",
+                                 reconstruct=reconstruct)
         callbacks: list[Any] = [pruning, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=4)]
         if crash:
             callbacks.append(Crasher())
@@ -129,6 +132,8 @@ def test_criterion_statistics_resume_exactly_and_hooks_go_on_a_crash(tmp_path: P
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("GradualPruning"))
     assert saved["global_step"] == 8 and set(state["criterion_stats"]) == {"net.0.weight", "net.2.weight"}
+    grams = {"net.0.weight": (16, 16), "net.2.weight": (32, 32)} if reconstruct else {}  # inputs' Gram since step 5
+    assert {k: tuple(v.shape) for k, v in state["reconstruct_gram"].items()} == grams
     resumed, resumed_pruning = fit(tmp_path / "b", ckpt=str(tmp_path / "b" / "last.ckpt"))
     for fqn, mask in straight_pruning.masks.items():
         assert torch.equal(mask, resumed_pruning.masks[fqn]), fqn

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
 import torch
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_compress import GradualPruning
 from lightning_compress.callbacks._pruning_reconstruct import reconstruct_weight
-from tests.callbacks.test_pruning_criteria import Crasher, Witness
+from tests.callbacks.test_pruning_criteria import Witness
 from tests.helpers import TinyModule
 
 
@@ -52,32 +48,6 @@ def test_gradual_reconstruct_updates_the_kept_weights_from_the_inputs_before_the
     assert float(keep.float().mean()) == 0.5
     assert (x @ expected.T - x @ w.T).norm() < (x @ (w * keep).T - x @ w.T).norm()
     assert not model.net[0]._forward_pre_hooks, "the input hooks were not removed after the last update"
-
-
-def test_reconstruct_gram_resumes_exactly_after_a_crash(tmp_path: Path, make_trainer) -> None:
-    def fit(root: Path, crash: bool = False, ckpt: str | None = None) -> tuple[TinyModule, GradualPruning]:
-        seed_everything(0)
-        model = TinyModule()
-        pruning = GradualPruning(final_sparsity=0.8, start_step=5, end_step=14, update_every=3, criterion="activation",
-                                 reconstruct=True)
-        callbacks: list[Any] = [pruning, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=4)]
-        if crash:
-            callbacks.append(Crasher())
-        make_trainer(callbacks=callbacks, max_steps=20, max_epochs=3, enable_checkpointing=True).fit(model, ckpt_path=ckpt)
-        return model, pruning
-
-    straight, straight_pruning = fit(tmp_path / "a")
-    with pytest.raises(RuntimeError, match="crash"):
-        fit(tmp_path / "b", crash=True)  # checkpoint at step 8: Gram matrices gathered since the update at step 5
-    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
-    state = next(v for k, v in saved["callbacks"].items() if k.startswith("GradualPruning"))
-    assert {k: tuple(v.shape) for k, v in state["reconstruct_gram"].items()} == {"net.0.weight": (16, 16),
-                                                                                 "net.2.weight": (32, 32)}
-    resumed, resumed_pruning = fit(tmp_path / "b", ckpt=str(tmp_path / "b" / "last.ckpt"))
-    for fqn, mask in straight_pruning.masks.items():
-        assert torch.equal(mask, resumed_pruning.masks[fqn]), fqn
-    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
 class ConvHead(TinyModule):
