@@ -6,7 +6,8 @@ for a Linear layer with weight ``W`` and the Gram matrix ``H = sum_x x x^T`` of 
 in order; when column ``j`` loses its pruned entries, the error ``(w_j - q_j) / [H^-1]_jj`` is spread over the
 columns not yet visited through the row ``j`` of the upper Cholesky factor of ``H^-1`` (the Optimal Brain Surgeon
 update), so that ``W' X`` stays close to ``W X`` on the inputs seen. ``H`` is damped by 1 % of its mean diagonal,
-as SparseGPT does; an input channel that never carried signal is set to zero in the weight.
+as SparseGPT does; the kept weights of an input channel that never carried signal stay as they are (SparseGPT
+zeroes them; here the mask alone decides what is zero).
 
 ``H`` is summed by forward pre-hooks from the training batches the model sees anyway (forwards with gradients on),
 from the previous mask update (or the start of training) to the next, added across DDP ranks when the masks are
@@ -47,8 +48,7 @@ def reconstruct_weight(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Ten
     h = gram.to(w.device, torch.float32).clone()
     keep = keep.to(w.device)
     dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    h[dead, dead] = 1.0  # a channel that never carried signal: its kept weights stay as they are, nothing spreads
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     cols = w.shape[1]
