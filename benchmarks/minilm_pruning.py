@@ -69,7 +69,11 @@ def recon_runs() -> dict[str, dict[str, Any]]:  # the same, with the kept weight
                                                        reconstruct=True),
             "activation 2:4 gradual reconstruct": dict(criterion="activation", pattern="2:4", reconstruct=True),
             "activation 2:4 one-shot reconstruct": dict(criterion="activation", pattern="2:4", schedule="one_shot",
-                                                        start_step=0, end_step=0, reconstruct=True)}
+                                                        start_step=0, end_step=0, reconstruct=True),
+            # one-shot after 10 batches (320 sentences) of statistics, then fine-tuned
+            "activation per row@0.5 one-shot@10 reconstruct": dict(criterion="activation", final_sparsity=0.5,
+                                                                   scope="row", schedule="one_shot", start_step=10,
+                                                                   end_step=10, reconstruct=True)}
 
 
 def encoder_sparsity(model: nn.Module) -> float:
