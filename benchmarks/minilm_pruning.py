@@ -73,7 +73,11 @@ def recon_runs() -> dict[str, dict[str, Any]]:  # the same, with the kept weight
             # one-shot after 10 batches (320 sentences) of statistics, then fine-tuned
             "activation per row@0.5 one-shot@10 reconstruct": dict(criterion="activation", final_sparsity=0.5,
                                                                    scope="row", schedule="one_shot", start_step=10,
-                                                                   end_step=10, reconstruct=True)}
+                                                                   end_step=10, reconstruct=True),
+            # SparseGPT's mask: the sweep picks which entries go, in the numbers the criterion's mask sets
+            "activation per row@0.5 adaptive": dict(criterion="activation", final_sparsity=0.5, scope="row",
+                                                    reconstruct="adaptive"),
+            "activation 2:4 gradual adaptive": dict(criterion="activation", pattern="2:4", reconstruct="adaptive")}
 
 
 def encoder_sparsity(model: nn.Module) -> float:

@@ -1,7 +1,10 @@
 """``GradualPruning(reconstruct=True)``: after each mask update, the weights that stay absorb what the pruned ones did.
 
 The update is SparseGPT's (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned
-in One-Shot"), with the mask given by the callback's criterion and schedule instead of chosen inside the sweep:
+in One-Shot"), with the mask given by the callback's criterion and schedule (``reconstruct=True``) or, with
+``reconstruct="adaptive"``, chosen inside the sweep as SparseGPT chooses it, in the numbers the criterion's mask
+sets for each row and run of 128 columns (or each N:M group), so that scope, schedule and pattern hold (see
+:func:`sweep`):
 for a Linear layer with weight ``W`` and the Gram matrix ``H = sum_x x x^T`` of its inputs, the columns are visited
 in order; when column ``j`` loses its pruned entries, the error ``(w_j - q_j) / [H^-1]_jj`` is spread over the
 columns not yet visited through the row ``j`` of the upper Cholesky factor of ``H^-1`` (the Optimal Brain Surgeon
@@ -44,19 +47,38 @@ def reconstruct_weight(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Ten
                        damp: float = 0.01) -> torch.Tensor:
     """``weight`` (out x in) with its ``~keep`` entries zero and the kept ones updated by the OBS sweep over the
     input Gram matrix ``gram`` (in x in); float32, on ``weight``'s device."""
+    return sweep(weight, gram, keep, block=block, damp=damp)[0]
+
+
+@torch.no_grad()
+def sweep(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, *, previous: torch.Tensor | None = None,
+          segment: int | None = None, block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS sweep of :func:`reconstruct_weight`, returning the new weight and the keep-mask it used.
+
+    With ``segment`` (``reconstruct="adaptive"``) the mask is chosen during the sweep, as SparseGPT chooses it:
+    ``keep`` only says how many entries of each row go in each run of ``segment`` columns (the block of 128 for
+    unstructured masks, ``M`` for N:M); when the sweep reaches a run, the entries that go are those of least OBS
+    error ``w^2 / [U]_jj^2`` (``U`` the upper Cholesky factor of ``H^-1``) on the weights as updated so far, the
+    entries already pruned (``~previous``) going first (a pruned weight never comes back)."""
     w = weight.detach().float().clone()
     h = gram.to(w.device, torch.float32).clone()
-    keep = keep.to(w.device)
+    keep = keep.to(w.device).clone()
+    previous = None if previous is None else previous.to(w.device)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0  # a channel that never carried signal: its kept weights stay as they are, nothing spreads
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     cols = w.shape[1]
+    if segment is not None:
+        block = max(segment, block - block % segment)  # runs never straddle two blocks
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         errors = torch.zeros_like(w1)
         for i in range(i2 - i1):
+            if segment is not None and i % segment == 0:
+                _choose(keep[:, i1 + i:i1 + min(i + segment, i2 - i1)], w1[:, i:i + segment],
+                        torch.diagonal(h1)[i:i + segment], None if previous is None else previous[:, i1 + i:i1 + i + segment])
             kept = w1[:, i] * keep[:, i1 + i]
             err = (w1[:, i] - kept) / h1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)  # the later columns of this block absorb it
@@ -64,7 +86,19 @@ def reconstruct_weight(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Ten
             errors[:, i] = err
         w[:, i1:i2] = w1
         w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    return w * keep
+    return w * keep, keep
+
+
+def _choose(keep: torch.Tensor, w: torch.Tensor, d: torch.Tensor, previous: torch.Tensor | None) -> None:
+    """Re-choose, in place, which entries of each row of the run ``keep`` go: as many as go now (or as were
+    already pruned, if more), those of least ``w^2 / d^2``, already-pruned ones first."""
+    score = w**2 / d**2
+    count = (~keep).sum(1)
+    if previous is not None:
+        score = score.masked_fill(~previous, -float("inf"))
+        count = torch.maximum(count, (~previous).sum(1))
+    ranks = score.argsort(dim=1, stable=True).argsort(dim=1)
+    keep.copy_(ranks >= count.unsqueeze(1))
 
 
 class InputGram(CriterionStats):
@@ -95,12 +129,22 @@ class InputGram(CriterionStats):
 
 
 @torch.no_grad()
-def update_weights(weights: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], grams: dict[str, torch.Tensor]) -> None:
-    """Replace each weight by :func:`reconstruct_weight` of it under its mask (a weight whose layers saw no
-    input since the last update is left as it is)."""
+def update_weights(weights: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
+                   previous: dict[str, torch.Tensor] | None = None, nm: tuple[int, int] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Replace each weight by its :func:`sweep` under its mask (a weight whose layers saw no input since the last
+    update is left as it is). With ``previous`` (the masks before this update; ``reconstruct="adaptive"``) the
+    sweep chooses the entries, in runs of 128 columns or of ``M`` (``nm``), and the masks it chose are returned."""
+    chosen = {}
     for fqn, weight in weights.items():
         if fqn in grams:
-            weight.copy_(reconstruct_weight(weight, grams[fqn], masks[fqn]).to(weight.dtype))
+            before = None if previous is None else previous.get(fqn, torch.ones_like(masks[fqn]))
+            segment = None if previous is None else (nm[1] if nm is not None else 128)
+            new, keep = sweep(weight, grams[fqn], masks[fqn], previous=before, segment=segment)
+            weight.copy_(new.to(weight.dtype))
+            if previous is not None:
+                chosen[fqn] = keep
+    return chosen
 
 
 def check_layers(layers: dict[str, list[nn.Module]], strategy: Any) -> None:

@@ -38,7 +38,7 @@ from lightning_compress import _sharding
 from lightning_compress._validation import check_choice, check_number
 from lightning_compress.functional import pruning as masks
 from lightning_compress.graph import output_layers
-from lightning_compress.targets import validate_patterns
+from lightning_compress.targets import match, validate_patterns
 
 __all__: list[str] = []  # private to GradualPruning
 
@@ -218,11 +218,20 @@ def check_arguments(final_sparsity: Any, initial_sparsity: Any, update_every: An
     validate_patterns(targets, "targets")
     validate_patterns(exclude, "exclude")
     check_layer_sparsity(layer_sparsity)
-    if not isinstance(reconstruct, bool):
-        raise TypeError(f"`reconstruct` must be a bool, got {reconstruct!r}")
+    if not (isinstance(reconstruct, bool) or reconstruct == "adaptive"):
+        raise ValueError(f"`reconstruct` must be True, False or 'adaptive', got {reconstruct!r}")
     if reconstruct and mode == "structured":
         raise ValueError("`reconstruct`=True updates the kept entries of partly pruned rows; `mode='structured'` "
                          "prunes whole output units, which leaves it nothing to update: use mode='unstructured'")
+
+
+def matched_overrides(layer_sparsity: dict[str, float] | None, modules: dict[str, Any]) -> dict[str, float]:
+    """``layer_sparsity`` as a dict; raise if one of its patterns matches none of the pruned ``modules``."""
+    overrides = dict(layer_sparsity or {})
+    unmatched = [p for p in overrides if not any(match(p, m) for m in modules)]
+    if unmatched:
+        raise ValueError(f"`layer_sparsity`: pattern(s) {unmatched} match no pruned layer; pruned layers: {list(modules)}")
+    return overrides
 
 
 def check_scope(scope: Any, mode: str) -> None:

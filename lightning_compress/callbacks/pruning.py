@@ -85,7 +85,9 @@ class GradualPruning(_ReleasesModelOnException):
             ``scope`` unused: every layer ends at (M - N) / M).
         reconstruct: after each mask update, move the kept weights so that each layer's output on the training
             inputs since the previous update changes least (SparseGPT's sweep, Frantar & Alistarh 2023, on the mask
-            chosen; ``nn.Linear`` only, unstructured; ``in_features**2`` floats a layer, see ``_pruning_reconstruct``).
+            chosen; ``nn.Linear`` only, unstructured; ``in_features**2`` floats a layer, see ``_pruning_reconstruct``);
+            ``"adaptive"``: the sweep also picks which entries go (SparseGPT's mask), as many per row and run of 128
+            columns (or N:M group) as the criterion's mask.
 
     Raises:
         ValueError: a sparsity outside [0, 1), a window that ends before it starts or after the run,
@@ -120,7 +122,7 @@ class GradualPruning(_ReleasesModelOnException):
         prune_bias: bool = True,
         criterion: Literal["magnitude", "activation", "movement"] = "magnitude",
         pattern: str | None = None,
-        reconstruct: bool = False,
+        reconstruct: bool | Literal["adaptive"] = False,
     ) -> None:
         super().__init__()
         _pruning_stats.check_arguments(final_sparsity, initial_sparsity, update_every, mode, norm, scope, targets,
@@ -189,10 +191,7 @@ class GradualPruning(_ReleasesModelOnException):
         if self.mode == "structured":
             modules = _pruning_stats.without_output_layers(pl_module, modules, self.targets)
         names = {id(p): n for n, p in pl_module.named_parameters(remove_duplicate=False)}
-        overrides = dict(self.layer_sparsity or {})
-        unmatched = [p for p in overrides if not any(match(p, m) for m in modules)]
-        if unmatched:
-            raise ValueError(f"`layer_sparsity`: pattern(s) {unmatched} match no pruned layer; pruned layers: {list(modules)}")
+        overrides = _pruning_stats.matched_overrides(self.layer_sparsity, modules)
         seen: set[int] = set()
         for module_name, module in modules.items():
             weight = module.weight
@@ -202,10 +201,8 @@ class GradualPruning(_ReleasesModelOnException):
                 continue
             seen.add(id(weight))
             if not weight.requires_grad and self.targets is None:
-                rank_zero_warn(
-                    f"GradualPruning: skipping {module_name!r}, its weight is frozen (requires_grad=False); "
-                    "name it in `targets` to prune it anyway"
-                )
+                rank_zero_warn(f"GradualPruning: skipping {module_name!r}, its weight is frozen "
+                               "(requires_grad=False); name it in `targets` to prune it anyway")
                 continue
             fqn = names[id(weight)]
             self._weights[fqn], self._layers[fqn] = weight, [module]
@@ -334,7 +331,10 @@ class GradualPruning(_ReleasesModelOnException):
         self._last_update_step = step
         last = self._window is not None and step >= self._window[1]
         if self._gram is not None:  # the kept weights absorb what the pruned ones did (then masked as ever)
-            _recon.update_weights(self._weights, self._masks, self._gram.grams(self._strategy))
+            chosen = _recon.update_weights(self._weights, self._masks, self._gram.grams(self._strategy),
+                                           previous if self.reconstruct == "adaptive" else None, self._nm)
+            if chosen:
+                self._set_masks({**self._masks, **chosen})
             self._gram.updated(last)
         self._apply_masks()
         self._stats.updated(last)

@@ -8,7 +8,8 @@ from lightning.pytorch import seed_everything
 from torch import nn
 
 from lightning_compress import GradualPruning
-from lightning_compress.callbacks._pruning_reconstruct import reconstruct_weight
+from lightning_compress.callbacks._pruning_reconstruct import reconstruct_weight, sweep
+from lightning_compress.functional import pruning as masks
 from tests.callbacks.test_pruning_criteria import Witness
 from tests.helpers import TinyModule
 
@@ -51,6 +52,51 @@ def test_gradual_reconstruct_updates_the_kept_weights_from_the_inputs_before_the
     assert not model.net[0]._forward_pre_hooks, "the input hooks were not removed after the last update"
 
 
+def test_adaptive_sweep_chooses_the_entries_in_the_criterions_numbers_and_never_revives() -> None:
+    x = _correlated(512, 256, 3)
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(4))
+    scores = w.abs() * x.norm(dim=0)  # Wanda's ranking, per row
+    keep = masks.row_mask(w, 0.5, scores=scores)
+    fixed = reconstruct_weight(w, x.T @ x, keep)
+    new, chosen = sweep(w, x.T @ x, keep, previous=torch.ones_like(keep), segment=128)
+    assert bool((new[~chosen] == 0).all()) and not torch.equal(chosen, keep)  # it did choose other entries
+    for run in (slice(0, 128), slice(128, 256)):  # as many per row and run of 128 as the criterion's mask
+        assert torch.equal(chosen[:, run].sum(1), keep[:, run].sum(1))
+    err = lambda v: float((x @ v.T - x @ w.T).norm())  # noqa: E731
+    assert err(new) < 0.95 * err(fixed), (err(new), err(fixed))  # measured 0.86
+    before = torch.rand(24, 256, generator=torch.Generator().manual_seed(5)) > 0.2  # 20 % pruned earlier
+    later = masks.row_mask(w * before, 0.5, mask=before, scores=scores)
+    _, again = sweep(w * before, x.T @ x, later, previous=before, segment=128)
+    assert not bool((again & ~before).any())  # what was pruned stays pruned
+    nm = masks.nm_mask(w, 2, 4)
+    new, chosen = sweep(w, x.T @ x, nm, previous=torch.ones_like(nm), segment=4)
+    assert bool((chosen.reshape(24, -1, 4).sum(-1) == 2).all()) and not torch.equal(chosen, nm)
+    assert err(new) < 0.95 * err(reconstruct_weight(w, x.T @ x, nm))
+
+
+def test_gradual_adaptive_reconstruct_holds_scope_and_pattern(make_trainer) -> None:
+    seed_everything(0)
+    model = TinyModule(lr=0.0)
+    witness = Witness(step=3)
+    pruning = GradualPruning(final_sparsity=0.5, start_step=3, end_step=3, schedule="one_shot", targets=["net.0"],
+                             criterion="activation", scope="row", reconstruct="adaptive")
+    make_trainer(callbacks=[witness, pruning], max_steps=5).fit(model)
+    x, w = torch.cat(witness.inputs), witness.weights["net.0.weight"]
+    criterion = masks.row_mask(w, 0.5, scores=w.abs() * x.norm(dim=0))
+    expected, chosen = sweep(w, x.T @ x, criterion, previous=torch.ones_like(criterion), segment=128)
+    assert torch.equal(pruning.masks["net.0.weight"], chosen) and not torch.equal(chosen, criterion)
+    torch.testing.assert_close(model.net[0].weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert bool((chosen.sum(1) == 8).all())  # scope="row": 8 of 16 in every row
+    seed_everything(0)
+    model = TinyModule()
+    pruning = GradualPruning(pattern="2:4", start_step=2, end_step=8, update_every=2, criterion="activation",
+                             targets=["net.0"], reconstruct="adaptive")
+    make_trainer(callbacks=[pruning], max_steps=10, max_epochs=10).fit(model)
+    assert pruning._last_update_step == 8
+    assert bool((model.net[0].weight.detach().reshape(32, 4, 4) != 0).sum(-1).le(2).all())
+    assert masks.nm_fraction(model.net[0].weight.detach(), 2, 4) == 1.0
+
+
 class ConvHead(TinyModule):
     def __init__(self) -> None:
         super().__init__()
@@ -60,7 +106,7 @@ class ConvHead(TinyModule):
 def test_reconstruct_refuses_what_it_cannot_update(make_trainer) -> None:
     with pytest.raises(ValueError, match="`reconstruct`=True .* `mode='structured'` prunes whole output units"):
         GradualPruning(mode="structured", reconstruct=True)
-    with pytest.raises(TypeError, match="`reconstruct` must be a bool, got 'yes'"):
+    with pytest.raises(ValueError, match="`reconstruct` must be True, False or .adaptive., got .yes."):
         GradualPruning(reconstruct="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'net.1.weight' belongs to a Conv1d: leave it out with `exclude`"):
         make_trainer(callbacks=[GradualPruning(reconstruct=True)], max_steps=2).fit(ConvHead())
