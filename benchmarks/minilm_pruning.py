@@ -15,7 +15,8 @@ keeps it), the last epoch at the final sparsity.
 - per row (``--only row``, seed 0): ``scope="row"``, each output row's entries ranked among themselves (Wanda's
   comparison group), activation at 50 and 70 %, magnitude at 50 %;
 - reconstruct (``--only recon``, seed 0): ``reconstruct=True`` (SparseGPT's update of the kept weights at every
-  mask update) on activation 50 % per layer and per row, and on 2:4 gradual and one-shot;
+  mask update) on activation 50 % per layer and per row, and on 2:4 gradual and one-shot; one-shot 50 % per row at
+  step 10; ``reconstruct="adaptive"`` (the sweep chooses the entries) on 50 % per row and 2:4 gradual;
 - N:M (``--seeds``): activation-ranked 2:4 ramped the same way (the fraction of groups held to 2:4 follows the
   schedule) and 2:4 one-shot at step 0 then fine-tuned (NVIDIA's recipe; seed 0), against 50 % unstructured.
 

@@ -63,7 +63,7 @@ def test_adaptive_sweep_chooses_the_entries_in_the_criterions_numbers_and_never_
     for run in (slice(0, 128), slice(128, 256)):  # as many per row and run of 128 as the criterion's mask
         assert torch.equal(chosen[:, run].sum(1), keep[:, run].sum(1))
     err = lambda v: float((x @ v.T - x @ w.T).norm())  # noqa: E731
-    assert err(new) < 0.95 * err(fixed), (err(new), err(fixed))  # measured 0.86
+    assert err(new) < 0.6 * err(fixed), (err(new), err(fixed))  # measured 0.42
     before = torch.rand(24, 256, generator=torch.Generator().manual_seed(5)) > 0.2  # 20 % pruned earlier
     later = masks.row_mask(w * before, 0.5, mask=before, scores=scores)
     _, again = sweep(w * before, x.T @ x, later, previous=before, segment=128)
@@ -71,7 +71,7 @@ def test_adaptive_sweep_chooses_the_entries_in_the_criterions_numbers_and_never_
     nm = masks.nm_mask(w, 2, 4)
     new, chosen = sweep(w, x.T @ x, nm, previous=torch.ones_like(nm), segment=4)
     assert bool((chosen.reshape(24, -1, 4).sum(-1) == 2).all()) and not torch.equal(chosen, nm)
-    assert err(new) < 0.95 * err(reconstruct_weight(w, x.T @ x, nm))
+    assert err(new) < 0.7 * err(reconstruct_weight(w, x.T @ x, nm))  # measured 0.53
 
 
 def test_gradual_adaptive_reconstruct_holds_scope_and_pattern(make_trainer) -> None:
