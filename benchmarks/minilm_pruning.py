@@ -3,6 +3,7 @@
     python benchmarks/minilm_pruning.py                  # 60 steps; criteria on seed 0, N:M rows on 3 seeds
     python benchmarks/minilm_pruning.py --quick          # 6 steps, 16 tokens, 400 sentences, 1 seed
     python benchmarks/minilm_pruning.py --only nm --seeds 3
+    python benchmarks/minilm_pruning.py --rows "activation 2:4 gradual adaptive" --seeds 3 --resume
 
 Same data, model and budget as ``benchmarks/minilm.py`` (the packaged pretrained encoder fine-tuned to reproduce
 its own embeddings of standard-library docstring sentences, 3 epochs of ``steps / 3`` batches, Adam 5e-5) with the
@@ -130,6 +131,7 @@ def main() -> None:
                         default=["criteria", "nm", "row", "recon"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="skip the runs already in the stored JSON")
+    parser.add_argument("--rows", nargs="+", help="run only these rows (any table's), on every seed of --seeds")
     args = parser.parse_args()
     steps = args.steps or (6 if args.quick else 60)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
@@ -148,6 +150,12 @@ def main() -> None:
         plan += [(name, kw, 0) for name, kw in crit.items()]
     if "nm" in args.only:
         plan += [(name, kw, s) for s in seeds for name, kw in nm.items() if s == 0 or "one-shot" not in name]
+    if args.rows:
+        every = {**crit, **nm, **row, **recon_runs()}
+        unknown = [r for r in args.rows if r not in every]
+        if unknown:
+            parser.error(f"--rows: unknown {unknown}; known: {list(every)}")
+        plan = [(name, every[name], s) for s in seeds for name in args.rows]
     if args.resume and OUT.exists():  # keep the runs of a stored run with the same settings
         stored = json.loads(OUT.read_text())
         if all(stored.get(k) == results[k] for k in ("steps", "max_length", "quick")):
