@@ -160,7 +160,8 @@ def test_structured_activation_pruning_removes_whole_units(make_trainer) -> None
     assert int((model.net[0].weight == 0).all(1).sum()) == 16
 
 
-def test_ddp_activation_masks_identical_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reconstruct", [False, "adaptive"])  # adaptive: the sweep picks entries from summed Grams
+def test_ddp_activation_masks_identical_on_every_rank(reconstruct: bool | str, tmp_path: Path) -> None:
     run_python(
         """
         import torch
@@ -171,17 +172,19 @@ def test_ddp_activation_masks_identical_on_every_rank(tmp_path: Path) -> None:
         if __name__ == "__main__":
             seed_everything(0)
             pruning = GradualPruning(final_sparsity=0.7, start_step=1, end_step=3, update_every=1,
-                                     criterion="activation")
+                                     criterion="activation", reconstruct=RECONSTRUCT)
             trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=5, logger=False,
                               callbacks=[pruning], enable_checkpointing=False, enable_progress_bar=False,
                               enable_model_summary=False)
             model = TinyModule()
             trainer.fit(model)
             torch.save({"masks": pruning.masks, "weights": model.state_dict()}, f"rank{trainer.global_rank}.pt")
-        """,
+        """.replace("RECONSTRUCT", repr(reconstruct)),
         cwd=tmp_path,
     )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    kept = sum(int(m.sum()) for m in r0["masks"].values()) / sum(m.numel() for m in r0["masks"].values())
+    assert kept == pytest.approx(0.3, abs=0.01)  # 70 % pruned over the pool (global scope)
     for fqn in r0["masks"]:
         assert torch.equal(r0["masks"][fqn], r1["masks"][fqn])
     for name in r0["weights"]:
