@@ -9,7 +9,7 @@ standard-library docstring sentences, target = the original model's embedding), 
 ``steps / 3`` batches) and the same seeds. Our rows are the callbacks of ``recipes/minilm_*.yaml`` as written
 there, their step windows scaled from the recipes' 120 steps to ``--steps``. A reference row ``finetune`` runs
 the same fine-tuning with no callback (what the budget and dropout alone cost), at the model's defaults (Adam 5e-5,
-MiniLM's dropout 0.1). A training peer fine-tunes with the ``lr`` and ``dropout`` of the recipe it is compared with
+MiniLM's dropout 0.1); ``finetune_dropout0`` the same with dropout off, as the recipes that set ``dropout: 0.0``. A training peer fine-tunes with the ``lr`` and ``dropout`` of the recipe it is compared with
 (``PEER_RECIPE``), so that a setting a recipe chose is not counted as the method's gain. Peers:
 
 - ``torch.ao`` dynamic int8 post-training quantization of the original's Linear layers (no training);
@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = ["qat_int8", "pruning", "prune_qat_kd", "distillation", "low_rank", "qat_int4_weights"]
 PEERS = ["torch_ao_dynamic_int8", "lightning_model_pruning", "torchao_qat_int8da_int4w", "nncf_qat_int8"]
 PEER_RECIPE = {"lightning_model_pruning": "pruning", "nncf_qat_int8": "qat_int8", "torchao_qat_int8da_int4w": "qat_int4_weights"}
-ORDER = ["finetune", "torch_ao_dynamic_int8", "qat_int8", "lightning_model_pruning", "pruning", "torchao_qat_int8da_int4w",
+ORDER = ["finetune", "finetune_dropout0", "torch_ao_dynamic_int8", "qat_int8", "lightning_model_pruning", "pruning", "torchao_qat_int8da_int4w",
          "prune_qat_kd", "distillation", "low_rank", "qat_int4_weights", "nncf_qat_int8"]  # cheapest answers first
 
 
@@ -142,7 +142,9 @@ def run_peer(name: str, base: SentenceEncoder, dm: SentenceDataModule, steps: in
     if name in PEER_RECIPE:  # a training peer fine-tunes as the recipe it is compared with does (lr, dropout)
         train_like(model, recipe_callbacks(PEER_RECIPE[name], steps, base)[1])
     linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("bert.encoder")]
-    if name == "finetune":  # the same fine-tuning, nothing compressed: what the budget alone costs
+    if name in ("finetune", "finetune_dropout0"):  # the same fine-tuning, nothing compressed: what the budget costs
+        if name == "finetune_dropout0":  # as the recipes that set `dropout: 0.0` fine-tune
+            set_dropout(model.bert, 0.0)
         fit(model, dm, steps, [])
         return model
     if name == "torch_ao_dynamic_int8":
@@ -222,7 +224,7 @@ def main() -> None:
     rows.append(dict(name="fp32 original", kind="reference", fidelity=[fid], retrieval=[ret]))
     measure(rows[0], base, base, batch, rounds=1)  # first: a run cut short still has the reference's size
     names = [n for n in ORDER if not args.only or n in args.only]
-    kinds = {n: "ours" if n in OURS else "reference" if n == "finetune" else "peer" for n in names}
+    kinds = {n: "ours" if n in OURS else "reference" if n.startswith("finetune") else "peer" for n in names}
     by_name = {n: dict(name=n, kind=kinds[n], fidelity=[], retrieval=[], seconds=[]) for n in names}
     rows += by_name.values()
     for i, seed in enumerate(seeds):  # seed-major: a run cut short still has every row at least once
