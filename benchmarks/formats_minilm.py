@@ -197,10 +197,13 @@ def main() -> None:
     parser.add_argument("--w4-asymmetric", action="store_true",
                         help="W4A16 rows on an affine grid (zero point) in both frameworks (default: symmetric)")
     parser.add_argument("--report", action="store_true", help="print the table of the saved JSON only")
+    parser.add_argument("--lr", type=float, help="Adam's learning rate for every row, both frameworks (default: 5e-5)")
+    parser.add_argument("--dropout", type=float, help="the encoder's dropout while fine-tuning (default: MiniLM's 0.1)")
     args = parser.parse_args()
     path = ROOT / "benchmarks" / "results" / ("formats_quick.json" if args.quick or args.tiny else "formats.json")
+    key = "minilm" if args.lr is None and args.dropout is None else f"minilm_lr{args.lr or 5e-5:g}_dropout{args.dropout}"
     if args.report:
-        table(json.loads(path.read_text())["minilm"])
+        table(json.loads(path.read_text())[key])
         return
     quick = args.quick or args.tiny
     steps = args.minilm_steps or (3 if quick else 30)
@@ -222,27 +225,29 @@ def main() -> None:
     config = TINY if args.tiny else None
     dm = SentenceDataModule(batch_size=32, max_length=32, max_sentences=1600, config=config)
     dm.setup("fit")
-    base = SentenceEncoder(config=config, max_length=32).eval()
+    base = SentenceEncoder(config=config, max_length=32, dropout=args.dropout).eval()
+    base.lr = args.lr or base.lr
     section: dict[str, Any] = dict(
         model="tiny random BERT " + json.dumps(TINY) if args.tiny else "all-MiniLM-L6-v2 (pretrained)",
-        steps=steps, seeds=seeds, max_length=32, batch_size=32, lr=base.lr, qat_from_step=0, threads=args.threads,
+        steps=steps, seeds=seeds, max_length=32, batch_size=32, lr=base.lr, dropout=args.dropout, qat_from_step=0,
+        threads=args.threads,
         sentences={k: len(v) for k, v in dm.sentences.items()}, torch=torch.__version__, torchao=torchao.__version__,
         note="2 CPU cores shared with other jobs while measured (fidelity does not depend on it)")
 
     stored = json.loads(path.read_text()) if path.exists() else {}
     same = ("model", "steps", "seeds", "max_length", "lr")
-    old = stored.get("minilm", {})
+    old = stored.get(key, {})
     kept = old.get("rows", {}) if all(old.get(k) == section[k] for k in same) else {}  # --only: merge rows
 
     def save(rows: dict[str, Any]) -> None:  # after every row: a cut-short run keeps what it measured
         order = [FP32, *[k for n in ROWS for k in (n, n + ASYM)]]
         merged = {n: rows[n] if n in rows else kept[n] for n in order if n in rows or n in kept}
         section.update(rows=merged, targets_met=verdicts(merged))
-        path.write_text(json.dumps({**stored, "minilm": section}, indent=2))
+        path.write_text(json.dumps({**stored, key: section}, indent=2))
 
     quality(names, base, dm, steps, seeds, save)
     table(section)
-    print(f"wrote the 'minilm' section of {path}", file=sys.stderr)
+    print(f"wrote the {key!r} section of {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
