@@ -136,10 +136,10 @@ def update_weights(weights: dict[str, nn.Parameter], masks: dict[str, torch.Tens
     update is left as it is). With ``previous`` (the masks before this update; ``reconstruct="adaptive"``) the
     sweep chooses the entries, in runs of 128 columns or of ``M`` (``nm``), and the masks it chose are returned."""
     chosen = {}
+    segment = None if previous is None else (nm[1] if nm is not None else 128)
     for fqn, weight in weights.items():
         if fqn in grams:
             before = None if previous is None else previous.get(fqn, torch.ones_like(masks[fqn]))
-            segment = None if previous is None else (nm[1] if nm is not None else 128)
             new, keep = sweep(weight, grams[fqn], masks[fqn], previous=before, segment=segment)
             weight.copy_(new.to(weight.dtype))
             if previous is not None:

@@ -327,15 +327,13 @@ class GradualPruning(_ReleasesModelOnException):
         new = _pruning_sharded.compute_masks(self._weights, self._layers, self._pooled, previous,
                             self._stats.all_statistics(list(self._weights), self._strategy), self.criterion,
                             self.mode, self.norm, self._nm, sparsity, self._group_fraction(step), self.scope == "row")
-        self._set_masks(new)
-        self._last_update_step = step
         last = self._window is not None and step >= self._window[1]
         if self._gram is not None:  # the kept weights absorb what the pruned ones did (then masked as ever)
-            chosen = _recon.update_weights(self._weights, self._masks, self._gram.grams(self._strategy),
-                                           previous if self.reconstruct == "adaptive" else None, self._nm)
-            if chosen:
-                self._set_masks({**self._masks, **chosen})
+            new.update(_recon.update_weights(self._weights, new, self._gram.grams(self._strategy),
+                                             previous if self.reconstruct == "adaptive" else None, self._nm))
             self._gram.updated(last)
+        self._set_masks(new)
+        self._last_update_step = step
         self._apply_masks()
         self._stats.updated(last)
         log.debug("GradualPruning: step %d, masks updated to %.4f", step, self.current_sparsity())
