@@ -77,6 +77,7 @@ from torch import nn
 from lightning_compress.export import _onnx_low_bit as lowbit
 from lightning_compress.export._common import copy_model, resolve_example
 from lightning_compress.export._onnx_embedding import embedding_tables, quantize_gathers
+from lightning_compress.export._onnx_graph import drop_records
 from lightning_compress.export._onnx_ops import (
     add_bias,
     dequantize_weight,
@@ -380,12 +381,10 @@ def to_onnx(
                                         dynamic_shapes=shapes, custom_translation_table=table, verbose=False)
     except Exception as err:  # the exporter's own errors are many types; one ValueError with its reason
         raise ValueError(f"torch.onnx could not export {type(model).__name__}: {str(err).strip().splitlines()[0]}") from err
-    for node in program.model.graph.all_nodes():
-        node.metadata_props.clear()  # the exporter's debug records (source names): a third of a small file
     lowbit.retype_initializers(program.model.graph, {f"{n}.codes": m.onnx_type for n, m in export_model.named_modules()
                                                      if getattr(m, "onnx_type", None)})
     quantize_gathers(program.model.graph, tables)
-    _drop_intermediate_shapes(program.model.graph)
+    drop_records(program.model.graph)
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
@@ -396,15 +395,3 @@ def to_onnx(
             os.remove(tmp)
     return path
 
-
-def _drop_intermediate_shapes(graph: Any) -> None:
-    """Forget the inferred type and shape of every value between nodes and the exporter's records on the weights
-    (the file's ``value_info``): runtimes infer them again on load, and on a small model they are 6 % of the file
-    (DigitsMLP W8A8: 3.8 of 61.8 KB)."""
-    outputs = {id(v) for v in graph.outputs}
-    for value in graph.initializers.values():
-        value.metadata_props.clear()
-    for node in graph.all_nodes():
-        for value in node.outputs:
-            if id(value) not in outputs:
-                value.type, value.shape = None, None
