@@ -6,6 +6,7 @@ our QAT and under torchao 0.18's QAT, side by side (the MiniLM rows of ``benchma
     python benchmarks/formats_minilm.py --minilm-steps 60 --minilm-seeds 5 --only "W4A16 g128"
     python benchmarks/formats_minilm.py --quick --tiny     # a random 2-layer BERT instead of MiniLM (seconds)
     python benchmarks/formats_minilm.py --w4-asymmetric --only "W4A16 g128" "W4A16 g32"   # affine W4 grids
+    python benchmarks/formats_minilm.py --mx-scale rceil --only "MXFP8 (weights + inputs)"   # MX scales by RCEIL
 
 Every row fine-tunes the packaged all-MiniLM-L6-v2 (``SentenceEncoder(max_length=32)``, AdamW 5e-5) on
 ``SentenceDataModule(batch_size=32, max_length=32, max_sentences=1600)`` (target: the original's embedding of each
@@ -62,12 +63,16 @@ TINY = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, interme
 
 ASYMMETRIC_W4 = False  # --w4-asymmetric: the W4A16 rows on an affine grid (16 levels + zero point) in both frameworks
 ASYM = " asymmetric"  # the suffix of those rows' names
+MX_SCALE = "floor"  # --mx-scale: our MX rows' shared-scale rule (torchao's MX QAT rounds with RCEIL)
+RCEIL = " (mx_scale rceil)"  # the suffix of our MX rows trained with mx_scale="rceil"
 
 
 def minilm_config(name: str) -> dict[str, Any]:
     """Our QAT arguments for the format ``name`` on MiniLM: ``formats.ROWS`` without the digits model's
     layer exclusions (every MiniLM Linear holds whole groups)."""
     cfg = {k: v for k, v in ROWS[name].items() if k != "exclude"}
+    if MX_SCALE != "floor" and name.startswith("MX"):
+        cfg["mx_scale"] = MX_SCALE
     return {**cfg, "symmetric": False} if ASYMMETRIC_W4 and name.startswith("W4A16") else cfg
 
 
@@ -145,6 +150,7 @@ def quality(names: list[str | None], base: SentenceEncoder, dm: SentenceDataModu
             row[fw] = {k: _mean_std([r[k] for r in runs]) for k in runs[0]}
         key = name or FP32
         key += ASYM if ASYMMETRIC_W4 and key.startswith("W4A16") else ""
+        key += RCEIL if MX_SCALE == "rceil" and key.startswith("MX") else ""
         results[key] = row
         print(key, json.dumps(row), flush=True)
         on_row(results)
@@ -196,6 +202,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a random 2-layer BERT instead of MiniLM (smoke run; quick defaults)")
     parser.add_argument("--w4-asymmetric", action="store_true",
                         help="W4A16 rows on an affine grid (zero point) in both frameworks (default: symmetric)")
+    parser.add_argument("--mx-scale", choices=["floor", "rceil"], default="floor",
+                        help="our MX rows' shared-scale rule (QuantizationAwareTraining(mx_scale=...)); rows named with it")
     parser.add_argument("--report", action="store_true", help="print the table of the saved JSON only")
     parser.add_argument("--lr", type=float, help="Adam's learning rate for every row, both frameworks (default: 5e-5)")
     parser.add_argument("--dropout", type=float, help="the encoder's dropout while fine-tuning (default: MiniLM's 0.1)")
@@ -213,8 +221,8 @@ def main() -> None:
     unknown = set(args.only or ()) - set(ROWS) - {FP32}
     if unknown:
         raise SystemExit(f"--only: unknown rows {sorted(unknown)}; known: {[FP32, *ROWS]}")
-    global ASYMMETRIC_W4
-    ASYMMETRIC_W4 = args.w4_asymmetric
+    global ASYMMETRIC_W4, MX_SCALE
+    ASYMMETRIC_W4, MX_SCALE = args.w4_asymmetric, args.mx_scale
     names: list[str | None] = [n for n in [None, *ROWS] if not args.only or (n or FP32) in args.only]
     torch.set_num_threads(args.threads)
     for logger in ("lightning", "lightning.pytorch"):
@@ -240,7 +248,7 @@ def main() -> None:
     kept = old.get("rows", {}) if all(old.get(k) == section[k] for k in same) else {}  # --only: merge rows
 
     def save(rows: dict[str, Any]) -> None:  # after every row: a cut-short run keeps what it measured
-        order = [FP32, *[k for n in ROWS for k in (n, n + ASYM)]]
+        order = [FP32, *[k for n in ROWS for k in (n, n + ASYM, n + RCEIL)]]
         merged = {n: rows[n] if n in rows else kept[n] for n in order if n in rows or n in kept}
         section.update(rows=merged, targets_met=verdicts(merged))
         path.write_text(json.dumps({**stored, key: section}, indent=2))

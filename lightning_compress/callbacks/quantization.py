@@ -123,6 +123,11 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
             8-bit per-tensor quantization. Needs ``activation_bits``; DDP yes, FSDP2 not yet (refused in ``setup``).
             Converted layers divide their input by ``s``; ``to_onnx`` exports that division, ``save_pretrained``
             refuses (compressed-tensors has no place for it). See ``layers._quant_smoothing``.
+        mx_scale: how an MX scheme picks each block's shared power-of-two scale, for weights and inputs alike:
+            ``floor`` (default), the OCP MX spec's ``2**(floor(log2 amax) - emax_elem)``, which saturates a block's
+            largest values (MXFP8: up to 512 onto e4m3's 448); ``rceil``, the smallest scale at which nothing
+            saturates, ``2**ceil(log2(amax / max_elem))`` (torchao's and NVIDIA's default). Converted layers store
+            the trained scales and quantize inputs by the same rule. See ``functional.formats``.
 
     Raises:
         ValueError: bits out of range, an unknown scheme/granularity, power-of-two with an asymmetric grid, LSQ
@@ -164,10 +169,11 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         dynamic: bool = False,
         symmetric_range: Literal["auto", "restricted", "full"] = "auto",
         smooth_quant: float | None = None,
+        mx_scale: Literal["floor", "rceil"] = "floor",
     ) -> None:
         super().__init__()
         self._config = QuantConfig(weight_bits, activation_bits, scheme, granularity, symmetric, learn_scale,
-                                   group_size, activation_granularity, dynamic, symmetric_range, smooth_quant)
+                                   group_size, activation_granularity, dynamic, symmetric_range, smooth_quant, mx_scale)
         for what in ("start", "freeze_observers", "freeze_bn"):
             _check_point(locals()[f"{what}_step"], locals()[f"{what}_epoch"], what)
         validate_patterns(targets, "targets")
@@ -181,7 +187,7 @@ class QuantizationAwareTraining(_ReleasesModelOnException):
         self.targets, self.exclude = targets, exclude
         self.convert_on_fit_end = convert_on_fit_end
         self.group_size, self.activation_granularity, self.dynamic = group_size, activation_granularity, dynamic
-        self.symmetric_range, self.smooth_quant = symmetric_range, smooth_quant
+        self.symmetric_range, self.smooth_quant, self.mx_scale = symmetric_range, smooth_quant, mx_scale
         self._layers: list[str] = []
         self._bn_pairs: dict[str, str] = {}
         self._steps: dict[str, int | None] = {}

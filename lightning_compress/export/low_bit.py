@@ -75,7 +75,7 @@ class _LowBitLinear(nn.Module):
             return x
         if self.input_qparams is not None:
             return qf.fake_quantize_uniform(x, self.input_qparams[:1], self.input_qparams[1:], 0, 255)
-        return quantize_input_dynamic(x, iq["scheme"], iq["granularity"], iq["bits"])
+        return quantize_input_dynamic(x, iq["scheme"], iq["granularity"], iq["bits"], iq.get("mx_scale", "floor"))
 
     def _input_format(self) -> dict[str, Any] | None:
         iq = self.input_quant
@@ -83,8 +83,9 @@ class _LowBitLinear(nn.Module):
             return None
         kind = "int" if iq["scheme"] in ("uniform", "power_of_two") else "float"
         strategy = "group" if iq["scheme"] in ff.MX_ELEMENT else "token" if iq["granularity"] == "per_token" else "tensor"
-        return {"type": kind, "num_bits": iq["bits"], "strategy": strategy, "dynamic": iq["dynamic"],
-                "symmetric": kind == "float", "element": None if kind == "int" else ff.MX_ELEMENT.get(iq["scheme"], iq["scheme"])}
+        fmt = {"type": kind, "num_bits": iq["bits"], "strategy": strategy, "dynamic": iq["dynamic"],
+               "symmetric": kind == "float", "element": None if kind == "int" else ff.MX_ELEMENT.get(iq["scheme"], iq["scheme"])}
+        return {**fmt, "scale_rounding": iq.get("mx_scale", "floor")} if strategy == "group" else fmt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -208,12 +209,12 @@ class MXLinear(_LowBitLinear):
     ``scales`` (uint8 E8M0, ``(out, in / 32)``); the forward dequantizes (see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None,
-                 input_quant: dict[str, Any] | None = None) -> None:
+                 input_quant: dict[str, Any] | None = None, scale_rounding: str = "floor") -> None:
         super().__init__()
         self.fmt = fmt
         self.bits = ff.ELEMENTS[ff.MX_ELEMENT[fmt]].bits
         self._set_common(weight.shape[1], weight.shape[0], bias, input_quant)
-        codes, e8m0 = ff.quantize_mx(weight.detach().float(), fmt)
+        codes, e8m0 = ff.quantize_mx(weight.detach().float(), fmt, scale_rounding)  # the rule the QAT trained with
         self.register_buffer("qweight", pack_bits(codes, self.bits))
         self.register_buffer("scales", e8m0)
 
@@ -291,7 +292,7 @@ def convert_linear(m: nn.Module, w: torch.Tensor, bias: torch.Tensor | None,
     if c.is_fp8:
         return Float8Linear(w, wq.scale, c.scheme, bias, input_quant)
     if c.is_mx:
-        return MXLinear(w, c.scheme, bias, input_quant)
+        return MXLinear(w, c.scheme, bias, input_quant, c.mx_scale)
     qmin, qmax = wq.qrange
     codes = qf.quantize_grouped(w, wq.scale, wq.zero_point, qmin, qmax)
     return GroupwiseLinear(codes, wq.scale, wq.zero_point, c.weight_bits, qmin, bias, input_quant)

@@ -12,7 +12,12 @@ per tensor or per output channel, so that the largest magnitude maps to the larg
 **MX** (OCP Microscaling Formats spec v1.0): blocks of 32 consecutive values along the last dimension share one
 power-of-two scale ``X = 2**(floor(log2(amax)) - emax_elem)`` stored as E8M0 (an 8-bit biased exponent, bias 127;
 255 is NaN and never produced), where ``emax_elem`` is the exponent of the element format's largest normal; each
-element is ``round_to_format(v / X)``, saturating. MXINT8 elements are 8-bit two's complement with an implicit
+element is ``round_to_format(v / X)``, saturating. That is the spec's scale rule (``scale_rounding="floor"``); it
+saturates the block's largest values where ``amax / X`` exceeds the element's largest value (e4m3: ``amax / X`` in
+``[256, 512)`` against 448; e2m1: ``[4, 8)`` against 6). ``scale_rounding="rceil"`` takes instead the smallest power
+of two at which nothing saturates, ``X = 2**ceil(log2(amax / max_elem))`` (the rule NVIDIA's MXFP8 kernels and
+torchao use by default as RCEIL): finer steps are lost where the block maximum is just above a power of two, no
+value clips. Any rule gives valid MX data (the E8M0 scale is stored). MXINT8 elements are 8-bit two's complement with an implicit
 scale ``2**-6`` (``[-2, 2 - 2**-6]``). ``mxfp6`` uses the E2M3 element (the finer of the two FP6 variants).
 
 Example:
@@ -45,12 +50,14 @@ __all__ = [
     "fake_quantize_fp8",
     "fake_quantize_mx",
     "fp8_scale",
+    "MX_SCALE_ROUNDINGS",
     "mx_shared_exponent",
     "quantize_mx",
     "round_to_format",
 ]
 
 MX_BLOCK = 32
+MX_SCALE_ROUNDINGS = ("floor", "rceil")  # the OCP spec's shared-exponent rule, and the one that never saturates
 
 
 @dataclass(frozen=True)
@@ -134,25 +141,38 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // MX_BLOCK, MX_BLOCK)
 
 
-def mx_shared_exponent(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Shared exponent ``floor(log2(amax)) - emax_elem`` of each block of 32 (last dim), in [-127, 127], int32.
+def mx_shared_exponent(x: torch.Tensor, fmt: str, scale_rounding: str = "floor") -> torch.Tensor:
+    """Shared exponent of each block of 32 (last dim), in [-127, 127], int32: ``floor(log2(amax)) - emax_elem``
+    (``"floor"``, the OCP spec's) or ``ceil(log2(amax / max_elem))`` (``"rceil"``: nothing saturates).
 
     An all-zero block gets -127 (E8M0 code 0).
+
+    Example:
+        >>> block = torch.full((1, 32), 7.0)  # e2m1's largest value is 6
+        >>> mx_shared_exponent(block, "mxfp4").item(), mx_shared_exponent(block, "mxfp4", "rceil").item()
+        (0, 1)
     """
-    amax = _blocks(x).detach().float().abs().amax(-1)
-    exp = torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - ELEMENTS[MX_ELEMENT[fmt]].emax
+    amax = _blocks(x).detach().float().abs().amax(-1).clamp(min=2.0**-127)
+    el = ELEMENTS[MX_ELEMENT[fmt]]
+    if scale_rounding == "floor":
+        exp = torch.floor(torch.log2(amax)) - el.emax
+    elif scale_rounding == "rceil":
+        exp = torch.ceil(torch.log2(amax / el.max_value))
+    else:
+        raise ValueError(f"`scale_rounding` must be one of {MX_SCALE_ROUNDINGS}, got {scale_rounding!r}")
     return exp.clamp(-127, 127).to(torch.int32)
 
 
-def _mx_scaled(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _mx_scaled(x: torch.Tensor, fmt: str, scale_rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks of ``x`` divided by their shared scale, and the E8M0 codes (uint8) of the scales."""
-    exp = mx_shared_exponent(x, fmt)
+    exp = mx_shared_exponent(x, fmt, scale_rounding)
     return _blocks(x.detach().float()) / torch.exp2(exp.float()).unsqueeze(-1), (exp + 127).to(torch.uint8)
 
 
-def fake_quantize_mx(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """MX fake quantization (blocks of 32 along the last dim, E8M0 scale, STE clipped where elements saturate)."""
-    scaled, e8m0 = _mx_scaled(x, fmt)
+def fake_quantize_mx(x: torch.Tensor, fmt: str, scale_rounding: str = "floor") -> torch.Tensor:
+    """MX fake quantization (blocks of 32 along the last dim, E8M0 scale by ``scale_rounding``, see
+    :func:`mx_shared_exponent`; STE clipped where elements saturate)."""
+    scaled, e8m0 = _mx_scaled(x, fmt, scale_rounding)
     el = MX_ELEMENT[fmt]
     xq = round_to_format(scaled, el) * torch.exp2(e8m0.float() - 127).unsqueeze(-1)
     inside = scaled.abs() <= ELEMENTS[el].max_value
@@ -193,9 +213,10 @@ def decode_elements(codes: torch.Tensor, element: str) -> torch.Tensor:
     return sign * torch.where(biased == 0, sub, normal)
 
 
-def quantize_mx(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element codes (uint8, shape of ``x``, ``bits`` wide) and E8M0 scales (uint8, one per block of 32)."""
-    scaled, e8m0 = _mx_scaled(x, fmt)
+def quantize_mx(x: torch.Tensor, fmt: str, scale_rounding: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Element codes (uint8, shape of ``x``, ``bits`` wide) and E8M0 scales (uint8, one per block of 32), the
+    scales by ``scale_rounding`` (see :func:`mx_shared_exponent`)."""
+    scaled, e8m0 = _mx_scaled(x, fmt, scale_rounding)
     el = MX_ELEMENT[fmt]
     return encode_elements(round_to_format(scaled, el), el).reshape(x.shape), e8m0
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lightning_compress._validation import check_bool, check_choice, check_number
-from lightning_compress.functional.formats import ELEMENTS, MX_ELEMENT
+from lightning_compress.functional.formats import ELEMENTS, MX_ELEMENT, MX_SCALE_ROUNDINGS
 
 SCHEMES = ("uniform", "power_of_two", "fp8_e4m3", "fp8_e5m2", "mxfp8", "mxfp6", "mxfp4", "mxint8")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
@@ -51,6 +51,7 @@ class QuantConfig:
     dynamic: bool = False
     symmetric_range: str = "auto"
     smooth_quant: float | None = None
+    mx_scale: str = "floor"
 
     def __post_init__(self) -> None:
         check_number(self.weight_bits, "weight_bits", low=2, high=8, integer=True)
@@ -58,6 +59,10 @@ class QuantConfig:
         check_choice(self.granularity, "granularity", GRANULARITIES)
         check_choice(self.activation_granularity, "activation_granularity", ACTIVATION_GRANULARITIES)
         check_choice(self.symmetric_range, "symmetric_range", SYMMETRIC_RANGES)
+        check_choice(self.mx_scale, "mx_scale", MX_SCALE_ROUNDINGS)
+        if self.mx_scale != "floor" and not self.is_mx:
+            raise ValueError(f"`mx_scale`={self.mx_scale!r} chooses the shared scale of MX blocks: leave it at 'floor' "
+                             f"with `scheme`={self.scheme!r}")
         for name in ("symmetric", "learn_scale", "dynamic"):
             check_bool(getattr(self, name), name)
         self._check_weights()

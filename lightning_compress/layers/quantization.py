@@ -124,7 +124,7 @@ class WeightFakeQuantize(nn.Module):
         if c.is_fp8:
             return ff.fake_quantize_fp8(w, self.scale, c.scheme)
         if c.is_mx:
-            return ff.fake_quantize_mx(w, c.scheme)
+            return ff.fake_quantize_mx(w, c.scheme, c.mx_scale)
         qmin, qmax = self.qrange
         if c.per_group:
             return qf.fake_quantize_grouped(w, self.scale, self.zero_point, qmin, qmax)
@@ -145,15 +145,16 @@ class WeightFakeQuantize(nn.Module):
         return f"bits={c.weight_bits}, scheme={c.scheme}, {c.granularity}{group}, symmetric={c.symmetric}{grid}, lsq={c.learn_scale}"
 
 
-def quantize_input_dynamic(x: torch.Tensor, scheme: str, granularity: str, bits: int = 8) -> torch.Tensor:
+def quantize_input_dynamic(x: torch.Tensor, scheme: str, granularity: str, bits: int = 8,
+                           mx_scale: str = "floor") -> torch.Tensor:
     """Fake-quantize a layer input at run time (no observer): unsigned ``bits`` affine per token for integer
-    schemes, the fp8 format with an ``amax`` scale per token (or per tensor), or MX blocks along the last dim.
-    Converted layers call it too, so they compute exactly what was trained."""
+    schemes, the fp8 format with an ``amax`` scale per token (or per tensor), or MX blocks along the last dim
+    (shared scales by ``mx_scale``). Converted layers call it too, so they compute exactly what was trained."""
     if scheme.startswith("fp8_"):
         rows = x.reshape(-1, x.shape[-1]) if granularity == "per_token" else x
         return ff.fake_quantize_fp8(rows, ff.fp8_scale(rows, scheme, granularity == "per_token"), scheme).reshape(x.shape)
     if scheme in ff.MX_ELEMENT:
-        return ff.fake_quantize_mx(x, scheme)
+        return ff.fake_quantize_mx(x, scheme, mx_scale)
     return qf.fake_quantize_per_token(x, bits)
 
 
@@ -163,15 +164,14 @@ class ActivationFakeQuantize(nn.Module):
     The observer updates in training mode, and in a fit's training batches whatever the mode (``momentum`` of
     the moving average, first batch taken as is; see :mod:`~lightning_compress.layers._quant_observing`).
     With ``dynamic`` there is no observer: each input is quantized with its own ranges at run time (see
-    :func:`quantize_input_dynamic`; ``scheme`` and ``granularity`` say how).
+    :func:`quantize_input_dynamic`; ``scheme``, ``granularity`` and ``mx_scale`` say how).
     """
 
     def __init__(self, bits: int = 8, momentum: float = 0.01, dynamic: bool = False, scheme: str = "uniform",
-                 granularity: str = "per_tensor") -> None:
+                 granularity: str = "per_tensor", mx_scale: str = "floor") -> None:
         super().__init__()
-        self.bits = bits
-        self.momentum = momentum
-        self.dynamic, self.scheme, self.granularity = dynamic, scheme, granularity
+        self.bits, self.momentum = bits, momentum
+        self.dynamic, self.scheme, self.granularity, self.mx_scale = dynamic, scheme, granularity, mx_scale
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("min_val", torch.zeros(1))
@@ -199,14 +199,15 @@ class ActivationFakeQuantize(nn.Module):
             return x
         if self.dynamic:
             self.initialized.fill_(1)
-            return quantize_input_dynamic(x, self.scheme, self.granularity, self.bits)
+            return quantize_input_dynamic(x, self.scheme, self.granularity, self.bits, self.mx_scale)
         if not bool(self.initialized) or observes(self):
             self._observe(x)
         return qf.fake_quantize_uniform(x, self.scale, self.zero_point, 0, 2**self.bits - 1)
 
     def extra_repr(self) -> str:
         if self.dynamic:
-            return f"bits={self.bits}, dynamic, {self.scheme}, {self.granularity}"
+            mx = f", mx_scale={self.mx_scale}" if self.scheme in ff.MX_ELEMENT else ""
+            return f"bits={self.bits}, dynamic, {self.scheme}, {self.granularity}{mx}"
         return f"bits={self.bits}, momentum={self.momentum}"
 
 
@@ -357,8 +358,7 @@ def prepare_qat(
         if config.activation_bits:
             new.input_quant = ActivationFakeQuantize(
                 config.activation_bits, dynamic=config.dynamic, scheme=config.scheme,
-                granularity=config.activation_granularity,
-            ).to(module.weight.device)
+                granularity=config.activation_granularity, mx_scale=config.mx_scale).to(module.weight.device)
         if config.smooth_quant is not None and isinstance(new, QATLinear):
             new.smoothing = InputSmoothing(module.in_features, config.smooth_quant).to(module.weight.device)
         if name in bn_pairs:

@@ -14,6 +14,7 @@ from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.checkpoints import load_quantized_checkpoint
 from lightning_compress.export.low_bit import Float8Linear, GroupwiseLinear, MXLinear
 from lightning_compress.export.quantization import Int8Linear, convert
+from lightning_compress.functional import formats as ff
 from tests.helpers import TinyModule
 
 
@@ -34,6 +35,8 @@ from tests.helpers import TinyModule
         (dict(scheme="mxfp8", activation_bits=None, granularity="per_tensor"), "one scale per block of 32"),
         (dict(scheme="mxfp8", activation_bits=None, granularity="per_group", group_size=16), "one scale per block of 32"),
         (dict(scheme="int4"), "`scheme` must be one of"),
+        (dict(mx_scale="rceil"), "`mx_scale`='rceil' chooses the shared scale of MX blocks: leave it at 'floor' with `scheme`='uniform'"),
+        (dict(scheme="mxfp8", activation_bits=None, mx_scale="ceil"), "`mx_scale` must be one of"),
     ],
 )
 def test_bad_format_arguments_fail_in_init(kwargs: dict, message: str) -> None:
@@ -127,3 +130,25 @@ def test_the_fake_quantized_model_trains_with_group_lsq(make_trainer) -> None:
     assert not torch.allclose(init.scale.detach(), start)
     converted = convert(model)
     assert isinstance(converted.net[0], GroupwiseLinear) and converted.net[0].kernel == "dequantize"  # g16
+
+
+def test_mx_rceil_scales_train_and_convert_by_the_same_rule(make_trainer) -> None:
+    seed_everything(0)
+    model = TinyModule(in_features=64, hidden=64)
+    kwargs = dict(scheme="mxfp8", activation_bits=8, dynamic=True, convert_on_fit_end=False)
+    make_trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(mx_scale="rceil", **kwargs)]).fit(model)
+    layer = model.net[0]
+    assert layer.weight_quant.config.mx_scale == "rceil" and layer.input_quant.mx_scale == "rceil"
+    w = layer.weight.detach()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 300  # block maxima up to ~1000
+    with torch.no_grad():
+        fake = model.eval()(x)
+        layer.input_quant.mx_scale = "floor"  # the spec's rule on the inputs changes the output: the rule is used
+        assert not torch.equal(model(x), fake)
+        layer.input_quant.mx_scale = "rceil"
+        conv = convert(model)
+        assert isinstance(conv.net[0], MXLinear) and conv.net[0].input_quant["mx_scale"] == "rceil"
+        torch.testing.assert_close(conv(x), fake, rtol=1e-5, atol=1e-5)
+    rceil, floor = ff.quantize_mx(w, "mxfp8", "rceil")[1], ff.quantize_mx(w, "mxfp8")[1]
+    assert torch.equal(conv.net[0].scales, rceil) and not torch.equal(rceil, floor)
+    assert conv.net[0].quant_format()["input_activations"]["scale_rounding"] == "rceil"

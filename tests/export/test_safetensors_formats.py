@@ -48,6 +48,8 @@ FORMATS = {  # QuantConfig of each case -> the compressed-tensors format it must
     "mxfp8": (dict(weight_bits=8, activation_bits=None, scheme="mxfp8"), "mxfp8-quantized"),
     "mxfp6": (dict(weight_bits=6, activation_bits=None, scheme="mxfp6"), "mxfp6-pack-quantized"),
     "mxfp4": (dict(weight_bits=4, activation_bits=None, scheme="mxfp4"), "mxfp4-pack-quantized"),
+    # the scales are stored: the rule that chose them does not matter to the loader
+    "mxfp4rceil": (dict(weight_bits=4, activation_bits=None, scheme="mxfp4", mx_scale="rceil"), "mxfp4-pack-quantized"),
 }
 LAYER = "encoder.layer.0.intermediate.dense"
 

@@ -64,6 +64,29 @@ def test_mx_shared_scale_follows_the_spec() -> None:
     assert qf.sqnr_db(x, ff.fake_quantize_mx(x, "mxfp8")) > 25 > qf.sqnr_db(x, ff.fake_quantize_mx(x, "mxfp4")) > 10
 
 
+@pytest.mark.parametrize("fmt", list(ff.MX_ELEMENT))
+def test_mx_rceil_scale_is_the_smallest_at_which_nothing_saturates(fmt: str) -> None:
+    el = ff.ELEMENTS[ff.MX_ELEMENT[fmt]]
+    x = _wide_values(256 * 32).reshape(256, 32)
+    # four blocks whose largest magnitude lies between the element's largest value and the next power of two
+    top = 2.0 ** (el.emax + 1)
+    target = (el.max_value + torch.tensor([0.05, 0.3, 0.6, 0.95]) * (top - el.max_value)) * 2.0 ** torch.tensor([-3.0, 0.0, 2.0, 5.0])
+    x[:4] = x[:4] / x[:4].abs().amax(-1, keepdim=True) * target.unsqueeze(-1)
+    exp = ff.mx_shared_exponent(x, fmt, "rceil").float()
+    amax = x.abs().amax(-1, keepdim=True)
+    assert (amax / torch.exp2(exp) <= el.max_value).all()  # nothing saturates
+    assert (amax / torch.exp2(exp - 1) > el.max_value).all()  # half that scale would saturate: the smallest
+    floor = ff.mx_shared_exponent(x, fmt).float()
+    assert ((exp - floor) >= 0).all() and ((exp - floor) <= 1).all()
+    assert ((amax / torch.exp2(floor) > el.max_value) == (exp == floor + 1)).all()  # one up exactly where floor clips
+    assert (exp[:4] == floor[:4] + 1).all()
+    codes, e8m0 = ff.quantize_mx(x, fmt, "rceil")
+    assert torch.equal(e8m0, (exp.to(torch.int32) + 127).to(torch.uint8))
+    assert torch.equal(ff.dequantize_mx(codes, e8m0, fmt), ff.fake_quantize_mx(x, fmt, "rceil"))
+    with pytest.raises(ValueError, match="`scale_rounding` must be one of \\('floor', 'rceil'\\), got 'round'"):
+        ff.mx_shared_exponent(x, fmt, "round")
+
+
 def test_mx_needs_blocks_of_32() -> None:
     with pytest.raises(ValueError, match="blocks of 32"):
         ff.fake_quantize_mx(torch.randn(4, 48), "mxfp8")
