@@ -7,6 +7,7 @@ our QAT and under torchao 0.18's QAT, side by side (the MiniLM rows of ``benchma
     python benchmarks/formats_minilm.py --quick --tiny     # a random 2-layer BERT instead of MiniLM (seconds)
     python benchmarks/formats_minilm.py --w4-asymmetric --only "W4A16 g128" "W4A16 g32"   # affine W4 grids
     python benchmarks/formats_minilm.py --mx-scale rceil --only "MXFP8 (weights + inputs)"   # MX scales by RCEIL
+    python benchmarks/formats_minilm.py --mx-sqnr     # SQNR of the pretrained weights per MX format and scale rule
 
 Every row fine-tunes the packaged all-MiniLM-L6-v2 (``SentenceEncoder(max_length=32)``, AdamW 5e-5) on
 ``SentenceDataModule(batch_size=32, max_length=32, max_sentences=1600)`` (target: the original's embedding of each
@@ -52,6 +53,8 @@ from torch import nn
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.examples.sentence import SentenceDataModule, SentenceEncoder
 from lightning_compress.export.quantization import convert
+from lightning_compress.functional import formats as ff
+from lightning_compress.functional.quantization import sqnr_db
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32 = "fp32 fine-tuned"
@@ -126,6 +129,16 @@ def run_torchao(name: str, base: SentenceEncoder, dm: SentenceDataModule, steps:
     fit(model, dm, steps, [])
     fidelity, retrieval = evaluate(model, dm)
     return {"fidelity": fidelity, "retrieval": retrieval}
+
+
+@torch.no_grad()
+def mx_weight_sqnr(model: nn.Module) -> dict[str, float]:
+    """SQNR (dB) of the pretrained encoder's Linear weights, all of them together, in each MX format under each
+    shared-scale rule (``mx_scale``), without training."""
+    ws = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and "encoder" in n]
+    ref = torch.cat([w.reshape(-1) for w in ws])
+    return {f"{fmt} {rule}": round(sqnr_db(ref, torch.cat([ff.fake_quantize_mx(w, fmt, rule).reshape(-1) for w in ws])), 2)
+            for fmt in ff.MX_ELEMENT for rule in ff.MX_SCALE_ROUNDINGS}
 
 
 def _mean_std(values: list[float]) -> list[float]:
@@ -204,6 +217,8 @@ def main() -> None:
                         help="W4A16 rows on an affine grid (zero point) in both frameworks (default: symmetric)")
     parser.add_argument("--mx-scale", choices=["floor", "rceil"], default="floor",
                         help="our MX rows' shared-scale rule (QuantizationAwareTraining(mx_scale=...)); rows named with it")
+    parser.add_argument("--mx-sqnr", action="store_true",
+                        help="only the SQNR of the pretrained weights in each MX format under each mx_scale rule")
     parser.add_argument("--report", action="store_true", help="print the table of the saved JSON only")
     parser.add_argument("--lr", type=float, help="Adam's learning rate for every row, both frameworks (default: 5e-5)")
     parser.add_argument("--dropout", type=float, help="the encoder's dropout while fine-tuning (default: MiniLM's 0.1)")
@@ -212,6 +227,11 @@ def main() -> None:
     key = "minilm" if args.lr is None and args.dropout is None else f"minilm_lr{args.lr or 5e-5:g}_dropout{args.dropout}"
     if args.report:
         table(json.loads(path.read_text())[key])
+        return
+    if args.mx_sqnr:
+        sqnr = mx_weight_sqnr(SentenceEncoder(max_length=32))
+        print(json.dumps(sqnr, indent=1))
+        path.write_text(json.dumps({**json.loads(path.read_text()), "minilm_mx_weight_sqnr_db": sqnr}, indent=2))
         return
     quick = args.quick or args.tiny
     steps = args.minilm_steps or (3 if quick else 30)
