@@ -248,9 +248,7 @@ def main() -> None:
             print(name, seed, {k: v for k, v in row.items() if k != "kind"}, flush=True)
             write(rows, steps, seeds, length, dm, args)  # after every run: a cut-short run keeps what it measured
     table(rows)
-    write(rows, steps, seeds, length, dm, args)
-    merged = json.loads((ROOT / "benchmarks" / "results" / "minilm.json").read_text())["rows"]  # with stored rows
-    plot(merged, ROOT / "benchmarks" / "results" / "minilm.png")
+    plot(write(rows, steps, seeds, length, dm, args), ROOT / "benchmarks" / "results" / "minilm.png")  # with stored rows
 
 
 def measure(row: dict[str, Any], model: nn.Module | None, base: nn.Module, batch: dict[str, torch.Tensor],
@@ -271,7 +269,8 @@ def measure(row: dict[str, Any], model: nn.Module | None, base: nn.Module, batch
 
 
 def write(rows: list[dict[str, Any]], steps: int, seeds: list[int], length: int, dm: SentenceDataModule,
-          args: argparse.Namespace) -> None:
+          args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Save the run to ``minilm.json`` (an ``--only`` run merged into the stored one); returns the rows saved."""
     out = dict(steps=steps, seeds=seeds, max_length=length, sentences={k: len(v) for k, v in dm.sentences.items()},
                batch_size=32, threads=args.threads, quick=args.quick, rows=rows,
                note="2 CPU cores shared with other jobs while measured: latencies are noisy, read the ratios")
@@ -284,6 +283,7 @@ def write(rows: list[dict[str, Any]], steps: int, seeds: list[int], length: int,
         out["rows"] = sorted(merged, key=lambda r: -1 if r["name"] == "fp32 original" else ORDER.index(r["name"]))
         out["seeds"] = sorted(set(stored.get("seeds", [])) | set(seeds))
     path.write_text(json.dumps(out, indent=1))
+    return out["rows"]
 
 
 def table(rows: list[dict[str, Any]]) -> None:

@@ -308,7 +308,7 @@ def _convert_layer(m: nn.Module, name: str, dynamic_activations: bool) -> nn.Mod
     if cfg.per_group or cfg.is_fp8 or cfg.is_mx:
         spec = None if iq is None else {"dynamic": iq.dynamic, "scheme": iq.scheme, "granularity": iq.granularity,
                                         "bits": iq.bits, "scale": iq.scale, "zero_point": iq.zero_point,
-                                        "mx_scale": getattr(iq, "mx_scale", "floor")}
+                                        "mx_scale": iq.mx_scale}
         if spec is not None and not iq.dynamic and not bool(iq.initialized):
             raise ValueError(f"layer {name!r} has no observed input range: run a training step with fake quantization first")
         return low_bit.convert_linear(m, w, bias, spec)

@@ -166,6 +166,7 @@ class ActivationFakeQuantize(nn.Module):
     With ``dynamic`` there is no observer: each input is quantized with its own ranges at run time (see
     :func:`quantize_input_dynamic`; ``scheme``, ``granularity`` and ``mx_scale`` say how).
     """
+    mx_scale = "floor"  # the rule of a quantizer pickled before the option existed (instances set their own)
 
     def __init__(self, bits: int = 8, momentum: float = 0.01, dynamic: bool = False, scheme: str = "uniform",
                  granularity: str = "per_tensor", mx_scale: str = "floor") -> None:
