@@ -122,7 +122,8 @@ def run_ours(name: str, base: SentenceEncoder, dm: SentenceDataModule, steps: in
     if init.get("depth", 1.0) != 1.0:
         from lightning_compress.export.scaling import scale
 
-        model.bert = scale(model.bert, depth=init["depth"], example_input=model.example_input_array)
+        model.bert = scale(model.bert, depth=init["depth"], example_input=model.example_input_array,
+                           blocks=init.get("depth_blocks", "first"))
         model.bert.config.num_hidden_layers = len(model.bert.encoder.layer)
     train_like(model, init)
     fit(model, dm, steps, callbacks)

@@ -171,12 +171,14 @@ class SentenceEncoder(LightningModule):
         depth: fraction of the transformer layers to keep, in (0, 1]: ``< 1`` builds a shallower student with
             :func:`lightning_compress.export.scale` (the first ``ceil(depth * n)`` layers, trained weights kept),
             e.g. ``0.5`` turns MiniLM's 6 layers into 3, to distil the original into.
+        depth_blocks: which layers ``depth < 1`` keeps: ``"first"`` (layers 0, 1, 2 of 6) or ``"spread"`` (first to
+            last, evenly: 0, 3, 5), the ``blocks`` of :func:`~lightning_compress.export.scale`.
         dropout: the dropout probability of every dropout layer of the encoder (hidden and attention) while
             training, or ``None`` to keep the model's own (0.1 for MiniLM).
 
     Raises:
         ValueError: ``lr <= 0``, ``weight_decay < 0``, an unknown ``loss``, ``max_length < 2``, ``depth``
-            outside (0, 1] or ``dropout`` outside [0, 1).
+            outside (0, 1], an unknown ``depth_blocks`` or ``dropout`` outside [0, 1).
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class SentenceEncoder(LightningModule):
         max_length: int = 32,
         depth: float = 1.0,
         dropout: float | None = None,
+        depth_blocks: Literal["first", "spread"] = "first",
     ) -> None:
         super().__init__()
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
@@ -202,6 +205,8 @@ class SentenceEncoder(LightningModule):
         if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
                                     or not 0 <= dropout < 1):
             raise ValueError(f"`dropout` must be None or a number in [0, 1), got {dropout!r}")
+        if depth_blocks not in ("first", "spread"):
+            raise ValueError(f"`depth_blocks` must be 'first' or 'spread', got {depth_blocks!r}")
         self.save_hyperparameters()
         self.config, self.init_seed, self.lr, self.weight_decay, self.loss = config, init_seed, lr, weight_decay, loss
         self.bert = build_bert(config, init_seed)
@@ -211,7 +216,7 @@ class SentenceEncoder(LightningModule):
         if depth != 1.0:
             from lightning_compress.export.scaling import scale
 
-            self.bert = scale(self.bert, depth=depth, example_input=self.example_input_array)
+            self.bert = scale(self.bert, depth=depth, example_input=self.example_input_array, blocks=depth_blocks)
             self.bert.config.num_hidden_layers = len(self.bert.encoder.layer)
         if dropout is not None:
             set_dropout(self.bert, float(dropout))

@@ -62,6 +62,7 @@ def test_split_is_fixed_disjoint_and_tokenized_once(data: SentenceDataModule) ->
         (SentenceEncoder, dict(loss="l1"), "`loss` must be 'cosine' or 'mse', got 'l1'"),
         (SentenceEncoder, dict(config=TINY, depth=0), r"`depth` must be a fraction in \(0, 1\], got 0"),
         (SentenceEncoder, dict(config=TINY, dropout=1.0), r"`dropout` must be None or a number in \[0, 1\), got 1.0"),
+        (SentenceEncoder, dict(config=TINY, depth_blocks="last"), "`depth_blocks` must be 'first' or 'spread', got 'last'"),
         (SentenceDataModule, dict(max_length=1), "`max_length` must be an int >= 2, got 1"),
         (SentenceDataModule, dict(val_fraction=0.5, test_fraction=0.5), "must be < 1"),
     ],
@@ -100,6 +101,11 @@ def test_retrieval_agreement_and_depth() -> None:
     assert retrieval_agreement(x, x) == 1.0 == retrieval_agreement(3 * x, x) and retrieval_agreement(y, x) < 0.5
     shallow = SentenceEncoder(config=dict(TINY, num_hidden_layers=4), depth=0.5)
     assert len(shallow.bert.encoder.layer) == 2 == shallow.bert.config.num_hidden_layers
+    full = SentenceEncoder(config=dict(TINY, num_hidden_layers=4))
+    spread = SentenceEncoder(config=dict(TINY, num_hidden_layers=4), depth=0.5, depth_blocks="spread")
+    for got, want in zip(spread.bert.encoder.layer, [full.bert.encoder.layer[i] for i in (0, 3)], strict=True):
+        torch.testing.assert_close(got.output.dense.weight, want.output.dense.weight)
+    assert not torch.equal(spread.bert.encoder.layer[1].output.dense.weight, shallow.bert.encoder.layer[1].output.dense.weight)
 
 
 def _tied() -> SentenceEncoder:

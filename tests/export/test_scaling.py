@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.examples import DigitsDataModule, DigitsMLP
-from lightning_compress.export.scaling import repeated_blocks, scale
+from lightning_compress.export.scaling import kept_blocks, repeated_blocks, scale
 
 
 class Block(nn.Module):
@@ -60,6 +60,22 @@ def test_depth_drops_repeated_blocks_and_width_follows_residuals() -> None:
     assert small(x).shape == (2, 10)
     mlp = scale(DigitsMLP(hidden_sizes=[32, 32, 32, 32]), depth=0.5, example_input=torch.zeros(2, 1, 8, 8))
     assert [m.out_features for m in mlp.net if isinstance(m, nn.Linear)] == [32, 32, 32, 10]  # 3 repeats -> 2
+
+
+def test_spread_blocks_keep_the_first_and_last_with_their_weights() -> None:
+    torch.manual_seed(0)
+    model = TinyResNet(8, blocks=6).eval()
+    x = torch.rand(2, 1, 8, 8)
+    small = scale(model, depth=0.5, example_input=x, blocks="spread").eval()
+    assert len(small.stage) == 3
+    for got, want in zip(small.stage, [model.stage[i] for i in (0, 3, 5)], strict=True):
+        torch.testing.assert_close(got.conv1.weight, want.conv1.weight)
+    expected = model.head(nn.functional.adaptive_avg_pool2d(
+        model.stage[5](model.stage[3](model.stage[0](model.stem(x)))), 1).flatten(1))
+    torch.testing.assert_close(small(x), expected)
+    first = scale(model, depth=0.5, example_input=x)
+    torch.testing.assert_close(first.stage[2].conv1.weight, model.stage[2].conv1.weight)
+    assert kept_blocks(4, 12, "spread") == [0, 4, 7, 11] and kept_blocks(2, 2, "spread") == [0, 1]
 
 
 def test_shape_changing_repeats_are_kept() -> None:
@@ -115,6 +131,8 @@ def test_argument_errors() -> None:
         scale(net, depth=2)
     with pytest.raises(ValueError, match="`example_input` is required when `depth` < 1"):
         scale(net, depth=0.5)
+    with pytest.raises(ValueError, match=r"`blocks` must be one of \['first', 'spread'\], got 'last'"):
+        scale(net, depth=0.5, blocks="last")  # type: ignore[arg-type]
 
 
 def test_scaled_student_trains_with_knowledge_distillation(make_trainer) -> None:
