@@ -2,7 +2,13 @@
 
 A ``Linear`` weight ``W`` (``out x in``) is approximated by ``U_r S_r V_r^T``, the ``r`` largest singular triplets
 (Eckart-Young: the best rank-``r`` approximation in Frobenius norm). A ``Conv2d`` weight is read as the matrix
-``out x (in * kh * kw)``. The factorized modules built from these factors are in
+``out x (in * kh * kw)``.
+
+Whitened (SVD-LLM, Wang et al. 2024, "SVD-LLM: Truncation-aware Singular Value Decomposition for Large Language
+Model Compression"): with the Gram matrix ``H = X X^T`` of the layer's inputs and its Cholesky factor
+``H = L L^T`` (:func:`whitening`), the SVD of ``W L`` truncated at rank ``r`` and mapped back by ``L^-1`` is the
+rank-``r`` matrix closest to ``W`` in *output* error ``||(W - W_r) X||_F`` on those inputs, not in weight error;
+the singular values of ``W L`` are the output error each rank removes. The factorized modules built from these factors are in
 :mod:`lightning_compress.layers.low_rank`; the callback
 (:class:`lightning_compress.callbacks.low_rank.LowRankFactorization`) decides when and what to factorize.
 
@@ -33,6 +39,7 @@ __all__ = [
     "singular_values",
     "truncated_svd",
     "weight_matrix",
+    "whitening",
 ]
 
 
@@ -72,9 +79,29 @@ def factorized_params(module: nn.Module, rank: int) -> int:
     return rank * (rows + cols) + (module.bias.numel() if module.bias is not None else 0)
 
 
-def singular_values(module: nn.Module) -> torch.Tensor:
-    """Singular values of the layer's weight matrix, largest first (float64, on the CPU)."""
-    return torch.linalg.svdvals(weight_matrix(module).double().cpu())
+def singular_values(module: nn.Module, whiten: torch.Tensor | None = None) -> torch.Tensor:
+    """Singular values of the layer's weight matrix (times ``whiten``, see :func:`whitening`), largest first
+    (float64, on the CPU)."""
+    matrix = weight_matrix(module).double().cpu()
+    return torch.linalg.svdvals(matrix if whiten is None else matrix @ whiten.double().cpu())
+
+
+def whitening(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The lower Cholesky factor ``L`` of ``gram + damp * mean(diag(gram)) * I`` (float64, CPU): ``L L^T`` is the
+    inputs' Gram matrix, damped as SparseGPT damps its Hessian so that channels that carried no signal keep
+    ``L`` invertible. An all-zero ``gram`` gives the identity (plain SVD).
+
+    Example:
+        >>> x = torch.randn(100, 3, dtype=torch.float64)
+        >>> L = whitening(x.T @ x, damp=0.0)
+        >>> torch.allclose(L @ L.T, x.T @ x)
+        True
+    """
+    h = gram.detach().double().cpu()
+    mean = float(torch.diagonal(h).mean())
+    if mean <= 0:
+        return torch.eye(h.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(h + damp * mean * torch.eye(h.shape[0], dtype=torch.float64))
 
 
 def kept_energy(singular: torch.Tensor, rank: int) -> float:
@@ -134,11 +161,12 @@ def rank_for_params(module: nn.Module, ratio: float) -> int:
     return max(1, min(min(rows, cols), math.floor(ratio * rows * cols / (rows + cols) + 1e-9)))
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_svd(matrix: torch.Tensor, rank: int, whiten: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(up, down)`` with ``up @ down`` the best rank-``rank`` approximation of ``matrix`` (``m x n``).
 
     ``up = U_r S_r^(1/2)`` is ``m x rank``, ``down = S_r^(1/2) V_r^T`` is ``rank x n``; computed in float64 and
-    returned in ``matrix``'s dtype and device.
+    returned in ``matrix``'s dtype and device. With ``whiten`` (``L`` of :func:`whitening`, ``n x n``) the SVD is of
+    ``matrix @ L`` and ``down`` is multiplied by ``L^-1``: best in output error on the inputs ``L`` came from.
 
     Example:
         >>> m = torch.randn(6, 4, dtype=torch.float64)
@@ -148,8 +176,12 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     """
     if rank < 1 or rank > min(matrix.shape):
         raise ValueError(f"`rank` must be in [1, {min(matrix.shape)}] for a {tuple(matrix.shape)} matrix, got {rank}")
-    u, s, vh = torch.linalg.svd(matrix.detach().double().cpu(), full_matrices=False)
+    m = matrix.detach().double().cpu()
+    L = None if whiten is None else whiten.double().cpu()
+    u, s, vh = torch.linalg.svd(m if L is None else m @ L, full_matrices=False)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root
     down = root[:, None] * vh[:rank]
+    if L is not None:  # down @ L^-1, by a triangular solve
+        down = torch.linalg.solve_triangular(L, down, upper=False, left=False)
     return up.to(matrix), down.to(matrix)

@@ -171,18 +171,20 @@ def build_factorized(module: nn.Module, rank: int) -> LowRankLinear | LowRankCon
 
 
 @torch.no_grad()
-def factorize(module: nn.Module, rank: int) -> LowRankLinear | LowRankConv2d:
+def factorize(module: nn.Module, rank: int, whiten: torch.Tensor | None = None) -> LowRankLinear | LowRankConv2d:
     """``module`` (a ``Linear`` or ``Conv2d`` with ``groups=1``) factorized by truncated SVD at ``rank``.
 
     At ``rank = full_rank(module)`` the new module computes the same function (to float tolerance); below it,
-    the weight error is the Frobenius norm of the dropped singular values.
+    the weight error is the Frobenius norm of the dropped singular values. With ``whiten`` (the Cholesky factor of
+    the layer's input Gram matrix, :func:`~lightning_compress.functional.low_rank.whitening`; Linear layers) the
+    output error on those inputs is what the truncation minimizes instead.
 
     Raises:
         TypeError: ``module`` is not exactly an ``nn.Linear`` or ``nn.Conv2d``.
         ValueError: a grouped conv, or ``rank`` outside ``[1, full_rank(module)]``.
     """
     new = build_factorized(module, rank)
-    up, down = truncated_svd(weight_matrix(module), rank)
+    up, down = truncated_svd(weight_matrix(module), rank, whiten)
     new.up.weight.copy_(up.reshape(new.up.weight.shape))
     new.down.weight.copy_(down.reshape(new.down.weight.shape))
     return new

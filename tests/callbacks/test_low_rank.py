@@ -232,6 +232,9 @@ def test_bad_input_in_init() -> None:
         ({"rank_ratio": 0.5, "start_step": -1}, "`start_step`"),
         ({"rank_ratio": 0.5, "start_epoch": -2.0}, "`start_epoch`"),
         ({"rank_ratio": 0.5, "targets": ["re:("]}, "`targets`"),
+        ({"rank_ratio": 0.5, "whiten": True}, r"`whiten`=True needs the inputs of some training batches.*start_step=None"),
+        ({"rank_ratio": 0.5, "whiten": True, "start_epoch": 0}, "`whiten`=True needs"),
+        ({"rank_ratio": 0.5, "whiten": 1, "start_step": 2}, "`whiten` must be True or False, got 1"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -345,3 +348,71 @@ def test_a_callback_reused_for_another_model_factorizes_that_model(make_trainer:
     make_trainer(callbacks=[lowrank], max_epochs=1).fit(second)
     assert isinstance(second.net[0], LowRankLinear) and second.net[0].rank == 4  # 0.25 of rank 16
     assert lowrank.factorized and set(lowrank.layers) == {"net.0", "net.2"}
+
+
+class _Inputs(Callback):
+    """The training inputs of the steps before ``until``."""
+
+    def __init__(self, until: int) -> None:
+        self.until, self.x = until, []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step < self.until:
+            self.x.append(batch[0].clone())
+
+
+def test_whiten_truncates_by_output_error_on_the_inputs_seen(make_trainer: Any) -> None:
+    from lightning_compress.functional.low_rank import truncated_svd, whitening
+
+    seed_everything(0)
+    model = TinyModule(lr=0.0)  # the weights stay put: the factors are exactly those of the weight and inputs seen
+    with torch.no_grad():
+        model.net[0].weight[:, :4] *= 20.0  # four large columns: the plain SVD spends its rank on them
+    weight = model.net[0].weight.detach().clone()
+    inputs = _Inputs(until=3)
+    lowrank = LowRankFactorization(ranks={"net.0": 4}, start_step=3, targets=["net.0"], whiten=True)
+    make_trainer(max_steps=5, callbacks=[inputs, lowrank]).fit(model)
+
+    x = torch.cat(inputs.x)  # steps 0, 1, 2: 48 rows, what net.0 saw
+    gram = x.T @ x
+    up, down = truncated_svd(weight, 4, whitening(gram))
+    got = model.net[0].up.weight @ model.net[0].down.weight
+    torch.testing.assert_close(got, up @ down, atol=1e-5, rtol=1e-4)
+    plain_up, plain_down = truncated_svd(weight, 4)
+    whitened_error = ((weight - got) @ x.T).norm()
+    plain_error = ((weight - plain_up @ plain_down) @ x.T).norm()
+    assert whitened_error < 0.95 * plain_error  # the output error on those inputs is what it minimized
+    assert (weight - got).norm() > (weight - plain_up @ plain_down).norm()  # not the weight error
+    assert lowrank.state_dict()["input_gram"] == {}  # the sums go with the factorization
+    s = torch.linalg.svdvals(weight.double() @ whitening(gram))
+    assert lowrank.layers["net.0"]["kept_energy"] == pytest.approx(float((s[:4] ** 2).sum() / (s**2).sum()))
+
+
+def test_whiten_resumes_with_the_inputs_gathered_before_the_checkpoint(make_trainer: Any, tmp_path: Path) -> None:
+    def run(name: str, ckpt_path: str | None = None, stop_after_epoch: int | None = None) -> TinyModule:
+        seed_everything(0)
+        model = TinyModule()
+        lowrank = LowRankFactorization(ranks={"net.0": 3}, start_step=10, targets=["net.0"], whiten=True)
+        callbacks: list[Callback] = [lowrank, ModelCheckpoint(dirpath=str(tmp_path / name), save_last=True)]
+        if stop_after_epoch is not None:
+            callbacks.append(StopAt(epoch=stop_after_epoch))
+        make_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True).fit(model, ckpt_path=ckpt_path)
+        if stop_after_epoch is not None:  # the checkpoint carries the sums of the 8 steps before it
+            state = torch.load(tmp_path / name / "last.ckpt", weights_only=False)["callbacks"]
+            grams = next(v["input_gram"] for k, v in state.items() if k.startswith("LowRankFactorization"))
+            assert list(grams) == ["net.0"] and grams["net.0"].shape == (16, 16)
+        return model
+
+    straight = run("straight")
+    run("killed", stop_after_epoch=0)
+    resumed = run("resumed", ckpt_path=str(tmp_path / "killed" / "last.ckpt"))
+    for key, value in straight.state_dict().items():  # sums added in another order: float rounding only
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_whiten_refuses_conv_layers(make_trainer: Any) -> None:
+    model = TinyModule()
+    model.net[0] = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=r"whitens nn.Linear layers only.*\{'net.0.1': 'Conv2d'\}"):
+        make_trainer(callbacks=[LowRankFactorization(rank_ratio=0.5, start_step=1, whiten=True,
+                                                     targets=["net.0.1"])]).fit(model)
