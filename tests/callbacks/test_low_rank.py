@@ -416,3 +416,45 @@ def test_whiten_refuses_conv_layers(make_trainer: Any) -> None:
     with pytest.raises(ValueError, match=r"whitens nn.Linear layers only.*\{'net.0.1': 'Conv2d'\}"):
         make_trainer(callbacks=[LowRankFactorization(rank_ratio=0.5, start_step=1, whiten=True,
                                                      targets=["net.0.1"])]).fit(model)
+
+
+@pytest.mark.ddp
+def test_ddp_whiten_uses_the_inputs_of_every_rank(tmp_path: Path) -> None:
+    from lightning_compress.functional.low_rank import truncated_svd, whitening
+
+    run_python(
+        """
+        import torch
+        from lightning.pytorch import Callback, Trainer, seed_everything
+        from lightning_compress.callbacks.low_rank import LowRankFactorization
+        from tests.helpers import TinyModule
+
+        class Inputs(Callback):
+            x = []
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step < 2:
+                    Inputs.x.append(batch[0].clone())
+
+        seed_everything(0)
+        model = TinyModule(lr=0.0)  # the weights stay put: the factors are those of the weight and the inputs seen
+        weight = model.net[0].weight.detach().clone()
+        lowrank = LowRankFactorization(ranks={"net.0": 4}, start_step=2, targets=["net.0"], whiten=True)
+        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Inputs(), lowrank])
+        trainer.fit(model)
+        torch.save({"weight": weight, "x": torch.cat(Inputs.x),
+                    "product": model.net[0].up.weight @ model.net[0].down.weight}, f"rank{trainer.global_rank}.pt")
+        """,
+        cwd=tmp_path,
+        timeout=240,
+    )
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert not torch.equal(a["x"], b["x"])  # each rank saw its own batches
+    torch.testing.assert_close(a["product"], b["product"], atol=0, rtol=0)
+    gram = a["x"].T @ a["x"] + b["x"].T @ b["x"]
+    up, down = truncated_svd(a["weight"], 4, whitening(gram))
+    torch.testing.assert_close(a["product"], up @ down, atol=1e-5, rtol=1e-4)
+    own_up, own_down = truncated_svd(a["weight"], 4, whitening(a["x"].T @ a["x"]))
+    assert not torch.allclose(own_up @ own_down, up @ down, atol=1e-3)  # rank 0's inputs alone give other factors
