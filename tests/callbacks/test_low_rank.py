@@ -458,3 +458,14 @@ def test_ddp_whiten_uses_the_inputs_of_every_rank(tmp_path: Path) -> None:
     torch.testing.assert_close(a["product"], up @ down, atol=1e-5, rtol=1e-4)
     own_up, own_down = truncated_svd(a["weight"], 4, whitening(a["x"].T @ a["x"]))
     assert not torch.allclose(own_up @ own_down, up @ down, atol=1e-3)  # rank 0's inputs alone give other factors
+
+
+def test_whiten_refuses_a_layer_that_saw_no_training_input(make_trainer: Any) -> None:
+    class SkipsFirst(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net[2](torch.relu(batch[0].repeat(1, 2))).square().mean()  # net.0 is not run
+
+    lowrank = LowRankFactorization(rank_ratio=0.25, start_step=2, targets=["net.0"], whiten=True)
+    with pytest.raises(RuntimeError, match=r"\['net.0'\] saw no training input with gradients on"):
+        make_trainer(max_steps=4, callbacks=[lowrank]).fit(SkipsFirst())
+    assert lowrank._gram is not None and not lowrank._gram._handles  # the hooks were removed
