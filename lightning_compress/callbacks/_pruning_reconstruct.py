@@ -39,7 +39,7 @@ from torch import nn
 
 from lightning_compress.callbacks._pruning_stats import CriterionStats
 
-__all__: list[str] = []  # private to GradualPruning
+__all__: list[str] = []  # private to the callbacks (GradualPruning; InputGram also LowRankFactorization)
 
 
 @torch.no_grad()
@@ -102,8 +102,9 @@ def _choose(keep: torch.Tensor, w: torch.Tensor, d: torch.Tensor, previous: torc
 
 
 class InputGram(CriterionStats):
-    """Sums of ``x^T x`` over the inputs of each pruned Linear layer, with their hooks (summed for a weight used by
-    several layers: the update then serves all of their inputs)."""
+    """Sums of ``x^T x`` over the inputs of each pruned (or, for ``LowRankFactorization(whiten=True)``, factorized)
+    Linear layer, with their hooks (summed for a weight used by several layers: the update then serves all of their
+    inputs)."""
 
     def __init__(self) -> None:
         super().__init__("activation")  # summed, reduced, reset and restored as the activation criterion's sums
