@@ -17,12 +17,12 @@ from typing_extensions import override
 from lightning_compress import claims
 from lightning_compress._validation import check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
+from lightning_compress.callbacks._low_rank_layers import choose_layers
 from lightning_compress.callbacks._pruning_reconstruct import InputGram
 from lightning_compress.callbacks._replace_params import rewrap_ddp, swap_in_optimizers
 from lightning_compress.functional.low_rank import (
     dense_params,
     factorized_params,
-    full_rank,
     kept_energy,
     rank_for_energy,
     rank_for_params,
@@ -37,13 +37,12 @@ from lightning_compress.layers.low_rank import (
     replace_module,
 )
 from lightning_compress.schedules import check_starts_in_run, epochs_to_steps
-from lightning_compress.targets import match, select_modules, tied_elsewhere, validate_patterns
+from lightning_compress.targets import match, validate_patterns
 
 __all__ = ["LowRankFactorization"]
 
 log = logging.getLogger(__name__)
 
-_TYPES = ("Linear", "Conv2d")
 _VERSION = 1
 _COUNTER = itertools.count(1)
 
@@ -222,7 +221,8 @@ class LowRankFactorization(_ReleasesModelOnException):
             if missing:
                 raise ValueError(f"LowRankFactorization: the state says {missing} are factorized, the model's are not")
         else:
-            self._names = self._choose(pl_module)
+            rule = any(v is not None for v in (self.rank_ratio, self.energy, self.param_ratio))
+            self._names = choose_layers(pl_module, self.targets, self.exclude, self.ranks, has_rule=rule)
         claims.claim(pl_module, [f"{n}.weight" for n in self._names or self._layers], "factorize", self._owner)
         self._strategy = trainer.strategy
         if self._gram is not None and not self._done:
@@ -233,51 +233,6 @@ class LowRankFactorization(_ReleasesModelOnException):
             self._gram.attach({n: [pl_module.get_submodule(n)] for n in self._names})
         if not self._done and self.start_step in (None, 0) and self.start_epoch in (None, 0):
             self.factorize_now(trainer, pl_module)
-
-    def _choose(self, pl_module: pl.LightningModule) -> list[str]:
-        chosen = select_modules(pl_module, self.targets, self.exclude, types=_TYPES)
-        inside = [n for n, m in pl_module.named_modules() if n and is_factorized(m)]
-        names = []
-        for name, module in chosen.items():
-            if is_factorized(module) or any(name.startswith(f"{f}.") for f in inside):
-                continue  # already factorized (a model trained before with this callback)
-            problem = None
-            if type(module) not in (nn.Linear, nn.Conv2d):
-                problem = f"it is a {type(module).__name__}, a subclass of {type(module).__mro__[1].__name__}"
-            elif isinstance(module, nn.Conv2d) and module.groups != 1:
-                problem = f"it is a grouped conv (groups={module.groups})"
-            elif not module.weight.requires_grad:
-                problem = "its weight is frozen (requires_grad=False)"
-            elif tied := tied_elsewhere(pl_module, name):
-                problem = f"its weight is tied to {tied} (one parameter in several modules), which factors would untie"
-            if problem is not None:
-                if self.targets is not None:
-                    raise ValueError(f"`targets`: layer {name!r} cannot be factorized: {problem}; "
-                                     "only nn.Linear and nn.Conv2d with groups=1 can")
-                rank_zero_info(f"LowRankFactorization: skipping {name!r}: {problem}")
-                continue
-            names.append(name)
-        if not names:
-            raise ValueError(f"LowRankFactorization: nothing to factorize among {list(chosen)}")
-        patterns = dict(self.ranks or {})
-        unmatched = [p for p in patterns if not any(match(p, n) for n in names)]
-        if unmatched:
-            raise ValueError(f"`ranks`: pattern(s) {unmatched} match no factorized layer; layers: {names}")
-        for name in names:
-            module = pl_module.get_submodule(name)
-            pattern = next((p for p in patterns if match(p, name)), None)
-            if pattern is None:
-                if self.rank_ratio is None and self.energy is None and self.param_ratio is None:
-                    raise ValueError(f"`ranks` gives no rank for layer {name!r} and no `rank_ratio`/`energy`/"
-                                     f"`param_ratio` is set; layers: {names}")
-                continue
-            full = full_rank(module)
-            if patterns[pattern] > full:
-                raise ValueError(
-                    f"`ranks[{pattern!r}]`={patterns[pattern]} is larger than possible for layer {name!r} "
-                    f"({type(module).__name__} with a {'x'.join(map(str, module.weight.shape))} weight): at most {full}"
-                )
-        return names
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
