@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a random 2-layer BERT instead of MiniLM (smoke run; quick defaults)")
     parser.add_argument("--w4-asymmetric", action="store_true",
                         help="W4A16 rows on an affine grid (zero point) in both frameworks (default: symmetric)")
-    parser.add_argument("--mx-scale", choices=["floor", "rceil"], default="floor",
+    parser.add_argument("--mx-scale", choices=ff.MX_SCALE_ROUNDINGS, default="floor",
                         help="our MX rows' shared-scale rule (QuantizationAwareTraining(mx_scale=...)); rows named with it")
     parser.add_argument("--mx-sqnr", action="store_true",
                         help="only the SQNR of the pretrained weights in each MX format under each mx_scale rule")

@@ -96,16 +96,14 @@ class WeightFakeQuantize(nn.Module):
             self.scale.copy_(ff.fp8_scale(w, c.scheme, c.per_channel))
         elif c.is_mx:  # the shared scales are computed from each block as it is quantized
             pass
-        elif c.per_group:
-            scale, zp = qf.group_qparams(w, c.weight_bits, c.symmetric, c.group_size, c.learn_scale, bool(self.full_range))
-            self.scale.copy_(scale)
-            self.zero_point.copy_(zp)
-        elif c.learn_scale:
+        elif c.learn_scale and not c.per_group:
             self.scale.copy_(qf.lsq_init_scale(w, c.weight_bits, c.symmetric, c.per_channel))
             if not c.symmetric:
                 self.zero_point.copy_(qf.uniform_qparams(w, c.weight_bits, False, c.per_channel)[1])
-        else:
-            scale, zp = qf.uniform_qparams(w, c.weight_bits, c.symmetric, c.per_channel, bool(self.full_range))
+        else:  # grouped (LSQ or not) or a fixed uniform grid: step and zero point from the weight
+            full = bool(self.full_range)
+            scale, zp = (qf.group_qparams(w, c.weight_bits, c.symmetric, c.group_size, c.learn_scale, full) if c.per_group
+                         else qf.uniform_qparams(w, c.weight_bits, c.symmetric, c.per_channel, full))
             self.scale.copy_(scale)
             self.zero_point.copy_(zp)
         self.initialized.fill_(1)
