@@ -34,11 +34,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from lightning.pytorch import seed_everything
 from minilm import evaluate, fit, load
 from torch import nn
 
 from lightning_compress import GradualPruning
+from lightning_compress.callbacks._pruning_reconstruct import reconstruct_weight
 from lightning_compress.examples.sentence import SentenceDataModule, SentenceEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +82,55 @@ def recon_runs() -> dict[str, dict[str, Any]]:  # the same, with the kept weight
             # SparseGPT's mask: the sweep picks which entries go, in the numbers the criterion's mask sets
             "activation per row@0.5 adaptive": dict(criterion="activation", final_sparsity=0.5, scope="row",
                                                     reconstruct="adaptive"),
-            "activation 2:4 gradual adaptive": dict(criterion="activation", pattern="2:4", reconstruct="adaptive")}
+            "activation 2:4 gradual adaptive": dict(criterion="activation", pattern="2:4", reconstruct="adaptive"),
+            # 50 % in all, spread over the layer types by their one-shot cost (--only sensitivity): the recipe's
+            "activation per row@0.5 adaptive by type": dict(criterion="activation", final_sparsity=0.5, scope="row",
+                                                            reconstruct="adaptive", layer_sparsity=recipe_sparsity())}
+
+
+def recipe_sparsity() -> dict[str, float]:
+    """The ``layer_sparsity`` of ``recipes/minilm_pruning.yaml``."""
+    cfg = yaml.safe_load((ROOT / "recipes" / "minilm_pruning.yaml").read_text())
+    (pruning,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("GradualPruning")]
+    return dict(pruning["init_args"]["layer_sparsity"])
+
+
+TYPES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+         "attention output": "attention.output.dense", "feed-forward in": "intermediate.dense",
+         "feed-forward out": "output.dense"}
+
+
+@torch.no_grad()
+def sensitivity(base: SentenceEncoder, dm: SentenceDataModule, batches: int = 10) -> dict[str, float]:
+    """Test fidelity after one-shot pruning (no training) of one layer type (or all) of every block at 50 % per
+    row: activation criterion, then the kept weights updated from the Gram matrix of ``batches`` training batches
+    (the update of ``reconstruct=True``), as one mask update of the recipe would."""
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.startswith("bert.encoder")}
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Any:
+        def gather(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return gather
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    for _, b in zip(range(batches), dm.train_dataloader(), strict=False):
+        base(b["input_ids"], b["attention_mask"])
+    for h in handles:
+        h.remove()
+    out = {}
+    for kind, suffix in {**TYPES, "all": ""}.items():
+        model = copy.deepcopy(base)
+        for name, module in model.named_modules():
+            if name in layers and name.endswith(suffix) and (kind != "feed-forward out" or "attention" not in name):
+                w, gram = module.weight, grams[name]
+                score = w.abs() * gram.diagonal().sqrt()
+                keep = torch.ones_like(w, dtype=torch.bool).scatter_(1, score.argsort(1)[:, : w.shape[1] // 2], False)
+                w.copy_(reconstruct_weight(w, gram, keep))
+        out[kind] = evaluate(model, dm)[0]
+        print(f"one-shot 50 % of {kind}: fidelity {out[kind]:.4f}", flush=True)
+    return out
 
 
 def encoder_sparsity(model: nn.Module) -> float:
@@ -117,6 +168,10 @@ def table(results: dict[str, Any]) -> None:
                - statistics.mean(r["fidelity"] for r in rows["activation@0.5"]))
         print(f"| {cell('activation@0.5')} | {cell('activation 2:4 gradual')} | {cell('activation 2:4 one-shot')} "
               f"| {gap:+.4f} |")
+    if "sensitivity" in results:
+        print("\n| one-shot 50 % per row of | " + " | ".join(results["sensitivity"]) + " |\n|---|"
+              + "---|" * len(results["sensitivity"]) + "\n| fidelity (no training) | "
+              + " | ".join(f"{v:.4f}" for v in results["sensitivity"].values()) + " |")
     print("\n| with reconstruct=True | fidelity |\n|---|---|")
     for name in recon_runs():
         print(f"| {name} | {cell(name)} |")
@@ -127,8 +182,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seeds", type=int)
-    parser.add_argument("--only", nargs="+", choices=["criteria", "nm", "row", "recon"],
-                        default=["criteria", "nm", "row", "recon"])
+    parser.add_argument("--only", nargs="+", choices=["criteria", "nm", "row", "recon", "sensitivity"],
+                        default=["criteria", "nm", "row", "recon", "sensitivity"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="skip the runs already in the stored JSON")
     parser.add_argument("--rows", nargs="+", help="run only these rows (any table's), on every seed of --seeds")
@@ -160,6 +215,10 @@ def main() -> None:
         stored = json.loads(OUT.read_text())
         if all(stored.get(k) == results[k] for k in ("steps", "max_length", "quick")):
             results["rows"] = stored["rows"]
+            results.update({k: v for k, v in stored.items() if k == "sensitivity"})
+    if "sensitivity" in args.only:
+        results["sensitivity"] = sensitivity(base, dm)
+        OUT.write_text(json.dumps(results, indent=1))
     done = {(name, r["seed"]) for name, rs in results["rows"].items() for r in rs}
     for name, kwargs, seed in plan:
         if (name, seed) in done:

@@ -106,16 +106,15 @@ class InputGram(CriterionStats):
     Linear layer, with their hooks (summed for a weight used by several layers: the update then serves all of their
     inputs)."""
 
-    def __init__(self) -> None:
-        super().__init__("activation")  # summed, reduced, reset and restored as the activation criterion's sums
+    def __init__(self, token_mask: str | None = None) -> None:
+        super().__init__("activation", token_mask)  # summed, reduced, reset and restored as the activation criterion's sums
         self.label, self.instead = "reconstruct=True", "reconstruct=False"
 
     def _hook(self, fqn: str, conv: bool) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not torch.is_grad_enabled():
                 return
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = self.rows(args[0].detach(), fqn).float()
             total = self.sums.get(fqn)
             if total is None:
                 self.sums[fqn] = x.T @ x

@@ -11,6 +11,11 @@
   gradients DDP already averaged) from the start of training; pruned entries add nothing.
 - ``magnitude``: nothing.
 
+With ``token_mask`` (the key of a mapping batch holding a (batch, tokens) mask, e.g. ``"attention_mask"``) the
+input statistics (and the Gram matrices of ``reconstruct``/``whiten``) count the tokens it marks only, not padding:
+a padded position's hidden state feeds no output the model is trained on (pooling and the loss leave it out), and
+on the pretrained MiniLM it is 38 % of the rows (one-shot 50 %: 0.9207 fidelity with padding, 0.9387 without).
+
 Gathering stops after the schedule's last mask update (the hooks are removed, the sums dropped), so a model
 fine-tuning at its final sparsity pays nothing for it.
 
@@ -28,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -52,8 +58,9 @@ class CriterionStats:
         criterion: ``magnitude``, ``activation`` or ``movement``.
     """
 
-    def __init__(self, criterion: str) -> None:
-        self.criterion = criterion
+    def __init__(self, criterion: str, token_mask: str | None = None) -> None:
+        self.criterion, self.token_mask = criterion, token_mask
+        self._tokens: torch.Tensor | None = None  # this training batch's token mask
         self.label, self.instead = f"criterion={criterion!r}", "criterion='magnitude'"  # for the error below
         self.sums: dict[str, torch.Tensor] = {}  # this rank's input sums of squares / movement scores
         self.restored: dict[str, torch.Tensor] = {}  # activation sums from a checkpoint (already reduced)
@@ -102,11 +109,37 @@ class CriterionStats:
             x = args[0].detach()
             if conv:  # channels at dim 1 ((N, C, ...)), or dim 0 for an unbatched input
                 x = x.movedim(1 if x.dim() == module.weight.dim() else 0, -1)
-            squares = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]).float(), dim=0).square()
+            squares = torch.linalg.vector_norm(self.rows(x, fqn).float(), dim=0).square()
             total = self.sums.get(fqn)
             self.sums[fqn] = squares if total is None else total.add_(squares)
 
         return hook
+
+    def see_batch(self, batch: Any) -> None:
+        """Keep ``batch[token_mask]`` (a training batch's) for the hooks; nothing without a ``token_mask``.
+
+        Raises:
+            ValueError: the batch is not a mapping with that key.
+        """
+        if self.token_mask is None:
+            return
+        if not isinstance(batch, Mapping) or self.token_mask not in batch:
+            has = f"keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}, not a mapping"
+            raise ValueError(f"`token_mask`={self.token_mask!r} names no entry of the training batch ({has})")
+        self._tokens = batch[self.token_mask]
+
+    def rows(self, x: torch.Tensor, fqn: str) -> torch.Tensor:
+        """A layer's input ``(..., features)`` as rows ``(n, features)``: those of the tokens the token mask marks.
+
+        Raises:
+            RuntimeError: with a token mask, an input that is not ``(batch, tokens, features)`` of its shape.
+        """
+        if self._tokens is None:
+            return x.reshape(-1, x.shape[-1])
+        if tuple(x.shape[:-1]) != tuple(self._tokens.shape):
+            raise RuntimeError(f"`token_mask`={self.token_mask!r}: the input of {fqn!r} is {tuple(x.shape)}, not "
+                               f"(batch, tokens, features) for the mask's {tuple(self._tokens.shape)}")
+        return x[self._tokens.to(x.device) != 0]
 
     @torch.no_grad()
     def accumulate(self, weights: dict[str, nn.Parameter]) -> None:
@@ -189,6 +222,15 @@ class CriterionStats:
             self.restored = {fqn: s.float() for fqn, s in state.items()}
         else:
             self.sums = {fqn: s.float() for fqn, s in state.items()}
+
+
+def check_token_mask(token_mask: Any, uses_inputs: bool, needs: str) -> None:
+    """Raise unless ``token_mask`` is ``None`` or a batch key, and only given where inputs are gathered."""
+    if token_mask is not None and (not isinstance(token_mask, str) or not token_mask):
+        raise ValueError(f"`token_mask` must be None or the key of the batch's token mask, got {token_mask!r}")
+    if token_mask is not None and not uses_inputs:
+        raise ValueError(f"`token_mask`={token_mask!r} selects the inputs gathered for {needs}; nothing is gathered "
+                         f"here: set it with those, or leave it None")
 
 
 def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, nn.Parameter]) -> None:

@@ -19,6 +19,7 @@ from lightning_compress._validation import check_number, check_state_version
 from lightning_compress.callbacks._base import _ReleasesModelOnException
 from lightning_compress.callbacks._low_rank_layers import choose_layers
 from lightning_compress.callbacks._pruning_reconstruct import InputGram
+from lightning_compress.callbacks._pruning_stats import check_token_mask
 from lightning_compress.callbacks._replace_params import rewrap_ddp, swap_in_optimizers
 from lightning_compress.functional.low_rank import (
     dense_params,
@@ -110,6 +111,8 @@ class LowRankFactorization(_ReleasesModelOnException):
         exclude: layers to leave alone.
         whiten: truncate the SVD whitened by the layers' input statistics (see above); every target must be an
             ``nn.Linear`` and ``start`` at least one step in.
+        token_mask: with ``whiten``, the key of the (mapping) batch's ``(batch, tokens)`` mask, e.g.
+            ``"attention_mask"``: the Gram matrices count its nonzero tokens only, not padding.
 
     Raises:
         ValueError: a ratio or energy outside (0, 1], none or several of the rules, a non-integer or non-positive
@@ -141,6 +144,7 @@ class LowRankFactorization(_ReleasesModelOnException):
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         whiten: bool = False,
+        token_mask: str | None = None,
     ) -> None:
         super().__init__()
         rules = {"rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}
@@ -172,7 +176,9 @@ class LowRankFactorization(_ReleasesModelOnException):
         self.rank_ratio, self.energy, self.param_ratio, self.ranks = rank_ratio, energy, param_ratio, ranks
         self.start_epoch, self.start_step = start_epoch, start_step
         self.targets, self.exclude, self.whiten = targets, exclude, whiten
-        self._gram = InputGram() if whiten else None  # the inputs' Gram matrices until the factorization
+        check_token_mask(token_mask, whiten, "whiten=True")
+        # the inputs' Gram matrices until the factorization
+        self.token_mask, self._gram = token_mask, InputGram(token_mask) if whiten else None
         self._strategy: Any = None
         self._owner = f"LowRankFactorization#{next(_COUNTER)}"
         self._names: list[str] = []  # layers to factorize (chosen in setup)
@@ -256,6 +262,8 @@ class LowRankFactorization(_ReleasesModelOnException):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._gram is not None and not self._done:
+            self._gram.see_batch(batch)
         if not self._done and self._start is not None and trainer.global_step >= self._start:
             self.factorize_now(trainer, pl_module)
 

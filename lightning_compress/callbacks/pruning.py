@@ -88,6 +88,8 @@ class GradualPruning(_ReleasesModelOnException):
             chosen; ``nn.Linear`` only, unstructured; ``in_features**2`` floats a layer, see ``_pruning_reconstruct``);
             ``"adaptive"``: the sweep also picks which entries go (SparseGPT's mask), as many per row and run of 128
             columns (or N:M group) as the criterion's mask.
+        token_mask: key of the (mapping) batch's ``(batch, tokens)`` mask, e.g. ``"attention_mask"``: the inputs that
+            ``criterion="activation"`` and ``reconstruct`` gather count its nonzero tokens only (not padding).
 
     Raises:
         ValueError: a sparsity outside [0, 1), a window that ends before it starts or after the run,
@@ -123,6 +125,7 @@ class GradualPruning(_ReleasesModelOnException):
         criterion: Literal["magnitude", "activation", "movement"] = "magnitude",
         pattern: str | None = None,
         reconstruct: bool | Literal["adaptive"] = False,
+        token_mask: str | None = None,
     ) -> None:
         super().__init__()
         _pruning_stats.check_arguments(final_sparsity, initial_sparsity, update_every, mode, norm, scope, targets,
@@ -130,14 +133,16 @@ class GradualPruning(_ReleasesModelOnException):
         validate_window(start_step, end_step, start_epoch, end_epoch)
         validate_kind(schedule)
         check_choice(criterion, "criterion", ("magnitude", "activation", "movement"))
+        _pruning_stats.check_token_mask(token_mask, criterion == "activation" or bool(reconstruct),
+                                        "criterion='activation' or reconstruct")
         self._nm = _pruning_stats.check_pattern(pattern, mode, layer_sparsity)
         self.final_sparsity, self.initial_sparsity, self.update_every = final_sparsity, initial_sparsity, update_every
         self.start_epoch, self.end_epoch, self.start_step, self.end_step = start_epoch, end_epoch, start_step, end_step
         self.mode, self.norm, self.scope, self.targets, self.exclude = mode, norm, scope, targets, exclude
         self.schedule, self.layer_sparsity, self.prune_bias = schedule, layer_sparsity, prune_bias
-        self.criterion, self.pattern = criterion, pattern
-        self._stats = _pruning_stats.CriterionStats(criterion)
-        self.reconstruct, self._gram = reconstruct, _recon.InputGram() if reconstruct else None
+        self.criterion, self.pattern, self.token_mask = criterion, pattern, token_mask
+        self._stats = _pruning_stats.CriterionStats(criterion, token_mask)
+        self.reconstruct, self._gram = reconstruct, _recon.InputGram(token_mask) if reconstruct else None
         self._owner = f"GradualPruning#{next(_COUNTER)}"
         self._reset_runtime()
         self._masks: dict[str, torch.Tensor] = {}  # weight fqn -> keep mask (bool); empty until the first update
@@ -159,7 +164,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._window: tuple[int, int] | None = None
         self._model_layer_numel = 0
         self._masking = _pruning_masking.Masking()  # the masks as 0/1 factors, applied after every step
-        self._step_hooks = AfterOptimizerStep(self._apply_masks)
+        self._step_hooks = AfterOptimizerStep(self._masking.apply)
         self._layers: dict[str, list[nn.Module]] = {}  # weight fqn -> modules using it (activation statistics)
         self._strategy: Any = None
         self._clips = self._deferred = False
@@ -210,9 +215,8 @@ class GradualPruning(_ReleasesModelOnException):
             if self.mode == "structured" and self.prune_bias and isinstance(bias, nn.Parameter):
                 self._biases[fqn] = bias
             pattern = next((p for p in overrides if match(p, module_name)), None)
-            layer_final = None if pattern is None else overrides[pattern]
-            self._final[fqn] = self.final_sparsity if layer_final is None else float(layer_final)
-            if layer_final is None and self.scope == "global" and self._nm is None:
+            self._final[fqn] = self.final_sparsity if pattern is None else float(overrides[pattern])
+            if pattern is None and self.scope == "global" and self._nm is None:
                 self._pooled.append(fqn)
             elif self.mode == "structured":  # ranked on its own: no global keep-one-unit rule
                 argument = "final_sparsity" if pattern is None else f"layer_sparsity[{pattern!r}]"
@@ -254,7 +258,7 @@ class GradualPruning(_ReleasesModelOnException):
         self._stats.localize(self._weights)
         if self._masks and self._whole:  # they must fit this model
             self._set_masks(_pruning_sharded.local_masks(self._masks, self._weights))
-            self._apply_masks()
+            self._masking.apply()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -272,6 +276,8 @@ class GradualPruning(_ReleasesModelOnException):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_hooks.attach(trainer)  # no-op unless the optimizers were rebuilt (e.g. by another callback)
+        for stats in self._gathering():
+            stats.see_batch(batch)
         step = trainer.global_step
         if self._due(step):
             self.update_masks(step)
@@ -311,9 +317,8 @@ class GradualPruning(_ReleasesModelOnException):
         if self._window is None:
             return False
         start, end = self._window
-        if step < start or self._last_update_step >= min(step, end):
-            return False
-        return (step - start) % self.update_every == 0 or step >= end or self._deferred
+        due = (step - start) % self.update_every == 0 or step >= end or self._deferred
+        return start <= step and self._last_update_step < min(step, end) and due
 
     @torch.no_grad()
     def update_masks(self, step: int) -> None:
@@ -334,7 +339,7 @@ class GradualPruning(_ReleasesModelOnException):
             self._gram.updated(last)
         self._set_masks(new)
         self._last_update_step = step
-        self._apply_masks()
+        self._masking.apply()
         self._stats.updated(last)
         log.debug("GradualPruning: step %d, masks updated to %.4f", step, self.current_sparsity())
 
@@ -348,9 +353,6 @@ class GradualPruning(_ReleasesModelOnException):
 
     def _whole_masks(self) -> dict[str, torch.Tensor]:
         return dict(self._masks) if self._whole else _pruning_sharded.full_masks(self._masks, self._weights)
-
-    def _apply_masks(self, params: set[int] | None = None) -> None:
-        self._masking.apply(params)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
