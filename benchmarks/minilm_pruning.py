@@ -18,6 +18,9 @@ keeps it), the last epoch at the final sparsity.
 - reconstruct (``--only recon``, seed 0): ``reconstruct=True`` (SparseGPT's update of the kept weights at every
   mask update) on activation 50 % per layer and per row, and on 2:4 gradual and one-shot; one-shot 50 % per row at
   step 10; ``reconstruct="adaptive"`` (the sweep chooses the entries) on 50 % per row and 2:4 gradual;
+- sensitivity (``--only sensitivity``): one-shot 50 % per row of one layer type at a time (and of all), no training,
+  the fidelity each keeps: what ``recipes/minilm_pruning.yaml``'s ``layer_sparsity`` spreads its 50 % by; the row
+  ``activation per row@0.5 adaptive by type`` trains with that spread;
 - N:M (``--seeds``): activation-ranked 2:4 ramped the same way (the fraction of groups held to 2:4 follows the
   schedule) and 2:4 one-shot at step 0 then fine-tuned (NVIDIA's recipe; seed 0), against 50 % unstructured.
 
