@@ -44,8 +44,9 @@ from minilm import evaluate, fit, load
 from torch import nn
 
 from lightning_compress import GradualPruning
-from lightning_compress.callbacks._pruning_reconstruct import reconstruct_weight
+from lightning_compress.callbacks._pruning_reconstruct import InputGram, reconstruct_weight
 from lightning_compress.examples.sentence import SentenceDataModule, SentenceEncoder
+from lightning_compress.functional import pruning as masks
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "minilm_pruning.json"
@@ -109,27 +110,20 @@ def sensitivity(base: SentenceEncoder, dm: SentenceDataModule, batches: int = 10
     row: activation criterion, then the kept weights updated from the Gram matrix of ``batches`` training batches
     (the update of ``reconstruct=True``), as one mask update of the recipe would."""
     layers = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear) and n.startswith("bert.encoder")}
-    grams: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Any:
-        def gather(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return gather
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    for _, b in zip(range(batches), dm.train_dataloader(), strict=False):
-        base(b["input_ids"], b["attention_mask"])
-    for h in handles:
-        h.remove()
+    gathered = InputGram()  # the callback's gathering, from forwards with gradients on as in training
+    gathered.attach({n: [m] for n, m in layers.items()})
+    with torch.enable_grad():
+        for _, b in zip(range(batches), dm.train_dataloader(), strict=False):
+            base(b["input_ids"], b["attention_mask"])
+    gathered.remove()
+    grams = gathered.grams(None)
     out = {}
     for kind, suffix in {**TYPES, "all": ""}.items():
         model = copy.deepcopy(base)
         for name, module in model.named_modules():
             if name in layers and name.endswith(suffix) and (kind != "feed-forward out" or "attention" not in name):
                 w, gram = module.weight, grams[name]
-                score = w.abs() * gram.diagonal().sqrt()
-                keep = torch.ones_like(w, dtype=torch.bool).scatter_(1, score.argsort(1)[:, : w.shape[1] // 2], False)
+                keep = masks.row_mask(w, 0.5, scores=w.abs() * gram.diagonal().sqrt())  # Wanda's, per row
                 w.copy_(reconstruct_weight(w, gram, keep))
         out[kind] = evaluate(model, dm)[0]
         print(f"one-shot 50 % of {kind}: fidelity {out[kind]:.4f}", flush=True)
