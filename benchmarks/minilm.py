@@ -3,6 +3,7 @@
     python benchmarks/minilm.py            # 120 steps, 3 seeds, 32 tokens (long on 2 shared cores)
     python benchmarks/minilm.py --quick    # 12 steps, 1 seed, 16 tokens, 400 sentences
     python benchmarks/minilm.py --steps 60 --seeds 1 --only distillation   # adds its rows to a stored run of the same settings
+    python benchmarks/minilm.py --steps 120 --only pruning --out benchmarks/results/minilm_120steps.json  # other settings
 
 Every training row fine-tunes the packaged pretrained all-MiniLM-L6-v2 on the same data (SentenceDataModule:
 standard-library docstring sentences, target = the original model's embedding), the same step budget (3 epochs of
@@ -210,14 +211,21 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="row names to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="print the table and plot of the saved JSON only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "minilm.json",
+                        help="the JSON to write (the plot goes beside it, same name, .png)")
     args = parser.parse_args()
     if args.report:
-        saved = json.loads((ROOT / "benchmarks" / "results" / "minilm.json").read_text())
+        saved = json.loads(args.out.read_text())
         table(saved["rows"])
-        plot(saved["rows"], ROOT / "benchmarks" / "results" / "minilm.png")
+        plot(saved["rows"], args.out.with_suffix(".png"))
         return
     steps = args.steps or (12 if args.quick else 120)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    settings = dict(steps=steps, max_length=16 if args.quick else 32, quick=args.quick)
+    stored = json.loads(args.out.read_text()) if args.only and args.out.exists() else settings
+    if any(stored.get(k) != v for k, v in settings.items()):  # its rows would replace a run they cannot join
+        parser.error(f"{args.out} holds a run of {({k: stored.get(k) for k in settings})}; an --only run of "
+                     f"{settings} cannot be merged into it: write it elsewhere with --out")
     dm, base, length = load(args.quick, args.threads)
     batch = next(iter(dm.test_dataloader()))
     rows: list[dict[str, Any]] = []
@@ -249,7 +257,7 @@ def main() -> None:
             print(name, seed, {k: v for k, v in row.items() if k != "kind"}, flush=True)
             write(rows, steps, seeds, length, dm, args)  # after every run: a cut-short run keeps what it measured
     table(rows)
-    plot(write(rows, steps, seeds, length, dm, args), ROOT / "benchmarks" / "results" / "minilm.png")  # with stored rows
+    plot(write(rows, steps, seeds, length, dm, args), args.out.with_suffix(".png"))  # with stored rows
 
 
 def measure(row: dict[str, Any], model: nn.Module | None, base: nn.Module, batch: dict[str, torch.Tensor],
@@ -271,11 +279,11 @@ def measure(row: dict[str, Any], model: nn.Module | None, base: nn.Module, batch
 
 def write(rows: list[dict[str, Any]], steps: int, seeds: list[int], length: int, dm: SentenceDataModule,
           args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Save the run to ``minilm.json`` (an ``--only`` run merged into the stored one); returns the rows saved."""
+    """Save the run to ``args.out`` (an ``--only`` run merged into the stored one); returns the rows saved."""
     out = dict(steps=steps, seeds=seeds, max_length=length, sentences={k: len(v) for k, v in dm.sentences.items()},
                batch_size=32, threads=args.threads, quick=args.quick, rows=rows,
                note="2 CPU cores shared with other jobs while measured: latencies are noisy, read the ratios")
-    path = ROOT / "benchmarks" / "results" / "minilm.json"
+    path = args.out
     stored = json.loads(path.read_text()) if args.only and path.exists() else {}
     if all(stored.get(k) == out[k] for k in ("steps", "max_length", "quick")) and stored:
         # an --only run adds its rows to a stored run of the same settings (rows it did not run are kept)

@@ -24,7 +24,7 @@ masks every 5 steps, every layer to the same sparsity: ``scope="layer"``), the l
 - criteria: magnitude / activation (Wanda) / movement at 50, 70 and 90 %;
 - N:M: 2:4 ramped the same way (the fraction of groups held to 2:4 follows the cubic schedule) and 2:4 one-shot
   at step 0 then fine-tuned (NVIDIA's recipe, Mishra et al. 2021), against 50 % unstructured.
-The issue asks for the same on the pretrained MiniLM example; those rows wait for that example to land.
+The same rows on the pretrained MiniLM example: ``benchmarks/minilm_pruning.py``.
 
 Masking (``--only masking``): the per-step masking and one global mask update on the same 4.3M weights, the
 previous way and this version's, side by side.
