@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = ["qat_int8", "pruning", "prune_qat_kd", "distillation", "low_rank", "qat_int4_weights"]
 PEERS = ["torch_ao_dynamic_int8", "lightning_model_pruning", "torchao_qat_int8da_int4w", "nncf_qat_int8"]
 PEER_RECIPE = {"lightning_model_pruning": "pruning", "nncf_qat_int8": "qat_int8", "torchao_qat_int8da_int4w": "qat_int4_weights"}
+MERGE_KEYS = ("steps", "max_length", "quick")  # a run merges into a stored one only where these agree
 ORDER = ["finetune", "finetune_dropout0", "torch_ao_dynamic_int8", "qat_int8", "lightning_model_pruning", "pruning", "torchao_qat_int8da_int4w",
          "prune_qat_kd", "distillation", "low_rank", "qat_int4_weights", "nncf_qat_int8"]  # cheapest answers first
 
@@ -223,8 +224,8 @@ def main() -> None:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     settings = dict(steps=steps, max_length=16 if args.quick else 32, quick=args.quick)
     stored = json.loads(args.out.read_text()) if args.only and args.out.exists() else settings
-    if any(stored.get(k) != v for k, v in settings.items()):  # its rows would replace a run they cannot join
-        parser.error(f"{args.out} holds a run of {({k: stored.get(k) for k in settings})}; an --only run of "
+    if any(stored.get(k) != settings[k] for k in MERGE_KEYS):  # its rows would replace a run they cannot join
+        parser.error(f"{args.out} holds a run of {({k: stored.get(k) for k in MERGE_KEYS})}; an --only run of "
                      f"{settings} cannot be merged into it: write it elsewhere with --out")
     dm, base, length = load(args.quick, args.threads)
     batch = next(iter(dm.test_dataloader()))
@@ -285,7 +286,7 @@ def write(rows: list[dict[str, Any]], steps: int, seeds: list[int], length: int,
                note="2 CPU cores shared with other jobs while measured: latencies are noisy, read the ratios")
     path = args.out
     stored = json.loads(path.read_text()) if args.only and path.exists() else {}
-    if all(stored.get(k) == out[k] for k in ("steps", "max_length", "quick")) and stored:
+    if all(stored.get(k) == out[k] for k in MERGE_KEYS) and stored:
         # an --only run adds its rows to a stored run of the same settings (rows it did not run are kept)
         ran = {r["name"] for r in rows}
         merged = rows + [r for r in stored["rows"] if r["name"] not in ran]
