@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import yaml
 from lightning.pytorch import seed_everything
-from minilm import evaluate, fit, load
+from minilm import MERGE_KEYS, evaluate, fit, load
 from torch import nn
 
 from lightning_compress import GradualPruning
@@ -123,7 +123,7 @@ def sensitivity(base: SentenceEncoder, dm: SentenceDataModule, batches: int = 10
         for name, module in model.named_modules():
             if name in layers and name.endswith(suffix) and (kind != "feed-forward out" or "attention" not in name):
                 w, gram = module.weight, grams[name]
-                keep = masks.row_mask(w, 0.5, scores=w.abs() * gram.diagonal().sqrt())  # Wanda's, per row
+                keep = masks.row_mask(w, 0.5, scores=masks.importance(w, "activation", gram.diagonal().sqrt()))  # per row
                 w.copy_(reconstruct_weight(w, gram, keep))
         out[kind] = evaluate(model, dm)[0]
         print(f"one-shot 50 % of {kind}: fidelity {out[kind]:.4f}", flush=True)
@@ -210,7 +210,7 @@ def main() -> None:
         plan = [(name, every[name], s) for s in seeds for name in args.rows]
     if args.resume and OUT.exists():  # keep the runs of a stored run with the same settings
         stored = json.loads(OUT.read_text())
-        if all(stored.get(k) == results[k] for k in ("steps", "max_length", "quick")):
+        if all(stored.get(k) == results[k] for k in MERGE_KEYS):
             results["rows"] = stored["rows"]
             results.update({k: v for k, v in stored.items() if k == "sensitivity"})
     if "sensitivity" in args.only:
