@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress.examples._shuffle import ResumableShuffle
 
 __all__ = ["DigitsDataModule", "load_digits_tensors"]
 
@@ -20,7 +21,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(ResumableShuffle):
     """The 8x8 handwritten digits (10 classes) with a fixed, seeded train/val/test split.
 
     Args:
@@ -31,6 +32,9 @@ class DigitsDataModule(LightningDataModule):
             small-data setting for distillation.
         split_seed: seed of the split (independent of the training seed).
         num_workers: DataLoader workers.
+
+    The training loader shuffles from torch's global generator; its state is in every checkpoint, so a fit
+    resumed with ``ckpt_path`` sees the batches an uninterrupted one would have.
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32)

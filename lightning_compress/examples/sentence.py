@@ -30,11 +30,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_compress.examples._sentence_corpus import stdlib_sentences  # the corpus, re-exported
+from lightning_compress.examples._shuffle import ResumableShuffle
 
 __all__ = [
     "SentenceDataModule",
@@ -271,7 +272,7 @@ class _DictDataset(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-class SentenceDataModule(LightningDataModule):
+class SentenceDataModule(ResumableShuffle):
     """Standard-library docstring sentences, tokenized once, with the original model's embeddings as targets.
 
     The split is fixed by the sentence text: the ``max_sentences`` sentences of :func:`stdlib_sentences` with the
@@ -290,6 +291,9 @@ class SentenceDataModule(LightningDataModule):
         config: the original model's ``BertConfig`` fields (``None``: the pretrained MiniLM).
         init_seed: its initialization seed when ``config`` is given.
         num_workers: DataLoader workers.
+
+    The training loader shuffles from torch's global generator; its state is in every checkpoint, so a fit
+    resumed with ``ckpt_path`` sees the batches an uninterrupted one would have.
 
     Raises:
         ValueError: a size < 1 (``max_length`` < 2) or fractions outside (0, 1) summing to 1 or more.

@@ -74,3 +74,29 @@ def test_examples_carry_an_example_input_so_thin_needs_no_argument() -> None:
     x = torch.rand(5, 1, 8, 8)
     assert torch.allclose(small(x), mlp(x), atol=1e-5)
     assert DigitsCNN(channels=[4, 8], hidden=16)(DigitsCNN().example_input_array).shape == (4, 10)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_shuffle_of_an_uninterrupted_run(make_trainer, tmp_path) -> None:
+    """README "Quick start": a fit resumed with ``ckpt_path`` ends where an uninterrupted one does. The training
+    loader shuffles from torch's global generator, whose state a fresh process does not have: the data module
+    keeps it in the checkpoint (found with the recipe's own data module: a resumed digits_gradual_pruning run ended
+    at 97.77 % against 97.49 % uninterrupted)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress import GradualPruning
+
+    def run(max_epochs: int, ckpt_path: str | None = None) -> DigitsMLP:
+        seed_everything(0)
+        model = DigitsMLP(hidden_sizes=[32], lr=3e-3)
+        every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+        pruning = GradualPruning(final_sparsity=0.8, start_epoch=0, end_epoch=3, update_every=5)
+        trainer = make_trainer(max_epochs=max_epochs, callbacks=[pruning, every], enable_checkpointing=True)
+        torch.randn(7)  # the process that resumes has drawn other numbers before (building, loading, ...)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=128), ckpt_path=ckpt_path)
+        return model
+
+    whole = run(4)
+    resumed = run(4, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
