@@ -106,8 +106,8 @@ class InputGram(CriterionStats):
     Linear layer, with their hooks (summed for a weight used by several layers: the update then serves all of their
     inputs)."""
 
-    def __init__(self, token_mask: str | None = None) -> None:
-        super().__init__("activation", token_mask)  # summed, reduced, reset and restored as the activation criterion's sums
+    def __init__(self, token_mask: str | None = None, cumulative: bool = False) -> None:
+        super().__init__("activation", token_mask, cumulative)  # summed, reduced, reset and restored as the activation criterion's sums
         self.label, self.instead = "reconstruct=True", "reconstruct=False"
 
     def _hook(self, fqn: str, conv: bool) -> Any:

@@ -56,10 +56,12 @@ class CriterionStats:
 
     Args:
         criterion: ``magnitude``, ``activation`` or ``movement``.
+        token_mask: the batch key of the token mask that selects the inputs gathered (``None``: every input row).
+        cumulative: activation sums add up over every update (``statistics="cumulative"``) instead of starting over.
     """
 
-    def __init__(self, criterion: str, token_mask: str | None = None) -> None:
-        self.criterion, self.token_mask = criterion, token_mask
+    def __init__(self, criterion: str, token_mask: str | None = None, cumulative: bool = False) -> None:
+        self.criterion, self.token_mask, self.cumulative = criterion, token_mask, cumulative
         self._tokens: torch.Tensor | None = None  # this training batch's token mask
         self.label, self.instead = f"criterion={criterion!r}", "criterion='magnitude'"  # for the error below
         self.sums: dict[str, torch.Tensor] = {}  # this rank's input sums of squares / movement scores
@@ -178,9 +180,9 @@ class CriterionStats:
         return {fqn: s for fqn, s in self.sums.items() if fqn in fqns} if self.criterion == "movement" else {}
 
     def updated(self, last: bool) -> None:
-        """Masks were just computed: activation sums start over (movement scores keep adding up); after the
-        ``last`` update of the schedule nothing more is gathered."""
-        if self.criterion == "activation" or last:
+        """Masks were just computed: activation sums start over unless ``cumulative`` (movement scores always keep
+        adding up); after the ``last`` update of the schedule nothing more is gathered."""
+        if (self.criterion == "activation" and not self.cumulative) or last:
             self.sums, self.restored = {}, {}
         if last:
             self.remove()
@@ -231,6 +233,15 @@ def check_token_mask(token_mask: Any, uses_inputs: bool, needs: str) -> None:
     if token_mask is not None and not uses_inputs:
         raise ValueError(f"`token_mask`={token_mask!r} selects the inputs gathered for {needs}; nothing is gathered "
                          f"here: set it with those, or leave it None")
+
+
+def check_statistics(statistics: Any, criterion: str, reconstruct: Any) -> None:
+    """Raise unless ``statistics`` is a choice and something is gathered for it to apply to."""
+    check_choice(statistics, "statistics", ("since_update", "cumulative"))
+    if statistics == "cumulative" and criterion != "activation" and not reconstruct:
+        raise ValueError(f"`statistics`='cumulative' keeps adding up the input statistics of criterion='activation' "
+                         f"and reconstruct; with criterion={criterion!r} and reconstruct=False nothing is gathered "
+                         f"(movement scores add up over the run anyway): leave statistics='since_update'")
 
 
 def check_restored_masks(restored: dict[str, torch.Tensor], weights: dict[str, nn.Parameter]) -> None:

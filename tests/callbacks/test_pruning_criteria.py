@@ -112,14 +112,15 @@ def test_movement_criterion_ranks_by_accumulated_minus_weight_times_gradient(mak
     assert not pruning._stats.sums, "movement scores kept after the last update"
 
 
-@pytest.mark.parametrize("reconstruct", [False, True])
-def test_criterion_statistics_resume_exactly_and_hooks_go_on_a_crash(reconstruct: bool, tmp_path: Path,
-                                                                     make_trainer) -> None:
+@pytest.mark.parametrize("reconstruct, statistics", [(False, "since_update"), (True, "since_update"),
+                                                     (True, "cumulative")])
+def test_criterion_statistics_resume_exactly_and_hooks_go_on_a_crash(reconstruct: bool, statistics: str,
+                                                                     tmp_path: Path, make_trainer) -> None:
     def fit(root: Path, crash: bool = False, ckpt: str | None = None) -> tuple[TinyModule, GradualPruning]:
         seed_everything(0)
         model = TinyModule()
         pruning = GradualPruning(final_sparsity=0.8, start_step=5, end_step=14, update_every=3, criterion="activation",
-                                 reconstruct=reconstruct)
+                                 reconstruct=reconstruct, statistics=statistics)
         callbacks: list[Any] = [pruning, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=4)]
         if crash:
             callbacks.append(Crasher())

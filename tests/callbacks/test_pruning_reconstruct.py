@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
 from lightning_compress import GradualPruning
@@ -110,3 +110,47 @@ def test_reconstruct_refuses_what_it_cannot_update(make_trainer) -> None:
         GradualPruning(reconstruct="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'net.1.weight' belongs to a Conv1d: leave it out with `exclude`"):
         make_trainer(callbacks=[GradualPruning(reconstruct=True)], max_steps=2).fit(ConvHead())
+
+
+class SumsAt(Callback):
+    """Listed after the pruning callback: the activation sums and Gram matrices it holds when ``step`` starts, and
+    every training input of the first layer before it."""
+
+    def __init__(self, pruning: GradualPruning, step: int) -> None:
+        self.pruning, self.step, self.inputs = pruning, step, []
+        self.norms: dict[str, torch.Tensor] = {}
+        self.grams: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step < self.step:
+            self.inputs.append(batch[0].clone())
+        elif trainer.global_step == self.step:
+            self.norms = {k: v.clone() for k, v in self.pruning._stats.sums.items()}
+            self.grams = {k: v.clone() for k, v in self.pruning._gram.sums.items()}
+
+
+@pytest.mark.parametrize("statistics", ["since_update", "cumulative"])
+def test_cumulative_statistics_sum_every_batch_since_the_first(statistics: str, make_trainer) -> None:
+    seed_everything(0)
+    model = TinyModule()
+    pruning = GradualPruning(final_sparsity=0.5, start_step=1, end_step=7, update_every=3, targets=["net.0"],
+                             criterion="activation", reconstruct=True, statistics=statistics)
+    sums = SumsAt(pruning, step=6)  # updates at steps 1 and 4 came before
+    make_trainer(callbacks=[pruning, sums], max_steps=8).fit(model)
+    x = torch.cat(sums.inputs)  # batches 0-5: all the first layer saw before step 6
+    every = (x.square().sum(0), x.T @ x)  # squared input norms, Gram matrix
+    held = (sums.norms["net.0.weight"], sums.grams["net.0.weight"])
+    for got, expected in zip(held, every, strict=True):
+        if statistics == "cumulative":
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        else:  # started over at the update of step 4: fewer batches behind it
+            assert float(got.diagonal().sum() if got.dim() == 2 else got.sum()) < 0.7 * float(every[0].sum())
+    assert not pruning._stats.sums and not pruning._gram.sums, "sums kept after the last update"
+
+
+def test_cumulative_statistics_need_something_gathered() -> None:
+    with pytest.raises(ValueError, match="`statistics`='cumulative' .* with criterion='magnitude' and reconstruct=False"):
+        GradualPruning(statistics="cumulative")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`statistics`"):
+        GradualPruning(criterion="activation", statistics="all")  # type: ignore[arg-type]
+    assert GradualPruning(criterion="activation", statistics="cumulative").statistics == "cumulative"
