@@ -147,7 +147,7 @@ def child(op: str, n: int, warm: bool = True) -> dict:
         sharing.cluster()
         seconds = time.perf_counter() - t0
         held = sum(a.numel() * a.element_size() for a in sharing._assignments.values())
-        held += sum(t.rep.numel() * 8 for t in sharing._ties.values())
+        held += sum(t.held_bytes for t in sharing._ties.values())
         state = sharing
     else:
         from lightning_compress.functional.weight_sharing import assign, assign_codes

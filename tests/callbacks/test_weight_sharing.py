@@ -325,6 +325,35 @@ def test_codes_round_trip_and_members() -> None:
     assert (positions.tolist(), labels.tolist()) == ([1, 2, 4, 5], [1, 0, 1, 1])
 
 
+
+@pytest.mark.parametrize("density", [0.1, 0.4, 0.9])
+def test_ties_keep_the_members_of_a_sparse_weight_and_tie_alike(density: float) -> None:
+    """At most half assigned: members kept (int32 positions, uint8 labels) and read directly; denser: derived from
+    the codes at each use. Either way the gradient tie and the re-tie give what the int64 members give."""
+    from lightning_compress.callbacks._weight_sharing_parts import Ties, to_codes
+    from lightning_compress.functional import weight_sharing as ws
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 16, (40, 50), generator=g)
+    a[torch.rand(40, 50, generator=g) >= density] = -1
+    ties = Ties(to_codes(a, 16), 16, torch.empty(40, 50))
+    kept = ties._kept is not None
+    assert kept == (density < 0.5)
+    if kept:
+        assert ties._kept[0].dtype == torch.int32 and ties._kept[1].dtype == torch.uint8
+        assert ties.held_bytes == 16 * 8 + 5 * int((a >= 0).sum())
+    else:
+        assert ties.held_bytes == 16 * 8
+    positions, labels = ties.members
+    assert positions.dtype == labels.dtype == torch.int64
+    reference = ws.members(a)
+    assert torch.equal(positions, reference[0]) and torch.equal(labels, reference[1])
+    codebook = torch.randn(16, generator=g)
+    assert torch.equal(ties.expand_(torch.empty(40, 50), codebook), ws.expand(codebook, a))
+    grad = torch.randn(40, 50, generator=g)
+    tied = ws.tie_gradient_(grad.clone(), *ties.members, 16)
+    assert torch.equal(tied, ws.cluster_gradient(grad, a, 16))
+
 def test_state_holds_codes_and_old_checkpoints_resume_alike(tmp_path: Path, make_trainer) -> None:
     """One byte per weight held and saved; a version-1 state (int64, -1 unassigned) resumes to the same weights."""
     seed_everything(0)
