@@ -259,9 +259,11 @@ def tie_gradient_(
     k: int,
     reduce: Literal["sum", "mean"] = "sum",
     like: torch.Tensor | None = None,
+    zero_rest: bool = True,
 ) -> torch.Tensor:
     """:func:`cluster_gradient` in place on a contiguous ``grad``, from :func:`members`; returns ``grad``.
     ``like``: the sharded parameter whose local gradient piece ``grad`` is (cluster sums over all pieces).
+    ``zero_rest=False`` leaves the entries of no cluster (pruned ones) as they are instead of zeroing them.
 
     Example:
         >>> a = torch.tensor([[-1, 1, 1], [0, 0, -1]])
@@ -281,7 +283,7 @@ def tie_gradient_(
     if reduce == "mean":
         counts = torch.bincount(labels, minlength=k)
         per = per / (_sharding.all_reduce(counts, like) if sharded else counts).clamp(min=1).to(per.dtype)
-    flat.zero_().scatter_(0, positions, per.take(labels))
+    (flat.zero_() if zero_rest else flat).scatter_(0, positions, per.take(labels))
     return grad
 
 

@@ -394,3 +394,37 @@ def test_ties_expand_matches_functional_expand(k: int) -> None:
     assert codes.dtype == (torch.uint8 if k < 256 else torch.int16)
     out = Ties(codes, k, codes).expand_(torch.full(a.shape, 9.0), codebook)
     assert torch.equal(out, kmeans.expand(codebook.float(), a))
+
+
+class _AdamTiny(TinyModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class _PrunedGradients(Callback):
+    """Listed after the sharing callback: whether any pruned entry reaches the optimizer with a gradient."""
+
+    def __init__(self, sharing: WeightSharing) -> None:
+        self.sharing, self.seen = sharing, False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for fqn, codes in self.sharing._assignments.items():
+            grad = pl_module.get_parameter(fqn).grad
+            self.seen |= bool((grad[codes == 255] != 0).any())
+
+
+def test_pruned_entries_keep_their_gradient_unless_clipping_and_the_shared_weights_train_alike(make_trainer) -> None:
+    finals = {}
+    for clip in (None, 1e9):  # a clip that never bites: the two runs differ only in the pruned entries' gradients
+        seed_everything(0)
+        model = _AdamTiny()
+        sharing = WeightSharing(bits=3, start_step=4)
+        seen = _PrunedGradients(sharing)
+        pruning = GradualPruning(final_sparsity=0.6, start_step=0, end_step=2, update_every=1)
+        make_trainer(callbacks=[pruning, sharing, seen], max_steps=12, gradient_clip_val=clip).fit(model)
+        assert seen.seen == (clip is None)  # Adam is slower on exactly-zero moments: zeroed only for clipping
+        finals[clip] = {k: v.clone() for k, v in model.state_dict().items()}
+        for fqn, codes in sharing._assignments.items():
+            assert bool((model.get_parameter(fqn)[codes == 255] == 0).all()), fqn  # re-tied to exactly zero
+    for name, value in finals[None].items():
+        torch.testing.assert_close(value, finals[1e9][name], rtol=1e-6, atol=1e-7, msg=name)
