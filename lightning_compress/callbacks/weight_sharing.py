@@ -48,9 +48,10 @@ class WeightSharing(_ReleasesModelOnException):
     Pruned entries keep their own gradient (zeroed only when the trainer clips gradients, so that the clipping norm
     counts the shared weights alone): the optimizer moves them, the re-tie after the step puts them back to exactly
     zero before any forward, and per-entry optimizers give the shared weights the same trajectory either way (Adam
-    is slower on exactly-zero second moments: +80 ms a step on 10M parameters, 90 % of them zero). The optimizer state (momentum, Adam moments) of the shared weights is reset at
-    clustering, so every member of a cluster sees the same gradients from the same state and any element-wise
-    optimizer (SGD, momentum, Adam, AdamW, weight decay) moves them together: the centroid is the trained quantity.
+    is slower on exactly-zero second moments: +80 ms a step on 10M parameters, 90 % of them zero). The optimizer
+    state (momentum, Adam moments) of the shared weights is reset at clustering, so every member of a cluster sees
+    the same gradients from the same state and any element-wise optimizer (SGD, momentum, Adam, AdamW, weight decay)
+    moves them together: the centroid is the trained quantity.
     After each step the weights are re-tied exactly (each cluster takes the new value of one of its members), so
     rounding can never drift members apart. The model is not rewritten: ``weight`` stays a plain parameter holding
     the shared values expanded, so a checkpoint's ``state_dict`` loads into the unmodified module. Codebooks and

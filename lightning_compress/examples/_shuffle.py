@@ -18,7 +18,8 @@ class ResumableShuffle(LightningDataModule):
     and the fit ends elsewhere. Lightning writes :meth:`state_dict` into each checkpoint when it saves (after the
     epoch's validation) and calls :meth:`load_state_dict` before the resumed fit's first batch, when the
     uninterrupted run would be at the same point. Fresh runs are unchanged. Under DDP every process takes the
-    state of rank 0 (the one that saved), which ``seed_everything`` makes the same.
+    state of rank 0 (the one that saved): the state each had when its processes drew the same random numbers
+    (``seed_everything``, batches of the same shapes); Lightning's distributed sampler shuffles by epoch anyway.
     """
 
     def state_dict(self) -> dict[str, Any]:
