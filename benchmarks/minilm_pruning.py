@@ -87,6 +87,12 @@ def recon_runs() -> dict[str, dict[str, Any]]:  # the same, with the kept weight
             "activation per row@0.5 adaptive": dict(criterion="activation", final_sparsity=0.5, scope="row",
                                                     reconstruct="adaptive"),
             "activation 2:4 gradual adaptive": dict(criterion="activation", pattern="2:4", reconstruct="adaptive"),
+            # the statistics behind each update over every batch since the start (statistics="cumulative")
+            "activation per row@0.5 adaptive cumulative": dict(criterion="activation", final_sparsity=0.5,
+                                                               scope="row", reconstruct="adaptive",
+                                                               statistics="cumulative"),
+            "activation 2:4 gradual adaptive cumulative": dict(criterion="activation", pattern="2:4",
+                                                               reconstruct="adaptive", statistics="cumulative"),
             # 50 % in all, spread over the layer types by their one-shot cost (--only sensitivity): the recipe's
             "activation per row@0.5 adaptive by type": dict(criterion="activation", final_sparsity=0.5, scope="row",
                                                             reconstruct="adaptive", layer_sparsity=recipe_sparsity())}
@@ -180,11 +186,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--only", nargs="+", choices=["criteria", "nm", "row", "recon", "sensitivity"],
-                        default=["criteria", "nm", "row", "recon", "sensitivity"])
+                        help="tables to run (default: all of them; with --rows: none but those rows)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="skip the runs already in the stored JSON")
     parser.add_argument("--rows", nargs="+", help="run only these rows (any table's), on every seed of --seeds")
     args = parser.parse_args()
+    if args.only is None:  # --rows alone runs those rows only (the one-shot sensitivity table too would be rerun)
+        args.only = [] if args.rows else ["criteria", "nm", "row", "recon", "sensitivity"]
     steps = args.steps or (6 if args.quick else 60)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     dm, base, length = load(args.quick, args.threads)
