@@ -92,7 +92,6 @@ def test_resume_continues_the_shuffle_of_an_uninterrupted_run(make_trainer, tmp_
         every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
         pruning = GradualPruning(final_sparsity=0.8, start_epoch=0, end_epoch=3, update_every=5)
         trainer = make_trainer(max_epochs=max_epochs, callbacks=[pruning, every], enable_checkpointing=True)
-        torch.randn(7)  # the process that resumes has drawn other numbers before (building, loading, ...)
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=128), ckpt_path=ckpt_path)
         return model
 
