@@ -174,6 +174,24 @@ def load_bn_stats(
     Raises:
         ValueError: the checkpoint holds no SlimmableTraining state, or none for ``width``, or objects that
             ``weights_only=True`` refuses to load.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_compress import SlimmableTraining, slice_width
+        >>> from lightning_compress.examples import DigitsCNN, DigitsDataModule
+        >>> net = DigitsCNN(channels=[4, 8], hidden=16)
+        >>> trainer = Trainer(callbacks=[SlimmableTraining(widths=[0.5, 1.0])], max_epochs=1, limit_train_batches=2,
+        ...                   limit_val_batches=1, logger=False, enable_checkpointing=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(net, DigitsDataModule(batch_size=16))
+        >>> path = os.path.join(tempfile.mkdtemp(), "slim.ckpt")
+        >>> trainer.save_checkpoint(path)
+        >>> stats = load_bn_stats(path, 0.5)
+        >>> sorted(stats), stats["net.1"]["running_mean"].shape  # the two BatchNorms, 2 of their 4 channels
+        (['net.1', 'net.4'], torch.Size([2]))
+        >>> slice_width(net, 0.5, bn_stats=stats)(torch.zeros(1, 1, 8, 8)).shape
+        torch.Size([1, 10])
     """
     _, states = _callback_states(checkpoint_path, "bn_stats", "SlimmableTraining", weights_only)
     stats = next(iter(states.values()))["bn_stats"]

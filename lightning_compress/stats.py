@@ -144,6 +144,16 @@ def model_stats(model: nn.Module, bits: Mapping[str, int] | None = None) -> Mode
 
     Layer weights count whether they are parameters or not: a layer converted to integers keeps its weight codes
     (and bias) in buffers, exposed as ``weight``/``bias`` properties, and is counted as the layer it stands for.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with torch.no_grad():
+        ...     net[0].weight[:4] = 0  # half of the first layer's weights
+        >>> stats = model_stats(net)
+        >>> stats.total_params, stats.nonzero_params, round(stats.sparsity, 3)
+        (58, 42, 0.333)
     """
     bits = bits or {}
     # one call: a property returns a new tensor each time, and the ids below must stay valid

@@ -122,6 +122,12 @@ def select_modules(
     Raises:
         ValueError: a pattern matches no layer, a targeted layer is not of an allowed type,
             or nothing is left to act on.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> list(select_modules(net)), list(select_modules(net, exclude=["2"]))
+        (['0', '2'], ['0'])
     """
     validate_patterns(targets, targets_argument)
     validate_patterns(exclude, exclude_argument)

@@ -275,6 +275,14 @@ def save_compressed(
 
     Raises:
         TypeError: ``model`` is neither a module nor a mapping of tensors.
+
+    Example:
+        >>> import os, tempfile
+        >>> from torch import nn
+        >>> path = os.path.join(tempfile.mkdtemp(), "net.lcdc")
+        >>> report = save_compressed(nn.Linear(64, 32), path, verbose=False)
+        >>> report.file_bytes == os.path.getsize(path)
+        True
     """
     if isinstance(model, nn.Module):
         state = model.state_dict()
@@ -323,6 +331,15 @@ def load_compressed(
 
     Raises:
         ValueError: not such a file, an unsupported version, a truncated or corrupted file.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from torch import nn
+        >>> net, path = nn.Linear(8, 4), os.path.join(tempfile.mkdtemp(), "net.lcdc")
+        >>> _ = save_compressed(net, path, verbose=False)
+        >>> restored = nn.Linear(8, 4)
+        >>> sorted(load_compressed(path, restored)), torch.equal(restored.weight, net.weight)
+        (['bias', 'weight'], True)
     """
     blob = Path(path).read_bytes()
     if len(blob) < _PREAMBLE.size or blob[:4] != MAGIC:

@@ -155,6 +155,17 @@ def thin(
         ValueError: no ``example_input``, a forward that cannot be traced, dead units that cannot be removed
             (``strict``), or a removed unit whose contribution is not a constant.
         RuntimeError: the thinned model's outputs differ from the original's (a graph this function misread).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with torch.no_grad():
+        ...     net[0].weight[4:] = 0
+        ...     net[0].bias[4:] = 0  # hidden units 4-7 are dead
+        >>> small = thin(net, torch.randn(3, 4))
+        >>> small[0].out_features, small[2].in_features
+        (4, 4)
     """
     example_input = resolve_example(model, example_input)
     cg = analyze(model)

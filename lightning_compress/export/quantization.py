@@ -352,6 +352,16 @@ def convert(model: nn.Module, inplace: bool = False, dynamic_activations: bool =
 
     Raises:
         ValueError: ``model`` has no fake-quantized layer, or an input range was never observed.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_compress.layers.quantization import QuantConfig, prepare_qat, set_qat_flags
+        >>> net = nn.Sequential(nn.Linear(8, 4))
+        >>> prepare_qat(net, ["0"], QuantConfig(weight_bits=8, activation_bits=None))
+        >>> set_qat_flags(net, fake_quant=True)
+        >>> int_net = convert(net)  # a converted copy: ``net`` stays fake-quantized
+        >>> type(int_net[0]).__name__, int_net[0].weight_int8.dtype, type(net[0]).__name__
+        ('Int8Linear', torch.int8, 'QATLinear')
     """
     if not inplace:
         model = copy.deepcopy(model)

@@ -78,6 +78,13 @@ def scale(
     Raises:
         ValueError: ``width``/``depth`` outside (0, 1], an unknown ``blocks``, ``depth < 1`` without
             ``example_input``, a model that cannot be traced, or a student that no longer runs on ``example_input``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> small = scale(net, width=0.5)  # the 8 hidden units that matter most
+        >>> small[0].out_features, small[2].in_features, small[2].out_features
+        (8, 8, 2)
     """
     _check_fraction("width", width)
     _check_fraction("depth", depth)

@@ -55,6 +55,13 @@ def slice_width(
 
     Raises:
         ValueError: ``width`` outside (0, 1], missing or mis-shaped ``bn_stats``, or a model that cannot be traced.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> quarter = slice_width(net, 0.25)
+        >>> quarter[0].out_features, quarter[2].in_features, quarter[2].out_features
+        (2, 2, 3)
     """
     check_number(width, "width", low=0, low_open=True, high=1, noun="a fraction")
     cg = analyze(model)
