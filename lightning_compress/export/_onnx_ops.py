@@ -60,6 +60,20 @@ def _(x: torch.Tensor, codes_t: torch.Tensor, zero_point: torch.Tensor, scale: t
     return x.new_empty((*x.shape[:-1], codes_t.shape[1]))
 
 
+@torch.library.custom_op("lightning_compress::dequantize_bias", mutates_args=())
+def dequantize_bias(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``codes * step``: an int32 bias on the grid of the integer accumulator (``step`` = input step x weight step
+    per output channel), written as ``DequantizeLinear`` so that onnxruntime fuses it into ``QGemm`` /
+    ``QLinearConv`` (its fusions take an int32 bias only; a float bias leaves the layer unfused when its output is
+    not quantized again, e.g. a model's last layer)."""
+    return codes.float() * step
+
+
+@dequantize_bias.register_fake
+def _(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
 @torch.library.custom_op("lightning_compress::add_bias", mutates_args=())
 def add_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``y + bias``, written as ONNX ``Sum``: onnxruntime 1.32 fuses ``MatMul`` + ``Add`` into ``Gemm`` before its
@@ -92,9 +106,13 @@ def translation_table(opset: int = 21) -> dict[Any, Callable[..., Any]]:
         acc = op.Cast(op.MatMulInteger(xq, codes_t, xz, zero_point), to=1)  # 1 = FLOAT
         return op.Add(op.Mul(acc, op.Mul(xs, scale)), bias)
 
+    def bias_dequantize(codes: Any, step: Any) -> Any:
+        return op.DequantizeLinear(codes, step, axis=0)
+
     def bias_sum(y: Any, bias: Any) -> Any:
         return op.Sum(y, bias)
 
     ops = torch.ops.lightning_compress
     return {ops.dequantize_weight.default: dequantize, ops.fake_quantize_input.default: fake_quantize,
-            ops.dynamic_int8_matmul.default: dynamic_matmul, ops.add_bias.default: bias_sum}
+            ops.dynamic_int8_matmul.default: dynamic_matmul, ops.add_bias.default: bias_sum,
+            ops.dequantize_bias.default: bias_dequantize}

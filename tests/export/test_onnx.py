@@ -120,6 +120,30 @@ def test_quantized_mlp_matches_onnxruntime_at_its_trained_levels(tmp_path: Path,
     assert len(codes) == 3 and all(c.data_type == expected for c in codes)
 
 
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_static_int8_linear_layers_all_run_on_qgemm_with_the_exact_bias(tmp_path: Path, granularity: str) -> None:
+    # the last layer's output is not quantized again: with a float bias onnxruntime left it a float Gemm over a
+    # weight dequantized on every run; an int32 bias on the accumulator's grid lets it fuse, a float remainder
+    # keeps the bias exact
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    net = _mlp()
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            net[i].bias.add_(torch.linspace(-3, 3, net[i].bias.numel()))  # large biases: many accumulator steps
+    net = _prepared(net, ["0", "2", "4"], x, weight_bits=8, activation_bits=8, granularity=granularity)
+    path = to_onnx(net, tmp_path / "q.onnx", x[:4])
+    _session(path, tmp_path / "opt.onnx")
+    fused = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert fused.count("QGemm") == 3 and not {"Gemm", "FusedGemm", "MatMul", "DequantizeLinear"} & set(fused), fused
+    assert _rel(_run(path, x), net(x)) < ONNX_QUANT_RTOL
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+    for i in ("0", "2", "4"):
+        codes = inits[f"{i}.bias_int32"]
+        assert codes.dtype == np.int32 and np.abs(codes).max() > 100
+        rebuilt = codes.astype(np.float64) * inits[f"{i}.bias_step"] + inits[f"{i}.bias_rest"]
+        np.testing.assert_allclose(rebuilt, net[int(i)].bias.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_qat_with_a_real_trainer_prepared_converted_and_dynamic(tmp_path: Path, tiny_module, make_trainer) -> None:
     tiny_module.example_input_array = torch.randn(4, 16)
