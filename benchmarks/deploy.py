@@ -11,6 +11,8 @@ the epochs, as in the recipes). Rows, all run by onnxruntime (CPU provider):
 - ``fp32``: :func:`to_onnx` of the float model;
 - ``QAT int8 (ours)``: :func:`to_onnx` of the QAT model (default uint8 weight storage: uint8 x uint8 kernels);
 - ``QAT int8 (ours, s8 weights)``: the same with ``weight_dtype="int8"`` (uint8 x int8 kernels, may saturate on AVX2);
+- ``QAT W7A8 (ours, s8 weights)``: a QAT run with 7-bit weights (codes in [-63, 63]) and the same inputs, whose int8
+  weights take onnxruntime's uint8 x int8 kernels without saturating (pairs of products stay within int16);
 - ``ORT quantize_dynamic``: onnxruntime's dynamic PTQ of the fp32 file (int8 weights, defaults);
 - ``ORT quantize_static``: onnxruntime's static PTQ of the fp32 file (QDQ, per-channel int8 weights, uint8
   activations, calibrated on 512 training images);
@@ -61,7 +63,7 @@ from lightning_compress.export.onnx import EXACT_NBITS_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"DigitsMLP": (300, 100), "MLP 1024x4": (1024, 1024, 1024)}
-ROWS = ["fp32", "QAT int8 (ours)", "QAT int8 (ours, s8 weights)", "ORT quantize_dynamic", "ORT quantize_static",
+ROWS = ["fp32", "QAT int8 (ours)", "QAT int8 (ours, s8 weights)", "QAT W7A8 (ours, s8 weights)", "ORT quantize_dynamic", "ORT quantize_static",
         "QAT W4 int4 (ours)", "QAT W4 int4 (ours, exact session)", "QAT W4 g128 int4 (ours)",
         "QAT W4 g128 int4 (ours, exact session)"]
 EXACT = " (ours, exact session)"
@@ -112,15 +114,16 @@ def _ort_ptq(fp32: str, out_dir: str, dm: DigitsDataModule) -> dict[str, str]:
 
 
 def build(hidden: tuple[int, ...], seed: int, epochs: int, out_dir: str) -> tuple[dict[str, str], dict[str, float]]:
-    """Train fp32 and W8A8 QAT models from ``seed``; write the five ONNX files; return paths and test accuracies."""
+    """Train fp32, W8A8, W7A8 and W4 QAT models from ``seed``; write the ONNX files; return paths and test accuracies."""
     dm = DigitsDataModule(batch_size=64)
     dm.setup("fit")
     dm.setup("test")
     models = {}
     grouped = all(h % 128 == 0 for h in hidden)  # every layer after the first has in_features divisible by 128
-    qat = {"qat": dict(weight_bits=8, activation_bits=8), "w4": dict(weight_bits=4, activation_bits=None),
+    qat = {"qat": dict(weight_bits=8, activation_bits=8), "w7": dict(weight_bits=7, activation_bits=8),
+           "w4": dict(weight_bits=4, activation_bits=None),
            "w4g128": dict(weight_bits=4, activation_bits=None, granularity="per_group", group_size=128, exclude=["net.1"])}
-    for kind in ["fp32", "qat", "w4"] + (["w4g128"] if grouped else []):
+    for kind in ["fp32", "qat", "w7", "w4"] + (["w4g128"] if grouped else []):
         seed_everything(seed, verbose=False)
         model = DigitsMLP(hidden_sizes=hidden)
         cbs = [] if kind == "fp32" else [QuantizationAwareTraining(
@@ -131,7 +134,8 @@ def build(hidden: tuple[int, ...], seed: int, epochs: int, out_dir: str) -> tupl
     paths = {"fp32": to_onnx(models["fp32"], os.path.join(out_dir, "fp32.onnx"), example),
              "QAT int8 (ours)": to_onnx(models["qat"], os.path.join(out_dir, "ours.onnx"), example),
              "QAT int8 (ours, s8 weights)": to_onnx(models["qat"], os.path.join(out_dir, "ours_s8.onnx"), example,
-                                                    weight_dtype="int8")}
+                                                    weight_dtype="int8"),
+             "QAT W7A8 (ours, s8 weights)": to_onnx(models["w7"], os.path.join(out_dir, "ours_w7.onnx"), example)}
     paths.update(_ort_ptq(paths["fp32"], out_dir, dm))
     paths["QAT W4 int4 (ours)"] = to_onnx(models["w4"], os.path.join(out_dir, "w4.onnx"), example)
     if grouped:
