@@ -1,7 +1,7 @@
 """Deployable artefacts in onnxruntime: size, latency and accuracy of our QAT int8 ONNX against onnxruntime's own PTQ.
 
     python benchmarks/deploy.py            # 3 seeds, 30 epochs; MiniLM 12 steps, 1 seed
-    python benchmarks/deploy.py --quick    # 3 seeds, 8 epochs, fewer timing rounds; MiniLM the same
+    python benchmarks/deploy.py --quick    # 3 seeds, 8 epochs; MiniLM with fewer timing rounds
     python benchmarks/deploy.py --only minilm   # the MiniLM section only (the MLP results in the JSON are kept)
 
 Models: DigitsMLP (64-300-100-10) and a 1024-wide 4-layer MLP (64-1024-1024-1024-10) trained on the digits data.
@@ -244,7 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    epochs, rounds, inner = (8, 7, 10) if args.quick else (30, 15, 20)
+    epochs, rounds, inner = (8, 15, 30) if args.quick else (30, 15, 30)
     epochs = args.epochs or epochs
     out = ROOT / "benchmarks" / "results" / "deploy.json"
     results: dict[str, Any] = {"quick": args.quick, "epochs": epochs, "seeds": args.seeds, "threads_all": os.cpu_count(),

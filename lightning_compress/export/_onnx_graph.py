@@ -20,3 +20,49 @@ def drop_records(graph: Any) -> None:
         for value in node.outputs:
             if id(value) not in outputs:
                 value.type, value.shape = None, None
+
+
+def _requantized(value: Any) -> bool:
+    """Whether ``value`` only feeds a QuantizeLinear, directly or through one Relu (which the Q makes redundant)."""
+    for _ in range(2):
+        uses = list(value.uses())
+        if value.is_graph_output() or len(uses) != 1:
+            return False
+        node = uses[0].node
+        if node.op_type == "QuantizeLinear":
+            return True
+        if node.op_type != "Relu":
+            return False
+        value = node.outputs[0]
+    return False
+
+
+def float_bias_where_requantized(graph: Any) -> None:
+    """Join the int32 + remainder bias of :class:`~lightning_compress.export.onnx._QDQLayer` back into one float
+    bias where the layer's output is quantized again: onnxruntime fuses such a layer into ``QGemm`` with a float
+    bias too (the fusion rounds it to the accumulator's grid, below the output's step), so the split would only add
+    8 bytes per output channel to the file (DigitsMLP W8A8: 0.310x of fp32 instead of 0.286x). Layers whose output
+    stays float (a model's last layer) keep the split: there a float bias leaves the layer unfused."""
+    import numpy as np
+    import onnx_ir as ir
+
+    for node in list(graph.all_nodes()):
+        rest = node.inputs[1] if node.op_type == "Add" and len(node.inputs) == 2 else None
+        if rest is None or not rest.is_initializer() or not rest.name.endswith(".bias_rest"):
+            continue
+        first = node.inputs[0].producer()
+        dq = first.inputs[1].producer() if first is not None and first.op_type == "Add" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or not _requantized(node.outputs[0]):
+            continue
+        codes, step = (v.const_value.numpy() for v in dq.inputs[:2])
+        bias = (codes.astype(np.float32) * step.astype(np.float32) + rest.const_value.numpy()).astype(np.float32)
+        name = rest.name.removesuffix("_rest") + "_float"
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=rest.shape,
+                         const_value=ir.tensor(bias, name=name))
+        graph.register_initializer(value)
+        first.replace_input_with(1, value)
+        node.outputs[0].replace_all_uses_with(first.outputs[0])
+        graph.remove([node, dq], safe=True)
+    used = {v.name for n in graph for v in n.inputs if v is not None}
+    for name in [k for k in graph.initializers if k not in used]:
+        graph.initializers.pop(name)
