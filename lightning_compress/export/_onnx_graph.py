@@ -56,7 +56,8 @@ def float_bias_where_requantized(graph: Any) -> None:
             continue
         codes, step = (v.const_value.numpy() for v in dq.inputs[:2])
         bias = (codes.astype(np.float32) * step.astype(np.float32) + rest.const_value.numpy()).astype(np.float32)
-        name = rest.name.removesuffix("_rest") + "_float"
+        name = rest.name.removesuffix("_rest")  # the layer's bias buffer: unused by the split forward, not in the graph
+        name = name + "_float" if name in graph.initializers else name
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=rest.shape,
                          const_value=ir.tensor(bias, name=name))
         graph.register_initializer(value)

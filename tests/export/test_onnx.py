@@ -143,7 +143,7 @@ def test_static_int8_linear_layers_all_run_on_qgemm_with_the_exact_bias(tmp_path
     np.testing.assert_allclose(rebuilt, net[4].bias.detach().numpy(), rtol=1e-6, atol=1e-7)
     for i in (0, 2):
         assert f"{i}.bias_int32" not in inits and f"{i}.bias_rest" not in inits
-        np.testing.assert_allclose(inits[f"{i}.bias_float"], net[i].bias.detach().numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(inits[f"{i}.bias"], net[i].bias.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
