@@ -39,13 +39,15 @@ def _requantized(value: Any) -> bool:
 
 def float_bias_where_requantized(graph: Any) -> None:
     """Join the int32 + remainder bias of :class:`~lightning_compress.export.onnx._QDQLayer` back into one float
-    bias where the layer's output is quantized again: onnxruntime fuses such a layer into ``QGemm`` with a float
-    bias too (the fusion rounds it to the accumulator's grid, below the output's step), so the split would only add
-    8 bytes per output channel to the file (DigitsMLP W8A8: 0.310x of fp32 instead of 0.286x). Layers whose output
-    stays float (a model's last layer) keep the split: there a float bias leaves the layer unfused."""
+    bias where the layer's output is quantized again: onnxruntime 1.32 fuses such a layer into ``QGemm`` with a
+    float bias as well (the hidden layers of the deploy benchmark's MLPs, checked in the optimized graph), so there
+    the split would only add 8 bytes per output channel to the file (DigitsMLP W8A8: 0.310x of fp32 instead of
+    0.291x). Layers whose output stays float (a model's last layer) keep the split: there a float bias leaves the
+    layer unfused. Only the joined layers' own initializers are removed."""
     import numpy as np
     import onnx_ir as ir
 
+    freed = []
     for node in list(graph.all_nodes()):
         rest = node.inputs[1] if node.op_type == "Add" and len(node.inputs) == 2 else None
         if rest is None or not rest.is_initializer() or not rest.name.endswith(".bias_rest"):
@@ -63,7 +65,8 @@ def float_bias_where_requantized(graph: Any) -> None:
         graph.register_initializer(value)
         first.replace_input_with(1, value)
         node.outputs[0].replace_all_uses_with(first.outputs[0])
+        freed += [rest.name, *(v.name for v in dq.inputs[:2])]
         graph.remove([node, dq], safe=True)
-    used = {v.name for n in graph for v in n.inputs if v is not None}
-    for name in [k for k in graph.initializers if k not in used]:
-        graph.initializers.pop(name)
+    for name in freed:
+        if name in graph.initializers and not list(graph.initializers[name].uses()):
+            graph.initializers.pop(name)

@@ -63,9 +63,8 @@ def _(x: torch.Tensor, codes_t: torch.Tensor, zero_point: torch.Tensor, scale: t
 @torch.library.custom_op("lightning_compress::dequantize_bias", mutates_args=())
 def dequantize_bias(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """``codes * step``: an int32 bias on the grid of the integer accumulator (``step`` = input step x weight step
-    per output channel), written as ``DequantizeLinear`` so that onnxruntime fuses it into ``QGemm`` /
-    ``QLinearConv`` (its fusions take an int32 bias only; a float bias leaves the layer unfused when its output is
-    not quantized again, e.g. a model's last layer)."""
+    per output channel), written as ``DequantizeLinear`` so that onnxruntime fuses it into ``QGemm`` (a float
+    bias leaves a Linear layer unfused when its output is not quantized again, e.g. a model's last layer)."""
     return codes.float() * step
 
 

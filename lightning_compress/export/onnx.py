@@ -230,7 +230,8 @@ class _QDQLayer(nn.Module):
         Gemm, and Gemm into its integer QGemm only with an int32 bias; where the layer's output is not quantized
         again (a model's last layer) a float bias left it unfused, its weight dequantized on every run. The
         remainder, added after, keeps the sum the float bias: rounding the bias alone moves every output of a
-        channel the same way (measured on MiniLM, where steps reach 0.009: fidelity 0.9940 instead of 0.9994).
+        channel the same way (measured on MiniLM's W8A8 layers, whose steps reach 0.009: cosine of onnxruntime's
+        output to the PyTorch model's 0.9940 instead of 0.9994).
         Not split where a step is not positive or a code would overflow int32; joined back into one float bias
         after export where the layer's output is quantized again (``_onnx_graph.float_bias_where_requantized``)."""
         step = self.input_scale * (weight_step.reshape(()) if weight_step.numel() == 1 else weight_step)
