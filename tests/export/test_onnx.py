@@ -190,6 +190,12 @@ def test_w8a8_runs_integer_kernels_and_is_small(tmp_path: Path) -> None:
     fp32 = Path(to_onnx(net, tmp_path / "f.onnx", x))
     q = Path(to_onnx(_prepared(net, ["0", "2", "4"], x, weight_bits=8, activation_bits=8), tmp_path / "q.onnx", x))
     assert q.stat().st_size <= 0.3 * fp32.stat().st_size
+    for path in (fp32, q):  # no exporter records: on nodes, weights, the graph (program signature), inner values
+        model = onnx.load(path)
+        assert not model.graph.metadata_props
+        assert {v.name for v in model.graph.value_info} <= {i.name for i in model.graph.initializer}
+        assert not any(n.metadata_props for n in model.graph.node)
+        assert not any(i.metadata_props for i in model.graph.initializer)
     _session(q, tmp_path / "q_opt.onnx")
     ops = {n.op_type for n in onnx.load(tmp_path / "q_opt.onnx").graph.node}
     assert ops & {"QGemm", "QLinearMatMul", "MatMulIntegerToFloat"}, ops
