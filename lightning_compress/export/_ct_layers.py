@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_compress.export import low_bit
-from lightning_compress.export.onnx import _READERS
+from lightning_compress.export._readers import READERS as _READERS
 from lightning_compress.functional import formats as ff
 from lightning_compress.functional.packing import unpack_bits
 

@@ -2,7 +2,7 @@
 
 Readers describe :class:`~lightning_compress.export.low_bit.GroupwiseLinear` and
 :class:`~lightning_compress.export.low_bit.Float8Linear` as a
-:class:`~lightning_compress.export.onnx.QuantizedWeight` (codes, steps, block size, element type);
+:class:`~lightning_compress.export._readers.QuantizedWeight` (codes, steps, block size, element type);
 :class:`~lightning_compress.export.low_bit.MXLinear` has no ONNX encoding onnxruntime runs and raises (see
 :func:`read_mx`). ``torch`` has no usable int4 or fp8 tensor for the traced export, so the export form keeps the
 codes as exact int8 / float32 values and :func:`retype_initializers` rewrites those initializers of the exported
@@ -21,7 +21,7 @@ from torch import nn
 from lightning_compress.export.low_bit import Float8Linear, GroupwiseLinear, MXLinear
 
 if TYPE_CHECKING:
-    from lightning_compress.export.onnx import QuantizedWeight
+    from lightning_compress.export._readers import QuantizedWeight
 
 #: ONNX element types (name -> numpy dtype of ``ml_dtypes``) written by :func:`retype_initializers`.
 ONNX_ELEMENTS: dict[str, Any] = {"INT4": ml_dtypes.int4, "UINT4": ml_dtypes.uint4,
@@ -39,7 +39,7 @@ def _activations(layer: nn.Module) -> tuple[str, tuple[torch.Tensor, torch.Tenso
 
 def read_groupwise(layer: GroupwiseLinear) -> QuantizedWeight:
     """Codes ``(out, in)``, steps and zero points ``(out, in / group_size)`` (the stored bf16 steps, exactly)."""
-    from lightning_compress.export.onnx import QuantizedWeight
+    from lightning_compress.export._readers import QuantizedWeight
 
     scale = layer.scale.float()
     zp = layer.zero_point.float() if layer.zero_point is not None else torch.zeros_like(scale)
@@ -51,7 +51,7 @@ def read_groupwise(layer: GroupwiseLinear) -> QuantizedWeight:
 
 def read_float8(layer: Float8Linear) -> QuantizedWeight:
     """fp8 element values ``(out, in)`` as float32 (exact) with their float32 step per channel or tensor."""
-    from lightning_compress.export.onnx import QuantizedWeight
+    from lightning_compress.export._readers import QuantizedWeight
 
     scale = layer.weight_scale.float().clone()
     if scale.numel() == 1:

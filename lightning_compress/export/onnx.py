@@ -50,7 +50,7 @@ fp8 layers are not fused and match within ``1e-5`` by default); ``weight_dtype="
 VNNI may saturate (see :func:`to_onnx`), which this tolerance does not cover. A converted
 model's dynamic layers (per-row input steps in PyTorch, per-tensor in ONNX) are held to the same 5 %.
 
-New schemes are added as rows of :data:`ONNX_FORMATS` plus a reader in ``_READERS`` that describes their
+New schemes are added as rows of :data:`ONNX_FORMATS` plus a reader in ``export/_readers.py`` that describes their
 converted layer as a :class:`QuantizedWeight` (low-bit ones in ``export/_onnx_low_bit.py``).
 
 Example:
@@ -68,8 +68,8 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -88,9 +88,8 @@ from lightning_compress.export._onnx_ops import (
     fake_quantize_input,
     translation_table,
 )
-from lightning_compress.export.quantization import Int8Conv2d, Int8Linear, PackedConv, PackedLinear, convert
-from lightning_compress.functional import quantization as qf
-from lightning_compress.functional.packing import unpack_codes
+from lightning_compress.export._readers import READERS, QuantizedWeight
+from lightning_compress.export.quantization import convert
 from lightning_compress.layers.quantization import is_qat_module
 
 __all__ = ["DEFAULT_OPSET", "EXACT_NBITS_CONFIG", "ONNX_FORMATS", "ONNX_QUANT_RTOL", "OnnxFormat", "QuantizedWeight",
@@ -134,69 +133,6 @@ ONNX_FORMATS: dict[tuple[str, str], OnnxFormat] = {
     **{(e, a): OnnxFormat(_FP8[e], _LINEAR, f"DQ {e} weight -> MatMul") for e in _FP8 for a in ("none", "static")},
 }
 
-
-@dataclass
-class QuantizedWeight:
-    """A converted layer described for export: integer ``codes`` (out, in, *k), step and zero point per channel
-    (or one), bias, the input's (scale, zero point) or None, and how the input is quantized."""
-
-    scheme: str
-    bits: int
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    bias: torch.Tensor | None
-    activations: str
-    input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
-    conv: dict[str, Any] = field(default_factory=dict)
-    block_size: int = 0  # > 0: one step per block of inputs (scale (out, in / block_size))
-
-
-def _conv_args(layer: nn.Module) -> dict[str, Any]:
-    args = {"stride": tuple(layer.stride), "padding": tuple(layer.padding), "dilation": tuple(layer.dilation)}
-    args["groups"] = getattr(layer, "groups", 1)
-    args["pad"] = None if getattr(layer, "padding_mode", "zeros") == "zeros" else (
-        layer.reversed_padding, layer.padding_mode)
-    return args
-
-
-def _read_int8(layer: nn.Module) -> QuantizedWeight:
-    codes = layer.weight_int8.to(torch.int32)
-    if isinstance(layer, Int8Conv2d):
-        codes = codes.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
-    zp = layer.weight_zero_point
-    static = layer.input_scale is not None
-    return QuantizedWeight(
-        "uniform", 8, codes, layer.weight_scale.clone(), torch.zeros_like(layer.weight_scale) if zp is None else zp.float(),
-        None if layer.bias is None else layer.bias.clone(), "static" if static else "dynamic",
-        (layer.input_scale, layer.input_zero_point) if static else None,
-        _conv_args(layer) if isinstance(layer, Int8Conv2d) else {},
-    )
-
-
-def _read_packed(layer: nn.Module) -> QuantizedWeight:
-    codes = unpack_codes(layer.packed, layer.bits, layer.weight_shape)
-    if layer.kind == "power_of_two":
-        # levels +/- s 2^-k (k < n) are the integers 2^(n-1-k) times the step s 2^-(n-1), exactly
-        top = 2.0 ** (qf.pow2_levels(layer.bits) - 1)
-        unit = torch.ones(codes.shape[0])
-        codes = torch.round(qf.dequantize_pow2(codes, unit, layer.bits) * top).to(torch.int64)
-        scale, zp = layer.weight_scale / top, torch.zeros_like(layer.weight_scale)
-    else:
-        codes = codes.to(torch.int32) + layer.qmin
-        scale = layer.weight_scale.clone()
-        zp = layer.zero_point.float() if layer.zero_point is not None else torch.zeros_like(scale)
-    static = layer.input_scale is not None
-    return QuantizedWeight(
-        layer.kind, layer.bits, codes, scale, zp, None if layer.bias is None else layer.bias.clone(),
-        "static" if static else "dynamic" if getattr(layer, "dynamic_input", False) else "none", (layer.input_scale, layer.input_zero_point) if static else None,
-        _conv_args(layer) if isinstance(layer, PackedConv) else {},
-    )
-
-
-_READERS: dict[type, Callable[[nn.Module], QuantizedWeight]] = {
-    Int8Linear: _read_int8, Int8Conv2d: _read_int8, PackedLinear: _read_packed, PackedConv: _read_packed, **lowbit.READERS,
-}
 
 class _QDQLayer(nn.Module):
     """The export form of one quantized layer: integer codes + steps as buffers, forward through the custom ops."""
@@ -266,7 +202,7 @@ class _QDQLayer(nn.Module):
 
 def _qdq_layer(name: str, layer: nn.Module, weight_dtype: str, opset: int) -> _QDQLayer:
     try:
-        q = _READERS[type(layer)](layer)
+        q = READERS[type(layer)](layer)
     except ValueError as err:
         raise ValueError(f"layer {name!r} ({type(layer).__name__}): {err}") from None
     fmt = ONNX_FORMATS.get((q.scheme, q.activations))
@@ -326,7 +262,7 @@ def prepare_for_onnx(model: nn.Module, weight_dtype: str = "uint8", opset: int =
     out = copy_model(model).eval()
     if any(is_qat_module(m) for m in out.modules()):
         convert(out, inplace=True, dynamic_activations=False)
-    layers = [(n, m) for n, m in out.named_modules() if type(m) in _READERS]
+    layers = [(n, m) for n, m in out.named_modules() if type(m) in READERS]
     for name, layer in layers:
         new = _qdq_layer(name, layer, weight_dtype, opset)
         parent, _, child = name.rpartition(".")

@@ -71,8 +71,8 @@ from lightning_compress.export import _ct_layers
 from lightning_compress.export._common import copy_model
 from lightning_compress.export._ct_layers import CT_FORMATS, CtFormat
 from lightning_compress.export._hf_config import fitted_config
+from lightning_compress.export._readers import READERS as _READERS
 from lightning_compress.export.low_bit import LOW_BIT_LAYERS
-from lightning_compress.export.onnx import _READERS
 from lightning_compress.export.quantization import convert
 from lightning_compress.layers._quant_smoothing import SmoothedInput
 from lightning_compress.layers.quantization import ActivationFakeQuantize, is_qat_module
