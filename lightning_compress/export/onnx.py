@@ -155,7 +155,8 @@ class _QDQLayer(nn.Module):
         if q.input_qparams is not None:
             self.register_buffer("input_scale", q.input_qparams[0].float().reshape(()).clone())
             self.register_buffer("input_zero_point", q.input_qparams[1].reshape(()).to(torch.uint8).clone())
-        self.register_buffer("bias_int32", None)
+        for name in ("bias_int32", "bias_step", "bias_rest"):  # set by _bias_on_accumulator_grid where it splits
+            self.register_buffer(name, None)
         if (self.bias is not None and q.input_qparams is not None and linear and not q.block_size
                 and dtype in _FUSED_INT8 and self.onnx_type is None):
             self._bias_on_accumulator_grid(q.scale.float().reshape(-1))
